@@ -1,0 +1,67 @@
+# `make test` and `make demo` set everything up on a fresh machine: a cached virtualenv with pinned dependencies,
+# GoogleTest from Debian when missing, the extension build, then the run.
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3.11
+CACHE ?= $(HOME)/.cache/ropekit
+VENV_HASH := $(shell cat requirements/dev.txt | sha256sum | cut -c1-12)
+TF457_HASH := $(shell cat requirements/transformers-4.57.txt | sha256sum | cut -c1-12)
+VENV ?= $(CACHE)/venv-$(VENV_HASH)
+TF457 ?= $(CACHE)/transformers-4.57-$(TF457_HASH)
+PY := $(VENV)/bin/python
+CMAKE_BUILD := build/cmake
+
+export PATH := $(VENV)/bin:$(PATH)
+export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
+export MAX_JOBS ?= $(shell nproc)
+
+.PHONY: test demo bench build venv tf457 gtest-deps cmake-build test-python test-tf457 test-cpp clean
+
+venv: $(VENV)/.ready
+$(VENV)/.ready: requirements/dev.txt
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements/dev.txt
+	touch $@
+
+tf457: $(TF457)/.ready
+$(TF457)/.ready: requirements/transformers-4.57.txt $(VENV)/.ready
+	rm -rf $(TF457)
+	$(VENV)/bin/pip install --quiet --target $(TF457) -r requirements/transformers-4.57.txt
+	touch $@
+
+gtest-deps:
+	@if [ ! -f /usr/include/gtest/gtest.h ]; then \
+	  echo "installing GoogleTest (libgtest-dev) from Debian"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libgtest-dev; \
+	fi
+
+build: venv
+	$(PY) setup.py --quiet build_ext --inplace
+
+cmake-build: venv gtest-deps
+	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DPython3_EXECUTABLE=$(PY) > /dev/null
+	cmake --build $(CMAKE_BUILD)
+
+test-python: build
+	$(PY) -m pytest tests/python -q
+
+test-tf457: build tf457
+	PYTHONPATH=$(TF457):$(PYTHONPATH) $(PY) -m pytest tests/python -q -m transformers
+
+test-cpp: cmake-build
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+test: test-python test-tf457 test-cpp
+
+demo: build
+	$(PY) benchmarks/demo.py
+
+bench: build
+	$(PY) benchmarks/bench_rope.py
+
+clean:
+	rm -rf build python/ropekit/*.so

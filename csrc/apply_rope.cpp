@@ -1,0 +1,271 @@
+#include "apply_rope.h"
+
+#include "rope_common.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+
+#include <vector>
+
+namespace ropekit {
+namespace {
+
+bool is_rope_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// Views a 4-D q/k as (batch, seq, heads, head_dim): the head axis is where cos is unsqueezed.
+at::Tensor canonical(const at::Tensor& x, int64_t unsqueeze_dim) {
+  return unsqueeze_dim == 1 ? x.transpose(1, 2) : x;
+}
+
+RopeOperand make_operand(const at::Tensor& x, int64_t unsqueeze_dim, at::ScalarType out_dtype) {
+  RopeOperand op;
+  // A strided head_dim would defeat vector loads; copy once in that rare case (never more than once).
+  op.in = x.stride(-1) == 1 ? x : x.contiguous();
+  // empty_like keeps a transposed (B,H,S,D) view's (B,S,H,D) storage order, like eager's elementwise ops do.
+  op.out = at::empty_like(op.in, op.in.options().dtype(out_dtype));
+  const at::Tensor in_c = canonical(op.in, unsqueeze_dim);
+  const at::Tensor out_c = canonical(op.out, unsqueeze_dim);
+  op.heads = in_c.size(2);
+  op.in_ptr = op.in.data_ptr();
+  op.out_ptr = op.out.data_ptr();
+  op.in_stride_b = in_c.stride(0);
+  op.in_stride_s = in_c.stride(1);
+  op.in_stride_h = in_c.stride(2);
+  op.out_stride_b = out_c.stride(0);
+  op.out_stride_s = out_c.stride(1);
+  op.out_stride_h = out_c.stride(2);
+  return op;
+}
+
+}  // namespace
+
+at::ScalarType apply_rope_out_dtype(at::ScalarType x_dtype, at::ScalarType cos_dtype) {
+  return at::promote_types(x_dtype, cos_dtype);
+}
+
+RopeArgs prepare_apply_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+                            int64_t unsqueeze_dim, at::ScalarType out_dtype) {
+  TORCH_CHECK(q.dim() == 4, "q: expected a 4-D tensor (batch, heads, seq, head_dim) or (batch, seq, heads, "
+              "head_dim), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "k: expected a 4-D tensor like q, got shape ", k.sizes());
+  TORCH_CHECK(cos.dim() == 3, "cos: expected a 3-D (batch or 1, seq, rotary_dim) tensor, got shape ", cos.sizes());
+  TORCH_CHECK(sin.sizes() == cos.sizes(), "sin: expected the shape of cos ", cos.sizes(), ", got ", sin.sizes());
+  if (unsqueeze_dim < 0) unsqueeze_dim += 4;  // unsqueeze on a 3-D tensor: -3 -> 1, -2 -> 2
+  TORCH_CHECK(unsqueeze_dim == 1 || unsqueeze_dim == 2,
+              "unsqueeze_dim: expected 1 (q is batch, heads, seq, dim) or 2 (batch, seq, heads, dim), got ",
+              unsqueeze_dim);
+  TORCH_CHECK(is_rope_float(q.scalar_type()), "q: expected float32, float16, bfloat16 or float64, got ",
+              q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k: expected the dtype of q (", q.scalar_type(), "), got ",
+              k.scalar_type());
+  TORCH_CHECK(sin.scalar_type() == cos.scalar_type(), "sin: expected the dtype of cos (", cos.scalar_type(),
+              "), got ", sin.scalar_type());
+  TORCH_CHECK(cos.scalar_type() == q.scalar_type() || cos.scalar_type() == at::kFloat,
+              "cos: expected the dtype of q (", q.scalar_type(), ") or float32, got ", cos.scalar_type());
+  TORCH_CHECK(k.device() == q.device(), "k: expected device ", q.device(), " (that of q), got ", k.device());
+  TORCH_CHECK(cos.device() == q.device(), "cos: expected device ", q.device(), " (that of q), got ", cos.device());
+  TORCH_CHECK(sin.device() == q.device(), "sin: expected device ", q.device(), " (that of q), got ", sin.device());
+
+  const at::Tensor qc = canonical(q, unsqueeze_dim), kc = canonical(k, unsqueeze_dim);
+  const int64_t batch = qc.size(0), seq = qc.size(1), head_dim = qc.size(3), rot_dim = cos.size(2);
+  TORCH_CHECK(kc.size(0) == batch && kc.size(1) == seq, "k: expected batch ", batch, " and seq ", seq,
+              " like q, got shape ", k.sizes());
+  TORCH_CHECK(kc.size(3) == head_dim, "k: expected head_dim ", head_dim, " like q, got ", kc.size(3));
+  TORCH_CHECK(rot_dim % 2 == 0, "cos: expected an even rotary dim (last dimension), got ", rot_dim);
+  TORCH_CHECK(rot_dim <= head_dim, "cos: rotary dim ", rot_dim, " exceeds head_dim ", head_dim);
+  TORCH_CHECK(cos.size(1) == seq, "cos: expected seq ", seq, " (that of q), got shape ", cos.sizes());
+  TORCH_CHECK(cos.size(0) == batch || cos.size(0) == 1, "cos: expected batch 1 or ", batch, ", got shape ",
+              cos.sizes());
+
+  RopeArgs a;
+  a.batch = batch;
+  a.seq = seq;
+  a.head_dim = head_dim;
+  a.rot_dim = rot_dim;
+  a.cos = cos.stride(-1) == 1 ? cos : cos.contiguous();
+  a.sin = sin.stride(-1) == 1 ? sin : sin.contiguous();
+  TORCH_CHECK(a.cos.strides() == a.sin.strides(), "sin: expected the strides of cos ", a.cos.strides(), ", got ",
+              a.sin.strides());
+  a.cos_stride_b = cos.size(0) == 1 ? 0 : a.cos.stride(0);
+  a.cos_stride_s = a.cos.stride(1);
+  a.q = make_operand(q, unsqueeze_dim, out_dtype);
+  a.k = make_operand(k, unsqueeze_dim, out_dtype);
+  return a;
+}
+
+RopeArgs prepare_apply_rope_backward(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& cos,
+                                     const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType q_dtype) {
+  TORCH_CHECK(is_rope_float(q_dtype), "q_dtype: expected float32, float16, bfloat16 or float64, got ", q_dtype);
+  const auto expected = apply_rope_out_dtype(q_dtype, cos.scalar_type());
+  TORCH_CHECK(grad_q.scalar_type() == expected, "grad_q: expected dtype ", expected, ", got ", grad_q.scalar_type());
+  TORCH_CHECK(grad_k.scalar_type() == expected, "grad_k: expected dtype ", expected, ", got ", grad_k.scalar_type());
+  TORCH_CHECK(cos.scalar_type() == q_dtype || cos.scalar_type() == at::kFloat, "cos: expected dtype ", q_dtype,
+              " or float32, got ", cos.scalar_type());
+  return prepare_apply_rope(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype);
+}
+
+namespace {
+
+template <typename Types, bool kBackward>
+void rotate_operand_row(const RopeOperand& op, int64_t b, int64_t s, const RopeArgs& a,
+                        const typename Types::acc* c, const typename Types::acc* sn) {
+  using in_t = typename Types::in_t;
+  using out_t = typename Types::out_t;
+  using acc = typename Types::acc;
+  const int64_t half = a.rot_dim / 2;
+  const in_t* in_base = static_cast<const in_t*>(op.in_ptr) + b * op.in_stride_b + s * op.in_stride_s;
+  out_t* out_base = static_cast<out_t*>(op.out_ptr) + b * op.out_stride_b + s * op.out_stride_s;
+  for (int64_t h = 0; h < op.heads; ++h) {
+    const in_t* x = in_base + h * op.in_stride_h;
+    out_t* y = out_base + h * op.out_stride_h;
+    for (int64_t j = 0; j < half; ++j) {
+      acc o1, o2;
+      rotate_pair<kBackward, acc>(static_cast<acc>(x[j]), static_cast<acc>(x[j + half]), c[j], c[j + half], sn[j],
+                                  sn[j + half], o1, o2);
+      y[j] = static_cast<out_t>(o1);
+      y[j + half] = static_cast<out_t>(o2);
+    }
+    for (int64_t j = a.rot_dim; j < a.head_dim; ++j) y[j] = static_cast<out_t>(static_cast<acc>(x[j]));
+  }
+}
+
+template <bool kBackward>
+void apply_rope_cpu_impl(const RopeArgs& a, at::ScalarType x_dtype) {
+  if (a.batch * a.seq == 0) return;
+  dispatch_rope_types<kBackward>(x_dtype, a.cos.scalar_type(), [&](auto types) {
+    using Types = decltype(types);
+    using cs_t = typename Types::cs_t;
+    using acc = typename Types::acc;
+    const cs_t* cos_ptr = a.cos.template data_ptr<cs_t>();
+    const cs_t* sin_ptr = a.sin.template data_ptr<cs_t>();
+    const int64_t work_per_token = (a.q.heads + a.k.heads) * a.head_dim;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_token, 1));
+    at::parallel_for(0, a.batch * a.seq, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc> c(a.rot_dim), sn(a.rot_dim);
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t b = n / a.seq, s = n % a.seq;
+        const cs_t* cr = cos_ptr + b * a.cos_stride_b + s * a.cos_stride_s;
+        const cs_t* sr = sin_ptr + b * a.cos_stride_b + s * a.cos_stride_s;
+        for (int64_t j = 0; j < a.rot_dim; ++j) {
+          c[j] = static_cast<acc>(cr[j]);
+          sn[j] = static_cast<acc>(sr[j]);
+        }
+        rotate_operand_row<Types, kBackward>(a.q, b, s, a, c.data(), sn.data());
+        rotate_operand_row<Types, kBackward>(a.k, b, s, a, c.data(), sn.data());
+      }
+    });
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> apply_rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                  const at::Tensor& sin, int64_t unsqueeze_dim) {
+  RopeArgs a = prepare_apply_rope(q, k, cos, sin, unsqueeze_dim,
+                                  apply_rope_out_dtype(q.scalar_type(), cos.scalar_type()));
+  apply_rope_cpu_impl<false>(a, q.scalar_type());
+  return {a.q.out, a.k.out};
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rope_backward_cpu(const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                                           const at::Tensor& cos, const at::Tensor& sin,
+                                                           int64_t unsqueeze_dim, at::ScalarType q_dtype) {
+  RopeArgs a = prepare_apply_rope_backward(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype);
+  apply_rope_cpu_impl<true>(a, q_dtype);
+  return {a.q.out, a.k.out};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Autograd
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> call_apply_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                   const at::Tensor& sin, int64_t unsqueeze_dim) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("ropekit::apply_rope", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(q, k, cos, sin, unsqueeze_dim);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_apply_rope_backward(const at::Tensor& grad_q, const at::Tensor& grad_k,
+                                                            const at::Tensor& cos, const at::Tensor& sin,
+                                                            int64_t unsqueeze_dim, at::ScalarType q_dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("ropekit::apply_rope_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&, int64_t,
+                                                                 at::ScalarType)>();
+  return op.call(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype);
+}
+
+// d(out)/d(cos) and d(out)/d(sin), reduced over heads (and over the batch when cos broadcasts). Only runs when
+// cos/sin require grad, which transformers' no_grad rotary embedding never does.
+std::tuple<at::Tensor, at::Tensor> cos_sin_grads(const at::Tensor& x, const at::Tensor& g, const at::Tensor& cos,
+                                                 int64_t unsqueeze_dim) {
+  const int64_t rot = cos.size(-1), half = rot / 2;
+  const auto acc_dtype = at::promote_types(g.scalar_type(), at::kFloat);
+  const at::Tensor xr = x.narrow(-1, 0, rot).to(acc_dtype);
+  const at::Tensor gr = g.narrow(-1, 0, rot).to(acc_dtype);
+  const at::Tensor rotated = at::cat({-xr.narrow(-1, half, half), xr.narrow(-1, 0, half)}, -1);
+  at::Tensor gc = (gr * xr).sum(unsqueeze_dim);
+  at::Tensor gs = (gr * rotated).sum(unsqueeze_dim);
+  if (cos.size(0) == 1 && gc.size(0) != 1) {
+    gc = gc.sum(0, /*keepdim=*/true);
+    gs = gs.sum(0, /*keepdim=*/true);
+  }
+  return {gc, gs};
+}
+
+class ApplyRopeFunction : public torch::autograd::Function<ApplyRopeFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+                                                int64_t unsqueeze_dim) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [q_out, k_out] = call_apply_rope(q, k, cos, sin, unsqueeze_dim);
+    const bool need_table_grad = cos.requires_grad() || sin.requires_grad();
+    // q and k are saved only for cos/sin gradients; out-of-place, so nothing saved is ever mutated here.
+    ctx->save_for_backward({cos, sin, need_table_grad ? q : at::Tensor(), need_table_grad ? k : at::Tensor()});
+    ctx->saved_data["unsqueeze_dim"] = unsqueeze_dim < 0 ? unsqueeze_dim + 4 : unsqueeze_dim;
+    ctx->saved_data["q_dtype"] = static_cast<int64_t>(q.scalar_type());
+    return {q_out, k_out};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &cos = saved[0], &sin = saved[1], &q = saved[2], &k = saved[3];
+    const int64_t unsqueeze_dim = ctx->saved_data["unsqueeze_dim"].toInt();
+    const auto q_dtype = static_cast<at::ScalarType>(ctx->saved_data["q_dtype"].toInt());
+    // Undefined output gradients arrive materialised as zeros (the Function default).
+    const at::Tensor &gq = grads[0], &gk = grads[1];
+    at::Tensor dq, dk, dcos, dsin;
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      std::tie(dq, dk) = call_apply_rope_backward(gq, gk, cos, sin, unsqueeze_dim, q_dtype);
+    }
+    if (ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) {
+      auto [cq, sq] = cos_sin_grads(q, gq, cos, unsqueeze_dim);
+      auto [ck, sk] = cos_sin_grads(k, gk, cos, unsqueeze_dim);
+      dcos = (cq + ck).to(cos.scalar_type());
+      dsin = (sq + sk).to(sin.scalar_type());
+    }
+    return {dq, dk, dcos, dsin, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> apply_rope_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                       const at::Tensor& cos, const at::Tensor& sin,
+                                                       int64_t unsqueeze_dim) {
+  auto out = ApplyRopeFunction::apply(q, k, cos, sin, unsqueeze_dim);
+  return {out[0], out[1]};
+}
+
+}  // namespace ropekit

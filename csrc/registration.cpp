@@ -1,0 +1,128 @@
+// Every ropekit schema, and its CPU / CUDA / Autograd kernels. Fake (Meta) kernels live in python/ropekit/ops.py,
+// where symbolic shapes come for free.
+#include "apply_rope.h"
+#include "rope_table.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <initializer_list>
+#include <utility>
+
+namespace ropekit {
+namespace {
+
+using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+
+// Positions index a table, so the tables and gathers have no useful derivative; transformers builds them under
+// no_grad. Say so instead of handing back a tensor whose backward would silently stop.
+void forbid_grad(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> args) {
+  if (!torch::autograd::GradMode::is_enabled()) return;
+  for (const auto& [name, t] : args) {
+    TORCH_CHECK(!(t->defined() && t->requires_grad()), "ropekit.", op, ": ", name,
+                " requires grad, but cos/sin tables are constants and this op is not differentiable (transformers "
+                "builds them under torch.no_grad); pass a detached tensor");
+  }
+}
+
+template <typename Fn>
+auto below_autograd(Fn&& fn) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return fn();
+}
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+TensorPair rope_cache_autograd(const at::Tensor& inv_freq, int64_t max_position, double attention_scaling) {
+  forbid_grad("rope_cache", {{"inv_freq", &inv_freq}});
+  static auto op = op_handle<TensorPair(const at::Tensor&, int64_t, double)>("ropekit::rope_cache");
+  return below_autograd([&] { return op.call(inv_freq, max_position, attention_scaling); });
+}
+
+TensorPair rope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
+                                 const at::Tensor& position_ids, at::ScalarType dtype,
+                                 const std::optional<at::Tensor>& inv_freq, double attention_scaling) {
+  const at::Tensor f = inv_freq.value_or(at::Tensor());
+  forbid_grad("rope_cos_sin", {{"cos_cache", &cos_cache}, {"sin_cache", &sin_cache}, {"inv_freq", &f}});
+  static auto op = op_handle<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
+                                        const std::optional<at::Tensor>&, double)>("ropekit::rope_cos_sin");
+  return below_autograd([&] {
+    return op.call(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling);
+  });
+}
+
+TensorPair mrope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
+                                  const at::Tensor& position_ids, c10::IntArrayRef mrope_section,
+                                  at::ScalarType dtype, const std::optional<at::Tensor>& inv_freq,
+                                  double attention_scaling) {
+  const at::Tensor f = inv_freq.value_or(at::Tensor());
+  forbid_grad("mrope_cos_sin", {{"cos_cache", &cos_cache}, {"sin_cache", &sin_cache}, {"inv_freq", &f}});
+  static auto op =
+      op_handle<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
+                           at::ScalarType, const std::optional<at::Tensor>&, double)>("ropekit::mrope_cos_sin");
+  return below_autograd([&] {
+    return op.call(cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq, attention_scaling);
+  });
+}
+
+template <TensorPair (*Gather)(const GatherArgs&)>
+TensorPair rope_cos_sin_impl(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
+                             const at::Tensor& position_ids, at::ScalarType dtype,
+                             const std::optional<at::Tensor>& inv_freq, double attention_scaling) {
+  return Gather(check_rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling));
+}
+
+template <TensorPair (*Gather)(const GatherArgs&)>
+TensorPair mrope_cos_sin_impl(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
+                              const at::Tensor& position_ids, c10::IntArrayRef mrope_section, at::ScalarType dtype,
+                              const std::optional<at::Tensor>& inv_freq, double attention_scaling) {
+  return Gather(check_mrope_cos_sin(cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq,
+                                    attention_scaling));
+}
+
+}  // namespace
+}  // namespace ropekit
+
+TORCH_LIBRARY(ropekit, m) {
+  m.def("rope_cache(Tensor inv_freq, int max_position, float attention_scaling=1.0) -> (Tensor cos, Tensor sin)");
+  m.def(
+      "rope_cos_sin(Tensor cos_cache, Tensor sin_cache, Tensor position_ids, ScalarType dtype, "
+      "Tensor? inv_freq=None, float attention_scaling=1.0) -> (Tensor cos, Tensor sin)");
+  m.def(
+      "mrope_cos_sin(Tensor cos_cache, Tensor sin_cache, Tensor position_ids, int[] mrope_section, "
+      "ScalarType dtype, Tensor? inv_freq=None, float attention_scaling=1.0) -> (Tensor cos, Tensor sin)");
+  m.def("apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin, int unsqueeze_dim=1) -> (Tensor q_out, Tensor k_out)");
+  m.def(
+      "apply_rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, int unsqueeze_dim, "
+      "ScalarType q_dtype) -> (Tensor grad_q_in, Tensor grad_k_in)");
+}
+
+TORCH_LIBRARY_IMPL(ropekit, CPU, m) {
+  m.impl("rope_cache", &ropekit::rope_cache);
+  m.impl("rope_cos_sin", &ropekit::rope_cos_sin_impl<&ropekit::gather_cos_sin_cpu>);
+  m.impl("mrope_cos_sin", &ropekit::mrope_cos_sin_impl<&ropekit::gather_cos_sin_cpu>);
+  m.impl("apply_rope", &ropekit::apply_rope_cpu);
+  m.impl("apply_rope_backward", &ropekit::apply_rope_backward_cpu);
+}
+
+#ifdef ROPEKIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(ropekit, CUDA, m) {
+  // The table is built with PyTorch's own CUDA cos/sin, which is what makes it bit-identical to transformers.
+  m.impl("rope_cache", &ropekit::rope_cache);
+  m.impl("rope_cos_sin", &ropekit::rope_cos_sin_impl<&ropekit::gather_cos_sin_cuda>);
+  m.impl("mrope_cos_sin", &ropekit::mrope_cos_sin_impl<&ropekit::gather_cos_sin_cuda>);
+  m.impl("apply_rope", &ropekit::apply_rope_cuda);
+  m.impl("apply_rope_backward", &ropekit::apply_rope_backward_cuda);
+}
+#endif
+
+TORCH_LIBRARY_IMPL(ropekit, Autograd, m) {
+  m.impl("rope_cache", &ropekit::rope_cache_autograd);
+  m.impl("rope_cos_sin", &ropekit::rope_cos_sin_autograd);
+  m.impl("mrope_cos_sin", &ropekit::mrope_cos_sin_autograd);
+  m.impl("apply_rope", &ropekit::apply_rope_autograd);
+}

@@ -1,0 +1,71 @@
+// Device-agnostic helpers shared by the CPU and CUDA kernels, so both backends round at the same points.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace ropekit {
+
+// Accumulation type: fp32 for every activation dtype, fp64 only for fp64 (gradcheck).
+template <typename T> struct AccType { using type = float; };
+template <> struct AccType<double> { using type = double; };
+template <typename T> using acc_t = typename AccType<T>::type;
+
+// Round-to-nearest products and sums with no FMA contraction, so an fp32 kernel reproduces PyTorch eager's
+// `q*c + rotate_half(q)*s` bit for bit (nvcc contracts a*b+c*d into an FMA unless told not to).
+C10_HOST_DEVICE inline float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+C10_HOST_DEVICE inline float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+C10_HOST_DEVICE inline double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+C10_HOST_DEVICE inline double add_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// Qwen3-VL interleaved mRoPE: which position axis (0 = T, 1 = H, 2 = W) frequency j takes.
+// 1-D RoPE is the special case section_h = section_w = 0.
+C10_HOST_DEVICE inline int mrope_axis(int64_t j, int64_t section_h, int64_t section_w) {
+  const int64_t r = j % 3;
+  if (r == 1 && j < 3 * section_h) return 1;
+  if (r == 2 && j < 3 * section_w) return 2;
+  return 0;
+}
+
+// One rotary pair (x1 at j, x2 at j + R/2). Forward: out = x*cos + rotate_half(x)*sin with
+// rotate_half(x) = cat(-x2, x1). Backward is its transpose: g*cos + rotate_half^T(g*sin), which reads the
+// partner's sin. Each product and the sum round once, as in eager.
+template <bool kBackward, typename acc>
+C10_HOST_DEVICE inline void rotate_pair(acc x1, acc x2, acc c1, acc c2, acc s1, acc s2, acc& o1, acc& o2) {
+  if (kBackward) {
+    o1 = add_rn(mul_rn(x1, c1), mul_rn(x2, s2));
+    o2 = add_rn(mul_rn(x2, c2), -mul_rn(x1, s1));
+  } else {
+    o1 = add_rn(mul_rn(x1, c1), -mul_rn(x2, s1));
+    o2 = add_rn(mul_rn(x2, c2), mul_rn(x1, s2));
+  }
+}
+
+}  // namespace ropekit

@@ -1,0 +1,29 @@
+"""ropekit: exact, fast and trainable rotary position embeddings for Qwen3-family models."""
+
+from . import ops
+from .modules import CachedMRotaryEmbedding, CachedRotaryEmbedding, RopeTable
+from .ops import apply_rope, mrope_cos_sin, rope_cache, rope_cos_sin
+from .transformers import apply_to_qwen3, apply_to_qwen3_vl, unpatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "rope_cache",
+    "rope_cos_sin",
+    "mrope_cos_sin",
+    "apply_rope",
+    "RopeTable",
+    "CachedRotaryEmbedding",
+    "CachedMRotaryEmbedding",
+    "apply_to_qwen3",
+    "apply_to_qwen3_vl",
+    "unpatch",
+    "has_cuda_kernels",
+]
+
+
+def has_cuda_kernels() -> bool:
+    """True when this build of ropekit carries CUDA kernels."""
+    import torch
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key("ropekit::apply_rope", "CUDA")

@@ -1,0 +1,129 @@
+"""Typed wrappers over ``torch.ops.ropekit`` and their fake (meta) kernels for ``torch.compile``.
+
+Every op is a native custom op with CPU and CUDA kernels; autograd is registered in C++, so
+``torch.ops.ropekit.apply_rope`` is differentiable with or without these wrappers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.ropekit)
+
+__all__ = ["rope_cache", "rope_cos_sin", "mrope_cos_sin", "apply_rope"]
+
+_ops = torch.ops.ropekit
+
+
+def rope_cache(
+    inv_freq: torch.Tensor, max_position: int, attention_scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Build fp32 cos/sin tables of shape ``[max_position, len(inv_freq)]`` on ``inv_freq``'s device.
+
+    ``cos[p, j] = cos(fl32(inv_freq[j] * float(p))) * attention_scaling``, computed with the same fp32 ops as
+    transformers' rotary forward, so gathering a row is bit-identical to what transformers computes per call.
+    ``inv_freq`` may be any float dtype (a bf16 buffer is widened, as transformers' ``.float()`` does).
+    Not differentiable.
+    """
+    return _ops.rope_cache(inv_freq, int(max_position), float(attention_scaling))
+
+
+def rope_cos_sin(
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    position_ids: torch.Tensor,
+    dtype: torch.dtype,
+    inv_freq: torch.Tensor | None = None,
+    attention_scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather transformers-layout cos/sin ``(B, S, 2*half)`` of ``dtype`` for ``position_ids`` ``(B, S)``.
+
+    Positions must be non-negative. A position past the end of the table is an error unless ``inv_freq`` (and the
+    ``attention_scaling`` the table was built with) is given; then its row is computed exactly as the table would
+    hold it. On CUDA that happens in the kernel with no host sync; bad positions raise a device-side assert.
+    Not differentiable.
+    """
+    return _ops.rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, float(attention_scaling))
+
+
+def mrope_cos_sin(
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    position_ids: torch.Tensor,
+    mrope_section: Sequence[int],
+    dtype: torch.dtype,
+    inv_freq: torch.Tensor | None = None,
+    attention_scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-VL interleaved mRoPE cos/sin ``(B, S, 2*half)``.
+
+    ``position_ids`` is ``(3, B, S)`` (temporal, height, width), ``(1, B, S)`` or ``(B, S)``; the last two are
+    plain 1-D RoPE. Frequency ``j`` reads axis 1 if ``j % 3 == 1 and j < 3*mrope_section[1]``, axis 2 if
+    ``j % 3 == 2 and j < 3*mrope_section[2]``, else axis 0. Same position rules as :func:`rope_cos_sin`.
+    """
+    return _ops.mrope_cos_sin(
+        cos_cache, sin_cache, position_ids, [int(s) for s in mrope_section], dtype, inv_freq,
+        float(attention_scaling),
+    )
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for transformers' ``apply_rotary_pos_emb``: ``x*cos + rotate_half(x)*sin`` for q and k.
+
+    ``q``/``k`` are ``(B, H, S, D)`` (``unsqueeze_dim=1``, transposed views welcome, no copy) or ``(B, S, H, D)``
+    (``unsqueeze_dim=2``); ``cos``/``sin`` are ``(B or 1, S, R)`` with ``R <= D`` even: only the first ``R``
+    channels rotate, the rest pass through (partial rotary). Out-of-place; the output dtype is
+    ``promote(q.dtype, cos.dtype)`` and math runs in fp32 (fp64 for fp64). Differentiable in q, k, cos and sin.
+    """
+    return _ops.apply_rope(q, k, cos, sin, int(unsqueeze_dim))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fake kernels: shapes and dtypes only, so torch.compile traces these ops without graph breaks.
+
+
+def _table_fake(inv_freq, max_position, attention_scaling=1.0):
+    shape = (max_position, inv_freq.shape[0])
+    return inv_freq.new_empty(shape, dtype=torch.float32), inv_freq.new_empty(shape, dtype=torch.float32)
+
+
+def _gather_fake(cos_cache, batch, seq, dtype):
+    shape = (batch, seq, 2 * cos_cache.shape[1])
+    return cos_cache.new_empty(shape, dtype=dtype), cos_cache.new_empty(shape, dtype=dtype)
+
+
+def _rope_cos_sin_fake(cos_cache, sin_cache, position_ids, dtype, inv_freq=None, attention_scaling=1.0):
+    torch._check(position_ids.dim() == 2, lambda: "position_ids: expected a 2-D (batch, seq) tensor")
+    return _gather_fake(cos_cache, position_ids.shape[0], position_ids.shape[1], dtype)
+
+
+def _mrope_cos_sin_fake(
+    cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq=None, attention_scaling=1.0
+):
+    batch, seq = position_ids.shape[-2], position_ids.shape[-1]
+    return _gather_fake(cos_cache, batch, seq, dtype)
+
+
+def _rope_outputs_like(x, dtype):
+    # Same layout rule as the kernel: empty_like keeps a dense input's stride order.
+    return torch.empty_like(x, dtype=dtype)
+
+
+def _apply_rope_fake(q, k, cos, sin, unsqueeze_dim=1):
+    out_dtype = torch.promote_types(q.dtype, cos.dtype)
+    return _rope_outputs_like(q, out_dtype), _rope_outputs_like(k, out_dtype)
+
+
+def _apply_rope_backward_fake(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype):
+    return _rope_outputs_like(grad_q, q_dtype), _rope_outputs_like(grad_k, q_dtype)
+
+
+torch.library.register_fake("ropekit::rope_cache")(_table_fake)
+torch.library.register_fake("ropekit::rope_cos_sin")(_rope_cos_sin_fake)
+torch.library.register_fake("ropekit::mrope_cos_sin")(_mrope_cos_sin_fake)
+torch.library.register_fake("ropekit::apply_rope")(_apply_rope_fake)
+torch.library.register_fake("ropekit::apply_rope_backward")(_apply_rope_backward_fake)

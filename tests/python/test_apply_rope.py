@@ -1,0 +1,221 @@
+"""apply_rope: accuracy against a float64 reference (no worse than transformers eager), gradients, layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ropekit import ops
+
+from conftest import requires_cuda
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def eager_rope(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' apply_rotary_pos_emb, with Qwen3.5's partial-rotary pass-through when cos is narrower."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    rot = cos.shape[-1]
+
+    def one(x):
+        x_rot, x_pass = x[..., :rot], x[..., rot:]
+        return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+    return one(q), one(k)
+
+
+def make_inputs(batch=2, seq=11, heads=4, kv_heads=2, head_dim=64, rot_dim=None, dtype=torch.float32,
+                cos_dtype=None, cos_batch=None, device="cpu", layout="bhsd", seed=0):
+    """q/k as transformers hands them over: transposed (B, H, S, D) views of (B, S, H, D) projections."""
+    gen = torch.Generator().manual_seed(seed)
+    rot_dim = head_dim if rot_dim is None else rot_dim
+    q = torch.randn(batch, seq, heads, head_dim, generator=gen).to(device, dtype)
+    k = torch.randn(batch, seq, kv_heads, head_dim, generator=gen).to(device, dtype)
+    if layout == "bhsd":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    pos = torch.randint(0, 4096, (cos_batch or batch, seq), generator=gen).double()
+    inv = 1.0 / (1e6 ** (torch.arange(0, rot_dim, 2).double() / rot_dim))
+    freqs = pos[..., None] * inv
+    emb = torch.cat([freqs, freqs], -1)
+    cos_dtype = cos_dtype or dtype
+    return q, k, emb.cos().to(device, cos_dtype), emb.sin().to(device, cos_dtype)
+
+
+def rel_err(out, ref64):
+    return ((out.double() - ref64).norm() / ref64.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rot_dim", [64, 32])
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_forward_accuracy(device, dtype, rot_dim, kv_heads):
+    q, k, cos, sin = make_inputs(head_dim=64, rot_dim=rot_dim, kv_heads=kv_heads, dtype=dtype, device=device)
+    ours = ops.apply_rope(q, k, cos, sin)
+    eager = eager_rope(q, k, cos, sin)
+    ref = eager_rope(q.double(), k.double(), cos.double(), sin.double())
+    for x, o, e, r in zip((q, k), ours, eager, ref):
+        assert o.dtype == e.dtype and o.shape == e.shape
+        assert o.stride() == x.stride(), "the output keeps the input's (B, S, H, D) storage order: no transpose pass"
+        if dtype == torch.float32:
+            assert torch.equal(o, e), "fp32 rounds exactly like eager: no FMA, same product/sum order"
+            assert rel_err(o, r) <= 1e-6
+        else:
+            assert rel_err(o, r) <= rel_err(e, r)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+def test_fp32_cos_promotes_like_eager(device, q_dtype):
+    q, k, cos, sin = make_inputs(dtype=q_dtype, cos_dtype=torch.float32, device=device)
+    ours, eager = ops.apply_rope(q, k, cos, sin), eager_rope(q, k, cos, sin)
+    for o, e in zip(ours, eager):
+        assert o.dtype == torch.float32
+        assert torch.equal(o, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_backward_accuracy(device, dtype):
+    q, k, cos, sin = make_inputs(kv_heads=1, dtype=dtype, device=device, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    gq = torch.randn(q.shape, generator=gen).to(device, dtype)
+    gk = torch.randn(k.shape, generator=gen).to(device, dtype)
+
+    def grads(fn, q, k, cos, sin):
+        q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+        out_q, out_k = fn(q, k, cos, sin)
+        torch.autograd.backward([out_q, out_k], [gq.to(out_q.dtype), gk.to(out_k.dtype)])
+        return q.grad, k.grad
+
+    ours = grads(ops.apply_rope, q, k, cos, sin)
+    eager = grads(eager_rope, q, k, cos, sin)
+    ref = grads(eager_rope, q.double(), k.double(), cos.double(), sin.double())
+    for o, e, r in zip(ours, eager, ref):
+        assert o.dtype == dtype
+        if dtype == torch.float32:
+            assert rel_err(o, r) <= 1e-6
+        else:
+            assert rel_err(o, r) <= rel_err(e, r)
+
+
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+@pytest.mark.parametrize("cos_batch", [None, 1])
+@pytest.mark.parametrize("rot_dim", [8, 4])
+def test_gradcheck_fp64(unsqueeze_dim, cos_batch, rot_dim):
+    layout = "bhsd" if unsqueeze_dim == 1 else "bshd"
+    q, k, cos, sin = make_inputs(batch=2, seq=3, heads=3, kv_heads=1, head_dim=8, rot_dim=rot_dim,
+                                 dtype=torch.float64, cos_batch=cos_batch, layout=layout)
+    args = [t.detach().requires_grad_() for t in (q, k, cos, sin)]
+    assert torch.autograd.gradcheck(lambda *a: ops.apply_rope(*a, unsqueeze_dim=unsqueeze_dim), args)
+
+
+def test_only_one_output_used(device):
+    q, k, cos, sin = make_inputs(device=device)
+    q = q.detach().requires_grad_()
+    k = k.detach().requires_grad_()
+    out_q, _ = ops.apply_rope(q, k, cos, sin)
+    out_q.sum().backward()
+    assert torch.count_nonzero(k.grad) == 0
+    assert torch.allclose(q.grad, eager_rope(torch.ones_like(q), k, cos, -sin)[0], atol=1e-6)
+
+
+def test_inputs_not_mutated(device):
+    q, k, cos, sin = make_inputs(dtype=torch.bfloat16, device=device)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    before = [t.detach().clone() for t in (q, k, cos, sin)]
+    out_q, out_k = ops.apply_rope(q, k, cos, sin)
+    (out_q.float().square().sum() + out_k.float().sum()).backward()
+    for t, b in zip((q, k, cos, sin), before):
+        assert torch.equal(t.detach(), b)
+    assert out_q.data_ptr() != q.data_ptr() and out_k.data_ptr() != k.data_ptr()
+
+
+def test_non_contiguous_inputs(device):
+    base_q, base_k, cos, sin = make_inputs(batch=2, seq=9, heads=6, kv_heads=4, head_dim=64, device=device,
+                                           layout="bshd")
+    views = {
+        "transposed": (base_q.transpose(1, 2), base_k.transpose(1, 2)),
+        "head slice": (base_q[:, :, 1:5].transpose(1, 2), base_k[:, :, ::2].transpose(1, 2)),
+        "seq stride": (base_q[:, ::2].transpose(1, 2), base_k[:, ::2].transpose(1, 2)),
+    }
+    for name, (q, k) in views.items():
+        c, s = (cos[:, ::2], sin[:, ::2]) if name == "seq stride" else (cos, sin)
+        for o, e in zip(ops.apply_rope(q, k, c, s), eager_rope(q, k, c, s)):
+            assert torch.equal(o, e), name
+    # head_dim with a non-unit stride: copied once, same numbers
+    wide = torch.randn(2, 4, 9, 128, device=device)
+    q = wide[..., ::2]
+    k = wide[:, :2, :, 1::2]
+    for o, e in zip(ops.apply_rope(q, k, cos, sin), eager_rope(q, k, cos, sin)):
+        assert torch.equal(o, e)
+    # cos broadcast over the batch, given as an expanded view
+    c1, s1 = cos[:1].expand(2, -1, -1), sin[:1].expand(2, -1, -1)
+    q, k = base_q.transpose(1, 2), base_k.transpose(1, 2)
+    for o, e in zip(ops.apply_rope(q, k, c1, s1), eager_rope(q, k, c1, s1)):
+        assert torch.equal(o, e)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+def test_empty(device, shape):
+    batch, seq = shape
+    q, k, cos, sin = make_inputs(batch=batch, seq=seq, device=device)
+    q.requires_grad_()
+    out_q, out_k = ops.apply_rope(q, k, cos, sin)
+    assert out_q.shape == q.shape and out_k.shape == k.shape
+    out_q.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_unsqueeze_dim_two_matches_one(device):
+    q, k, cos, sin = make_inputs(layout="bshd", device=device, dtype=torch.bfloat16)
+    a = ops.apply_rope(q, k, cos, sin, unsqueeze_dim=2)
+    b = ops.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=1)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y.transpose(1, 2))
+    for x, y in zip(a, eager_rope(q, k, cos, sin, unsqueeze_dim=2)):
+        assert x.shape == y.shape
+
+
+def test_bad_input():
+    q, k, cos, sin = make_inputs(head_dim=64)
+    cases = [
+        (lambda: ops.apply_rope(q[0], k, cos, sin), "q: expected a 4-D"),
+        (lambda: ops.apply_rope(q, k[0], cos, sin), "k: expected a 4-D"),
+        (lambda: ops.apply_rope(q, k, cos[0], sin[0]), "cos: expected a 3-D"),
+        (lambda: ops.apply_rope(q, k, cos, sin[..., :32]), "sin: expected the shape of cos"),
+        (lambda: ops.apply_rope(q.int(), k.int(), cos, sin), "q: expected float32"),
+        (lambda: ops.apply_rope(q, k.double(), cos, sin), "k: expected the dtype of q"),
+        (lambda: ops.apply_rope(q.bfloat16(), k.bfloat16(), cos.half(), sin.half()), "cos: expected the dtype of q"),
+        (lambda: ops.apply_rope(q, k, cos, sin.double()), "sin: expected the dtype of cos"),
+        (lambda: ops.apply_rope(q, k, cos[..., :31], sin[..., :31]), "expected an even rotary dim"),
+        (lambda: ops.apply_rope(q[..., :63], k[..., :63], cos[..., :63], sin[..., :63]), "expected an even rotary dim"),
+        (lambda: ops.apply_rope(q[..., :32], k[..., :32], cos, sin), "rotary dim 64 exceeds head_dim 32"),
+        (lambda: ops.apply_rope(q, k[..., :32], cos, sin), "k: expected head_dim 64"),
+        (lambda: ops.apply_rope(q, k, cos[:, :5], sin[:, :5]), "cos: expected seq 11"),
+        (lambda: ops.apply_rope(q, k[:1], cos, sin), "k: expected batch 2"),
+        (lambda: ops.apply_rope(q, k, torch.cat([cos] * 2), torch.cat([sin] * 2)), "cos: expected batch 1 or 2"),
+        (lambda: ops.apply_rope(q, k, cos, sin, unsqueeze_dim=3), "unsqueeze_dim: expected 1"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+
+
+@requires_cuda
+def test_mismatched_devices():
+    q, k, cos, sin = make_inputs()
+    with pytest.raises(RuntimeError, match="cos: expected device"):
+        ops.apply_rope(q.cuda(), k.cuda(), cos, sin)
+    with pytest.raises(RuntimeError, match="k: expected device"):
+        ops.apply_rope(q.cuda(), k, cos.cuda(), sin.cuda())
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_matches_cpu(dtype):
+    q, k, cos, sin = make_inputs(batch=3, seq=33, heads=8, kv_heads=1, head_dim=128, rot_dim=64, dtype=dtype)
+    cpu = ops.apply_rope(q, k, cos, sin)
+    gpu = ops.apply_rope(q.cuda(), k.cuda(), cos.cuda(), sin.cuda())
+    for a, b in zip(cpu, gpu):
+        assert torch.equal(a, b.cpu())

@@ -1,0 +1,94 @@
+"""torch.library.opcheck for every op (schema, fake kernel, autograd registration, AOT dispatch) and
+torch.compile(fullgraph=True) with no graph breaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ropekit  # noqa: F401
+from ropekit import ops
+
+from test_apply_rope import make_inputs
+
+
+def table(device, half=16, rows=64):
+    inv = 1.0 / (1e6 ** (torch.arange(0, 2 * half, 2).float() / (2 * half)))
+    return inv.to(device), *ops.rope_cache(inv.to(device), rows)
+
+
+def op_cases(device):
+    inv, cos_t, sin_t = table(device)
+    pos = torch.randint(0, 64, (2, 9), device=device)
+    pos3 = torch.randint(0, 64, (3, 2, 9), device=device)
+    past = torch.randint(0, 200, (2, 9), device=device)
+    q, k, cos, sin = make_inputs(device=device, dtype=torch.float32, rot_dim=32)
+    qd, kd, cosd, sind = make_inputs(device=device, dtype=torch.float64, batch=1, seq=4, heads=2, kv_heads=1,
+                                     head_dim=8)
+    qb, kb, cosb, sinb = make_inputs(device=device, dtype=torch.bfloat16, kv_heads=1)
+    rg = lambda *ts: [t.detach().clone().requires_grad_() for t in ts]  # noqa: E731
+    return [
+        (torch.ops.ropekit.rope_cache.default, (inv, 40, 1.0)),
+        (torch.ops.ropekit.rope_cache.default, (inv.bfloat16(), 7, 0.5)),
+        (torch.ops.ropekit.rope_cos_sin.default, (cos_t, sin_t, pos, torch.bfloat16, None, 1.0)),
+        (torch.ops.ropekit.rope_cos_sin.default, (cos_t, sin_t, past, torch.float32, inv, 1.0)),
+        (torch.ops.ropekit.mrope_cos_sin.default, (cos_t, sin_t, pos3, [6, 5, 5], torch.float16, None, 1.0)),
+        (torch.ops.ropekit.mrope_cos_sin.default, (cos_t, sin_t, pos, [6, 5, 5], torch.float32, None, 1.0)),
+        (torch.ops.ropekit.apply_rope.default, (q, k, cos, sin, 1)),
+        (torch.ops.ropekit.apply_rope.default, (*rg(q, k), cos, sin, 1)),
+        (torch.ops.ropekit.apply_rope.default, (*rg(qd, kd, cosd, sind), 1)),
+        (torch.ops.ropekit.apply_rope.default, (*rg(qb, kb), cosb.float(), sinb.float(), 1)),
+        (torch.ops.ropekit.apply_rope.default, (*rg(q.transpose(1, 2), k.transpose(1, 2)), cos, sin, 2)),
+        (torch.ops.ropekit.apply_rope_backward.default, (q, k, cos, sin, 1, torch.float32)),
+    ]
+
+
+def test_opcheck(device):
+    for op, args in op_cases(device):
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_no_graph_break(device):
+    torch._dynamo.reset()
+    inv, cos_t, sin_t = table(device, half=32)
+
+    def step(q, k, position_ids, position_ids_3d):
+        c, s = ops.rope_cache(inv, 128)
+        cos, sin = ops.rope_cos_sin(c, s, position_ids, q.dtype, inv)
+        cos3, sin3 = ops.mrope_cos_sin(c, s, position_ids_3d, [12, 10, 10], q.dtype)
+        q1, k1 = ops.apply_rope(q, k, cos, sin)
+        q2, k2 = ops.apply_rope(q1, k1, cos3, sin3)
+        return q2, k2
+
+    q, k, _, _ = make_inputs(device=device, seq=9)
+    q.requires_grad_()
+    pos = torch.randint(0, 300, (2, 9), device=device)
+    pos3 = torch.randint(0, 128, (3, 2, 9), device=device)
+    explanation = torch._dynamo.explain(step)(q, k, pos, pos3)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(q, k, pos, pos3)
+    ref = step(q, k, pos, pos3)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+    out[0].sum().backward()
+    grad_compiled = q.grad.clone()
+    q.grad = None
+    ref[0].sum().backward()
+    assert torch.equal(grad_compiled, q.grad)
+
+
+@pytest.mark.parametrize("dynamic", [True])
+def test_compile_dynamic_shapes(device, dynamic):
+    torch._dynamo.reset()
+
+    def f(q, k, cos, sin):
+        return ops.apply_rope(q, k, cos, sin)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for seq in (5, 9, 17):
+        q, k, cos, sin = make_inputs(device=device, seq=seq)
+        for a, b in zip(compiled(q, k, cos, sin), f(q, k, cos, sin)):
+            assert torch.equal(a, b)
