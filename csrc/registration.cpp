@@ -1,6 +1,7 @@
 // Every ropekit schema, and its CPU / CUDA / Autograd kernels. Fake (Meta) kernels live in python/ropekit/ops.py,
 // where symbolic shapes come for free.
 #include "apply_rope.h"
+#include "rope_index.h"
 #include "rope_table.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -99,6 +100,10 @@ TORCH_LIBRARY(ropekit, m) {
   m.def(
       "apply_rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, int unsqueeze_dim, "
       "ScalarType q_dtype) -> (Tensor grad_q_in, Tensor grad_k_in)");
+  m.def(
+      "rope_index(Tensor input_ids, Tensor? image_grid_thw, Tensor? video_grid_thw, Tensor? attention_mask, "
+      "Tensor? mm_token_type_ids, int spatial_merge_size, int image_token_id, int video_token_id, "
+      "int vision_start_token_id, str convention, bool on_host=True) -> (Tensor position_ids, Tensor deltas)");
 }
 
 TORCH_LIBRARY_IMPL(ropekit, CPU, m) {
@@ -107,6 +112,7 @@ TORCH_LIBRARY_IMPL(ropekit, CPU, m) {
   m.impl("mrope_cos_sin", &ropekit::mrope_cos_sin_impl<&ropekit::gather_cos_sin_cpu>);
   m.impl("apply_rope", &ropekit::apply_rope_cpu);
   m.impl("apply_rope_backward", &ropekit::apply_rope_backward_cpu);
+  m.impl("rope_index", &ropekit::rope_index);
 }
 
 #ifdef ROPEKIT_WITH_CUDA
@@ -117,6 +123,8 @@ TORCH_LIBRARY_IMPL(ropekit, CUDA, m) {
   m.impl("mrope_cos_sin", &ropekit::mrope_cos_sin_impl<&ropekit::gather_cos_sin_cuda>);
   m.impl("apply_rope", &ropekit::apply_rope_cuda);
   m.impl("apply_rope_backward", &ropekit::apply_rope_backward_cuda);
+  // Device-generic tensor code: zero host syncs with on_host=false; one pull with on_host=true.
+  m.impl("rope_index", &ropekit::rope_index);
 }
 #endif
 

@@ -2,8 +2,8 @@
 
 from . import ops
 from .modules import CachedMRotaryEmbedding, CachedRotaryEmbedding, RopeTable
-from .ops import apply_rope, mrope_cos_sin, rope_cache, rope_cos_sin
-from .transformers import apply_to_qwen3, apply_to_qwen3_vl, unpatch
+from .ops import apply_rope, mrope_cos_sin, rope_cache, rope_cos_sin, rope_index
+from .transformers import apply_to_qwen3, apply_to_qwen3_5, apply_to_qwen3_vl, unpatch
 
 __version__ = "0.1.0"
 
@@ -12,11 +12,13 @@ __all__ = [
     "rope_cos_sin",
     "mrope_cos_sin",
     "apply_rope",
+    "rope_index",
     "RopeTable",
     "CachedRotaryEmbedding",
     "CachedMRotaryEmbedding",
     "apply_to_qwen3",
     "apply_to_qwen3_vl",
+    "apply_to_qwen3_5",
     "unpatch",
     "has_cuda_kernels",
 ]

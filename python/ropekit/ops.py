@@ -12,7 +12,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.ropekit)
 
-__all__ = ["rope_cache", "rope_cos_sin", "mrope_cos_sin", "apply_rope"]
+__all__ = ["rope_cache", "rope_cos_sin", "mrope_cos_sin", "apply_rope", "rope_index"]
 
 _ops = torch.ops.ropekit
 
@@ -82,6 +82,41 @@ def apply_rope(
     return _ops.apply_rope(q, k, cos, sin, int(unsqueeze_dim))
 
 
+def rope_index(
+    input_ids: torch.Tensor,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    mm_token_type_ids: torch.Tensor | None = None,
+    spatial_merge_size: int,
+    image_token_id: int = -1,
+    video_token_id: int = -1,
+    vision_start_token_id: int = -1,
+    convention: str = "token_types",
+    on_host: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-VL / Qwen3.5 ``get_rope_index``: ``(position_ids (3, B, S), deltas (B, 1))``, element-wise identical to
+    transformers (values, dtypes and device).
+
+    ``convention="token_types"`` reproduces transformers 5.x: modality from ``mm_token_type_ids`` (0 text, 1 image,
+    2 video), padding slots 0, ``deltas = max + 1 - attended tokens``. ``convention="vision_start"`` reproduces
+    4.57: vision spans are the image/video token runs announced by ``vision_start_token_id``, padding slots 1,
+    ``deltas = max + 1 - S``. Videos are split into one ``(1, h, w)`` grid per frame, and grids are consumed in order
+    across the batch. ``spatial_merge_size`` and the token ids come from the model config.
+
+    ``on_host=True`` runs a C++ loop over the tokens; inputs on a GPU are pulled to the host once (one sync) and the
+    results copied back without blocking. Inconsistent inputs (spans vs grids, span length vs t*(h/m)*(w/m), grid
+    sizes not divisible by the merge size, unknown token types) raise ``ValueError``.
+    ``on_host=False`` computes everything with tensor ops on the inputs' device with no host sync at all (CUDA-graph
+    capturable); inconsistent inputs then trip an asynchronous device assert and nothing is read out of bounds.
+    """
+    return _ops.rope_index(
+        input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, int(spatial_merge_size),
+        int(image_token_id), int(video_token_id), int(vision_start_token_id), convention, bool(on_host),
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Fake kernels: shapes and dtypes only, so torch.compile traces these ops without graph breaks.
 
@@ -122,8 +157,21 @@ def _apply_rope_backward_fake(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype):
     return _rope_outputs_like(grad_q, q_dtype), _rope_outputs_like(grad_k, q_dtype)
 
 
+def _rope_index_fake(input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids,
+                     spatial_merge_size, image_token_id, video_token_id, vision_start_token_id, convention,
+                     on_host=True):
+    batch, seq = input_ids.shape
+    pos_dtype, delta_dtype = input_ids.dtype, torch.int64
+    if convention == "vision_start" and image_grid_thw is None and video_grid_thw is None:
+        pos_dtype = torch.int64  # 4.57's text-only branch: cumsum / arange positions
+        if attention_mask is None:
+            delta_dtype = input_ids.dtype
+    return input_ids.new_empty((3, batch, seq), dtype=pos_dtype), input_ids.new_empty((batch, 1), dtype=delta_dtype)
+
+
 torch.library.register_fake("ropekit::rope_cache")(_table_fake)
 torch.library.register_fake("ropekit::rope_cos_sin")(_rope_cos_sin_fake)
 torch.library.register_fake("ropekit::mrope_cos_sin")(_mrope_cos_sin_fake)
 torch.library.register_fake("ropekit::apply_rope")(_apply_rope_fake)
 torch.library.register_fake("ropekit::apply_rope_backward")(_apply_rope_backward_fake)
+torch.library.register_fake("ropekit::rope_index")(_rope_index_fake)

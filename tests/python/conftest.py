@@ -71,3 +71,19 @@ def tiny_qwen3_vl_text_config(mrope_section=(6, 5, 5), rope_type: str = "default
     config = Qwen3VLTextConfig(**TINY, **kwargs)
     config._attn_implementation = "eager"
     return config
+
+
+def tiny_qwen3_vl_config():
+    """A tiny Qwen3-VL (text + vision tower) whose vision tokens use the real special token ids."""
+    from transformers import Qwen3VLConfig
+
+    text = dict(TINY, vocab_size=160000, max_position_embeddings=256)
+    text.update(rope_kwargs("default", theta=5e6, mrope_section=[6, 5, 5], mrope_interleaved=True))
+    if not uses_rope_parameters():
+        text["rope_scaling"] = {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TINY["hidden_size"],
+                  spatial_merge_size=2, patch_size=4, temporal_patch_size=2, in_channels=3,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision)
+    config._attn_implementation = "eager"
+    return config

@@ -40,7 +40,23 @@ def op_cases(device):
         (torch.ops.ropekit.apply_rope.default, (*rg(qb, kb), cosb.float(), sinb.float(), 1)),
         (torch.ops.ropekit.apply_rope.default, (*rg(q.transpose(1, 2), k.transpose(1, 2)), cos, sin, 2)),
         (torch.ops.ropekit.apply_rope_backward.default, (q, k, cos, sin, 1, torch.float32)),
+        *rope_index_cases(device),
     ]
+
+
+def rope_index_cases(device):
+    """A text / image / text row and a left-padded text / video-frame row (merge size 2; ids 9 image, 8 video,
+    7 vision start)."""
+    ids = torch.tensor([[1, 7, 9, 9, 9, 9, 6], [0, 0, 7, 8, 8, 8, 8]], device=device)
+    mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5], device=device)
+    types = torch.where(ids == 9, 1, torch.where(ids == 8, 2, 0))
+    grid = torch.tensor([[1, 4, 4]], device=device)
+    op = torch.ops.ropekit.rope_index.default
+    return [
+        (op, (ids, grid, grid, mask, types, 2, 9, 8, 7, convention, on_host))
+        for convention in ("token_types", "vision_start")
+        for on_host in (True, False)
+    ] + [(op, (ids, None, None, None, None, 2, 9, 8, 7, "vision_start", True))]
 
 
 def test_opcheck(device):
@@ -78,6 +94,14 @@ def test_compile_fullgraph_no_graph_break(device):
     q.grad = None
     ref[0].sum().backward()
     assert torch.equal(grad_compiled, q.grad)
+
+
+def test_compile_rope_index_fullgraph(device):
+    torch._dynamo.reset()
+    for op, args in rope_index_cases(device):
+        compiled = torch.compile(lambda *a: op(*a), fullgraph=True)
+        for a, b in zip(compiled(*args), op(*args)):
+            assert torch.equal(a, b) and a.dtype == b.dtype
 
 
 @pytest.mark.parametrize("dynamic", [True])

@@ -6,48 +6,70 @@ Methods and module functions are patched, never classes, so models built before 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ._patching import import_optional, patch, unpatch_all
+from .rope_index import make_get_rope_index
 from .rotary import make_apply_rotary_pos_emb, make_rotary_forward
 
-__all__ = ["apply_to_qwen3", "apply_to_qwen3_vl", "unpatch"]
+__all__ = ["apply_to_qwen3", "apply_to_qwen3_vl", "apply_to_qwen3_5", "unpatch"]
 
-# model module -> (rotary embedding class name, is mRoPE)
-_QWEN3_MODULES = {
-    "transformers.models.qwen3.modeling_qwen3": ("Qwen3RotaryEmbedding", False),
-    "transformers.models.qwen3_moe.modeling_qwen3_moe": ("Qwen3MoeRotaryEmbedding", False),
+
+@dataclass(frozen=True)
+class _ModelingModule:
+    name: str  # transformers.models.<family>.modeling_<family>
+    rotary: str  # rotary embedding class
+    mrope: bool  # (3, B, S) interleaved mRoPE positions
+    vl_model: str | None = None  # class defining get_rope_index
+
+
+_FAMILIES = {
+    "Qwen3": (
+        _ModelingModule("transformers.models.qwen3.modeling_qwen3", "Qwen3RotaryEmbedding", False),
+        _ModelingModule("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeRotaryEmbedding", False),
+    ),
+    "Qwen3-VL": (
+        _ModelingModule("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextRotaryEmbedding", True,
+                        "Qwen3VLModel"),
+        _ModelingModule("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeTextRotaryEmbedding",
+                        True, "Qwen3VLMoeModel"),
+    ),
+    "Qwen3.5": (
+        _ModelingModule("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5TextRotaryEmbedding", True,
+                        "Qwen3_5Model"),
+        _ModelingModule("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeTextRotaryEmbedding",
+                        True, "Qwen3_5MoeModel"),
+    ),
 }
-_QWEN3_VL_MODULES = {
-    "transformers.models.qwen3_vl.modeling_qwen3_vl": ("Qwen3VLTextRotaryEmbedding", True),
-    "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe": ("Qwen3VLMoeTextRotaryEmbedding", True),
-}
 
 
-def _patch_modules(modules: dict, rope: bool) -> list[str]:
+def _unwrapped(obj):
+    return getattr(obj, "__ropekit_original__", obj)
+
+
+def _apply(family: str, rope: bool, rope_index: bool) -> list[str]:
     patched = []
-    for module_name, (rotary_name, mrope) in modules.items():
-        module = import_optional(module_name)
+    for spec in _FAMILIES[family]:
+        module = import_optional(spec.name)
         if module is None:
             continue
         if rope:
-            rotary_cls = getattr(module, rotary_name)
-            original_forward = rotary_cls.__dict__["forward"]
-            original_forward = getattr(original_forward, "__ropekit_original__", original_forward)
-            patch(rotary_cls, "forward", make_rotary_forward(original_forward, mrope))
-            original_apply = module.apply_rotary_pos_emb
-            original_apply = getattr(original_apply, "__ropekit_original__", original_apply)
-            patch(module, "apply_rotary_pos_emb", make_apply_rotary_pos_emb(original_apply))
-        patched.append(module_name)
-    return patched
-
-
-def _require(patched: list[str], family: str) -> None:
+            rotary_cls = getattr(module, spec.rotary)
+            patch(rotary_cls, "forward", make_rotary_forward(_unwrapped(rotary_cls.__dict__["forward"]), spec.mrope))
+            patch(module, "apply_rotary_pos_emb", make_apply_rotary_pos_emb(_unwrapped(module.apply_rotary_pos_emb)))
+        if rope_index and spec.vl_model is not None:
+            model_cls = getattr(module, spec.vl_model)
+            patch(model_cls, "get_rope_index", make_get_rope_index(_unwrapped(model_cls.__dict__["get_rope_index"])))
+        patched.append(spec.name)
     if not patched:
         import transformers
 
         raise RuntimeError(
-            f"ropekit: transformers {transformers.__version__} has no {family} modeling module; "
-            "supported: transformers 4.57.x and 5.x"
+            f"ropekit: transformers {transformers.__version__} has no {family} modeling module; ropekit supports "
+            f"{family} on transformers 4.57.x and 5.x"
+            + (" (Qwen3.5 needs transformers 5.x)" if family == "Qwen3.5" else "")
         )
+    return patched
 
 
 def apply_to_qwen3(model=None, *, rope: bool = True) -> None:
@@ -57,14 +79,23 @@ def apply_to_qwen3(model=None, *, rope: bool = True) -> None:
     static rope types) and ``apply_rotary_pos_emb`` runs as one native op. ``model`` is accepted for symmetry:
     patched methods already reach instances built before this call.
     """
-    _require(_patch_modules(_QWEN3_MODULES, rope), "Qwen3")
+    _apply("Qwen3", rope, rope_index=False)
 
 
-def apply_to_qwen3_vl(model=None, *, rope: bool = True) -> None:
-    """Route Qwen3-VL (and Qwen3-VL-MoE) text RoPE through ropekit: cached interleaved mRoPE cos/sin and the native
-    ``apply_rotary_pos_emb``. ``model`` is accepted for symmetry (instances pick the patch up through their class).
+def apply_to_qwen3_vl(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
+    """Route Qwen3-VL (and Qwen3-VL-MoE) through ropekit.
+
+    ``rope``: cached interleaved-mRoPE cos/sin and the native ``apply_rotary_pos_emb`` for the text model.
+    ``rope_index``: ``get_rope_index`` computed by ``ropekit.rope_index`` (host loop for CPU inputs, sync-free
+    device algorithm for GPU inputs), element-wise identical to transformers.
     """
-    _require(_patch_modules(_QWEN3_VL_MODULES, rope), "Qwen3-VL")
+    _apply("Qwen3-VL", rope, rope_index)
+
+
+def apply_to_qwen3_5(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
+    """Route Qwen3.5 (and Qwen3.5-MoE, transformers 5.x) through ropekit: partial-rotary mRoPE cos/sin with
+    sections [11, 11, 10], the native ``apply_rotary_pos_emb`` (partial pass-through), and ``get_rope_index``."""
+    _apply("Qwen3.5", rope, rope_index)
 
 
 def unpatch() -> None:
