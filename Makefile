@@ -22,7 +22,6 @@ venv: $(VENV)/.ready
 $(VENV)/.ready: requirements/dev.txt
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements/dev.txt
 	touch $@
 

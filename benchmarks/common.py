@@ -82,7 +82,7 @@ def versions():
     except ImportError:
         pass
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+        rev = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, check=False)
         if rev.returncode == 0:
             parts.append(f"ropekit {rev.stdout.strip()}")
     except OSError:

@@ -135,21 +135,23 @@ class HostIndexer {
   // Positions of row b's attended tokens `keep`; returns the row's largest position.
   int64_t index_row(int64_t b, const std::vector<int64_t>& keep, int64_t* pos) {
     const int64_t B = a_.input_ids.size(0), S = a_.input_ids.size(1), L = keep.size(), m = a_.merge;
-    auto put = [&](int64_t i, int64_t t, int64_t h, int64_t w) {
-      const int64_t o = b * S + keep[i];
-      pos[o] = t;
-      pos[B * S + o] = h;
-      pos[2 * B * S + o] = w;
-    };
+    kind_.resize(L);
+    for (int64_t i = 0; i < L; ++i) kind_[i] = kind_at(b, keep[i]);
+    int64_t* pt = pos + b * S;
+    int64_t* ph = pt + B * S;
+    int64_t* pw = ph + B * S;
     int64_t cur = 0, row_max = std::numeric_limits<int64_t>::min();
     int64_t image_spans = 0, video_spans = 0;
     for (int64_t i = 0; i < L;) {
-      const int64_t kind = kind_at(b, keep[i]);
+      const int64_t kind = kind_[i];
       int64_t j = i + 1;
-      while (j < L && kind_at(b, keep[j]) == kind) ++j;
+      while (j < L && kind_[j] == kind) ++j;
       const int64_t len = j - i;
       if (kind == 0) {
-        for (int64_t o = 0; o < len; ++o) put(i + o, cur + o, cur + o, cur + o);
+        for (int64_t o = 0; o < len; ++o) {
+          const int64_t s = keep[i + o];
+          pt[s] = ph[s] = pw[s] = cur + o;
+        }
         row_max = std::max(row_max, cur + len - 1);
         cur += len;
       } else {
@@ -163,7 +165,14 @@ class HostIndexer {
         TORCH_CHECK_VALUE(len == g.t * hg * wg, kind == 1 ? "image" : "video", " span at row ", b, ", token ",
                           keep[i], " has ", len, " tokens but its grid (", g.t, ", ", g.h, ", ", g.w,
                           ") with spatial_merge_size ", m, " needs t*(h/m)*(w/m) = ", g.t * hg * wg);
-        for (int64_t o = 0; o < len; ++o) put(i + o, cur + o / (hg * wg), cur + (o / wg) % hg, cur + o % wg);
+        const int64_t* span = keep.data() + i;  // row-major (t, h, w) offsets from cur
+        for (int64_t t = 0; t < g.t; ++t)
+          for (int64_t h = 0; h < hg; ++h)
+            for (int64_t w = 0; w < wg; ++w, ++span) {
+              pt[*span] = cur + t;
+              ph[*span] = cur + h;
+              pw[*span] = cur + w;
+            }
         row_max = std::max(row_max, cur + std::max({g.t, hg, wg}) - 1);
         // 5.x continues at cur + max(h, w) / m; 4.57 at the span's largest position + 1.
         cur += token_types(a_) ? std::max(g.h, g.w) / m : std::max({g.t, hg, wg});
@@ -193,19 +202,36 @@ class HostIndexer {
   const RopeIndexArgs& a_;
   const int64_t *att_, *kinds_, *ids_;
   std::vector<Grid> images_, frames_;
+  std::vector<int64_t> kind_;  // kinds of the current row's attended tokens
   int64_t next_image_ = 0, next_frame_ = 0;
 };
 
-// Brings every input to host memory with a single transfer: one sync in total when they live on a GPU.
-at::Tensor pull_to_host(const std::vector<at::Tensor>& parts) {
-  at::Tensor packed = at::cat(parts);
-  if (packed.device().is_cpu()) return packed.contiguous();
-  at::Tensor host = at::empty(packed.sizes(), packed.options().device(at::kCPU).pinned_memory(true));
-  host.copy_(packed, /*non_blocking=*/true);
-  c10::impl::VirtualGuardImpl impl(packed.device().type());
-  impl.getStream(packed.device()).synchronize();
-  return host;
-}
+// Host-side int64 views of the inputs. For GPU inputs they are packed on the device and brought over in a single
+// transfer through pinned memory (one sync in total); CPU inputs are read in place.
+class HostInputs {
+ public:
+  explicit HostInputs(std::vector<at::Tensor> parts) {
+    const bool on_cpu = parts.front().device().is_cpu();
+    if (on_cpu) {
+      for (auto& t : parts) parts_.push_back(t.to(at::kLong).contiguous());
+    } else {
+      at::Tensor packed = at::cat(parts);
+      at::Tensor host = at::empty(packed.sizes(), packed.options().device(at::kCPU).pinned_memory(true));
+      host.copy_(packed, /*non_blocking=*/true);
+      c10::impl::VirtualGuardImpl impl(packed.device().type());
+      impl.getStream(packed.device()).synchronize();
+      int64_t offset = 0;
+      for (const auto& t : parts) {
+        parts_.push_back(host.narrow(0, offset, t.numel()));
+        offset += t.numel();
+      }
+    }
+  }
+  const int64_t* operator[](size_t i) const { return parts_[i].data_ptr<int64_t>(); }
+
+ private:
+  std::vector<at::Tensor> parts_;
+};
 
 at::Tensor push_to_device(const at::Tensor& host, const at::Device& device) {
   if (device.is_cpu()) return host;
@@ -264,20 +290,13 @@ std::tuple<at::Tensor, at::Tensor> rope_index_host(const RopeIndexArgs& a) {
   const at::Tensor none = at::empty({0}, long_opts);
   const at::Tensor images = a.image_grid_thw.defined() ? a.image_grid_thw.to(at::kLong) : none.view({0, 3});
   const at::Tensor videos = a.video_grid_thw.defined() ? a.video_grid_thw.to(at::kLong) : none.view({0, 3});
-  // Layout of the single transfer: attended flags, token kinds, token ids (4.57 only), image grids, video grids.
+  // Attended flags, token kinds, token ids (4.57 only), image grids, video grids.
   const at::Tensor ids = token_types(a) ? none : a.input_ids.to(at::kLong).reshape(-1);
-  const at::Tensor host = pull_to_host({attended(a).to(at::kLong).reshape(-1), token_kinds(a).reshape(-1), ids,
-                                        images.reshape(-1), videos.reshape(-1)});
-  const int64_t* p = host.data_ptr<int64_t>();
-  const int64_t* att = p;
-  const int64_t* kinds = att + B * S;
-  const int64_t* id_ptr = kinds + B * S;
-  const int64_t* image_ptr = id_ptr + ids.numel();
-  const int64_t* video_ptr = image_ptr + images.numel();
-
+  const HostInputs host({attended(a).to(at::kLong).reshape(-1), token_kinds(a).reshape(-1), ids,
+                         images.reshape(-1), videos.reshape(-1)});
   at::Tensor pos = at::empty({3, B, S}, at::TensorOptions().dtype(at::kLong));
   at::Tensor deltas = at::empty({B, 1}, at::TensorOptions().dtype(at::kLong));
-  HostIndexer(a, att, kinds, id_ptr, read_grids(image_ptr, images.size(0)), read_grids(video_ptr, videos.size(0)))
+  HostIndexer(a, host[0], host[1], host[2], read_grids(host[3], images.size(0)), read_grids(host[4], videos.size(0)))
       .run(pos.data_ptr<int64_t>(), deltas.data_ptr<int64_t>());
   const auto device = a.input_ids.device();
   return {push_to_device(pos.to(a.input_ids.scalar_type()), device), push_to_device(deltas, device)};
