@@ -39,11 +39,13 @@ def want_cuda():
 def extension():
     with_cuda, why = want_cuda()
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cpp")))
-    cxx = ["-O3", "-ffp-contract=off", "-DPy_LIMITED_API=0x030A0000"]
+    # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the CPU kernels run on one thread.
+    cxx = ["-O3", "-ffp-contract=off", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
+    link = ["-fopenmp"]
     if not with_cuda:
         print(f"ropekit: building CPU-only ({why})", file=sys.stderr)
         return cpp_extension.CppExtension(
-            "ropekit._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True
+            "ropekit._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=True
         )
     # Without a GPU to query, torch would compile for every arch it knows; default to A100 and H100 (+PTX for
     # newer parts). TORCH_CUDA_ARCH_LIST still wins when set.
@@ -68,6 +70,7 @@ def extension():
         sources,
         define_macros=[("ROPEKIT_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=link,
         py_limited_api=True,
     )
 

@@ -1,6 +1,7 @@
 // Every ropekit schema, and its CPU / CUDA / Autograd kernels. Fake (Meta) kernels live in python/ropekit/ops.py,
 // where symbolic shapes come for free.
 #include "apply_rope.h"
+#include "qk_norm_rope.h"
 #include "rope_index.h"
 #include "rope_table.h"
 
@@ -22,8 +23,9 @@ void forbid_grad(const char* op, std::initializer_list<std::pair<const char*, co
   if (!torch::autograd::GradMode::is_enabled()) return;
   for (const auto& [name, t] : args) {
     TORCH_CHECK(!(t->defined() && t->requires_grad()), "ropekit.", op, ": ", name,
-                " requires grad, but cos/sin tables are constants and this op is not differentiable (transformers "
-                "builds them under torch.no_grad); pass a detached tensor");
+                " requires grad, but this op is not differentiable (cos/sin tables are constants, as transformers "
+                "builds them under torch.no_grad; the in-place qkv op is for inference); pass a detached tensor "
+                "or run under torch.no_grad()");
   }
 }
 
@@ -70,6 +72,20 @@ TensorPair mrope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor&
   });
 }
 
+// Inference only: it overwrites q and k inside qkv, which autograd could not undo.
+void qk_norm_rope_qkv_autograd(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
+                               const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t num_q_heads,
+                               int64_t num_kv_heads, bool zero_centered) {
+  forbid_grad("qk_norm_rope_qkv_", {{"qkv", &qkv}, {"q_weight", &q_weight}, {"k_weight", &k_weight}});
+  static auto op = op_handle<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, double, int64_t, int64_t, bool)>("ropekit::qk_norm_rope_qkv_");
+  below_autograd([&] {
+    op.call(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads, zero_centered);
+    return 0;
+  });
+  torch::autograd::impl::bump_version(qkv);  // readers of qkv see that it changed
+}
+
 template <TensorPair (*Gather)(const GatherArgs&)>
 TensorPair rope_cos_sin_impl(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                              const at::Tensor& position_ids, at::ScalarType dtype,
@@ -104,6 +120,16 @@ TORCH_LIBRARY(ropekit, m) {
       "rope_index(Tensor input_ids, Tensor? image_grid_thw, Tensor? video_grid_thw, Tensor? attention_mask, "
       "Tensor? mm_token_type_ids, int spatial_merge_size, int image_token_id, int video_token_id, "
       "int vision_start_token_id, str convention, bool on_host=True) -> (Tensor position_ids, Tensor deltas)");
+  m.def(
+      "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
+      "bool zero_centered=False) -> (Tensor q_out, Tensor k_out)");
+  m.def(
+      "qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, "
+      "Tensor cos, Tensor sin, float eps, bool zero_centered) -> (Tensor dq, Tensor dk, Tensor dq_weight, "
+      "Tensor dk_weight)");
+  m.def(
+      "qk_norm_rope_qkv_(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
+      "int num_q_heads, int num_kv_heads, bool zero_centered=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ropekit, CPU, m) {
@@ -113,6 +139,9 @@ TORCH_LIBRARY_IMPL(ropekit, CPU, m) {
   m.impl("apply_rope", &ropekit::apply_rope_cpu);
   m.impl("apply_rope_backward", &ropekit::apply_rope_backward_cpu);
   m.impl("rope_index", &ropekit::rope_index);
+  m.impl("qk_norm_rope", &ropekit::qk_norm_rope_cpu);
+  m.impl("qk_norm_rope_backward", &ropekit::qk_norm_rope_backward_cpu);
+  m.impl("qk_norm_rope_qkv_", &ropekit::qk_norm_rope_qkv_cpu);
 }
 
 #ifdef ROPEKIT_WITH_CUDA
@@ -125,6 +154,9 @@ TORCH_LIBRARY_IMPL(ropekit, CUDA, m) {
   m.impl("apply_rope_backward", &ropekit::apply_rope_backward_cuda);
   // Device-generic tensor code: zero host syncs with on_host=false; one pull with on_host=true.
   m.impl("rope_index", &ropekit::rope_index);
+  m.impl("qk_norm_rope", &ropekit::qk_norm_rope_cuda);
+  m.impl("qk_norm_rope_backward", &ropekit::qk_norm_rope_backward_cuda);
+  m.impl("qk_norm_rope_qkv_", &ropekit::qk_norm_rope_qkv_cuda);
 }
 #endif
 
@@ -133,4 +165,6 @@ TORCH_LIBRARY_IMPL(ropekit, Autograd, m) {
   m.impl("rope_cos_sin", &ropekit::rope_cos_sin_autograd);
   m.impl("mrope_cos_sin", &ropekit::mrope_cos_sin_autograd);
   m.impl("apply_rope", &ropekit::apply_rope_autograd);
+  m.impl("qk_norm_rope", &ropekit::qk_norm_rope_autograd);
+  m.impl("qk_norm_rope_qkv_", &ropekit::qk_norm_rope_qkv_autograd);
 }

@@ -2,7 +2,7 @@
 
 from . import ops
 from .modules import CachedMRotaryEmbedding, CachedRotaryEmbedding, RopeTable
-from .ops import apply_rope, mrope_cos_sin, rope_cache, rope_cos_sin, rope_index
+from .ops import apply_rope, mrope_cos_sin, qk_norm_rope, qk_norm_rope_qkv_, rope_cache, rope_cos_sin, rope_index
 from .transformers import apply_to_qwen3, apply_to_qwen3_5, apply_to_qwen3_vl, unpatch
 
 __version__ = "0.1.0"
@@ -13,6 +13,8 @@ __all__ = [
     "mrope_cos_sin",
     "apply_rope",
     "rope_index",
+    "qk_norm_rope",
+    "qk_norm_rope_qkv_",
     "RopeTable",
     "CachedRotaryEmbedding",
     "CachedMRotaryEmbedding",

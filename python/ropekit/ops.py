@@ -12,7 +12,9 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.ropekit)
 
-__all__ = ["rope_cache", "rope_cos_sin", "mrope_cos_sin", "apply_rope", "rope_index"]
+__all__ = [
+    "rope_cache", "rope_cos_sin", "mrope_cos_sin", "apply_rope", "rope_index", "qk_norm_rope", "qk_norm_rope_qkv_",
+]
 
 _ops = torch.ops.ropekit
 
@@ -117,6 +119,49 @@ def rope_index(
     )
 
 
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float = 1e-6,
+    zero_centered: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's per-head ``q_norm`` / ``k_norm`` (RMSNorm over head_dim) and RoPE as one pass over q and k.
+
+    ``q`` / ``k`` are the raw ``q_proj`` / ``k_proj`` outputs, ``(B, S, H*D)`` or ``(B, S, H, D)``; ``D`` is the norm
+    weights' length. Returns ``(B, H, S, D)`` tensors (views of ``(B, S, H, D)`` storage), ready for attention:
+    ``apply_rotary_pos_emb(q_norm(q).transpose(1, 2), ..., cos, sin)`` in one op. ``cos`` / ``sin`` are
+    ``(B or 1, S, R)`` with ``R <= D`` (partial rotary passes the rest through); 1-D and interleaved-mRoPE cos/sin
+    are both just values here. ``zero_centered=True`` is Qwen3.5's ``x * rstd * (1 + w)`` with a single rounding;
+    the default is Qwen3's ``w * (x * rstd).to(x.dtype)``. The output dtype is promote(norm dtype, cos dtype).
+    Differentiable in q, k and both weights; the weight gradients are reduced in a fixed order (same bits on every
+    run, no float atomics).
+    """
+    return _ops.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, float(eps), bool(zero_centered))
+
+
+def qk_norm_rope_qkv_(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    num_q_heads: int,
+    num_kv_heads: int,
+    zero_centered: bool = False,
+) -> torch.Tensor:
+    """In-place inference variant on a packed ``(B, S, (Hq + 2*Hkv) * D)`` qkv projection: normalises and rotates
+    the q and k heads where they are, leaves v untouched, and returns ``qkv``. One kernel launch (the decode path).
+    Weights and cos/sin must have qkv's dtype. Refuses tensors that require grad."""
+    _ops.qk_norm_rope_qkv_(qkv, q_weight, k_weight, cos, sin, float(eps), int(num_q_heads), int(num_kv_heads),
+                           bool(zero_centered))
+    return qkv
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Fake kernels: shapes and dtypes only, so torch.compile traces these ops without graph breaks.
 
@@ -169,9 +214,36 @@ def _rope_index_fake(input_ids, image_grid_thw, video_grid_thw, attention_mask, 
     return input_ids.new_empty((3, batch, seq), dtype=pos_dtype), input_ids.new_empty((batch, 1), dtype=delta_dtype)
 
 
+def _norm_out_dtype(q, weight, cos, zero_centered):
+    norm = q.dtype if zero_centered else torch.promote_types(q.dtype, weight.dtype)
+    return torch.promote_types(norm, cos.dtype)
+
+
+def _heads_view_shape(x, head_dim):
+    return (x.shape[0], x.shape[1], x.shape[2] // head_dim if x.dim() == 3 else x.shape[2], head_dim)
+
+
+def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps, zero_centered=False):
+    dtype = _norm_out_dtype(q, q_weight, cos, zero_centered)
+    head_dim = q_weight.shape[0]
+    outs = [x.new_empty(_heads_view_shape(x, head_dim), dtype=dtype).transpose(1, 2) for x in (q, k)]
+    return outs[0], outs[1]
+
+
+def _qk_norm_rope_backward_fake(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, zero_centered):
+    return q.new_empty(q.shape), k.new_empty(k.shape), torch.empty_like(q_weight), torch.empty_like(k_weight)
+
+
+def _qk_norm_rope_qkv_fake(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads, zero_centered=False):
+    return None
+
+
 torch.library.register_fake("ropekit::rope_cache")(_table_fake)
 torch.library.register_fake("ropekit::rope_cos_sin")(_rope_cos_sin_fake)
 torch.library.register_fake("ropekit::mrope_cos_sin")(_mrope_cos_sin_fake)
 torch.library.register_fake("ropekit::apply_rope")(_apply_rope_fake)
 torch.library.register_fake("ropekit::apply_rope_backward")(_apply_rope_backward_fake)
 torch.library.register_fake("ropekit::rope_index")(_rope_index_fake)
+torch.library.register_fake("ropekit::qk_norm_rope")(_qk_norm_rope_fake)
+torch.library.register_fake("ropekit::qk_norm_rope_backward")(_qk_norm_rope_backward_fake)
+torch.library.register_fake("ropekit::qk_norm_rope_qkv_")(_qk_norm_rope_qkv_fake)

@@ -16,12 +16,29 @@ pytestmark = pytest.mark.transformers
 
 
 def build(cls, config, device, seed=0):
+    """A model with random weights, norm weights included (their init of ones/zeros would hide weight mistakes)."""
     torch.manual_seed(seed)
-    return cls(config).to(device).eval()
+    model = cls(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0 if "qwen3_5" in type(model).__module__ else 1.0, 0.2)
+    return model.to(device).eval()
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    """Counts calls of the fused q/k norm + RoPE op made by the patched attention."""
+    from ropekit.transformers import attention
+
+    calls = []
+    real = attention.ops.qk_norm_rope
+    monkeypatch.setattr(attention.ops, "qk_norm_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
 
 
 @pytest.mark.parametrize("rope_type,params", [("default", {}), ("yarn", {"factor": 4.0, "original_max_position_embeddings": 32})])
-def test_qwen3_logits_match(unpatch_after, device, rope_type, params):
+def test_qwen3_logits_match(unpatch_after, count_fused, device, rope_type, params):
     from transformers import Qwen3ForCausalLM
 
     model = build(Qwen3ForCausalLM, tiny_qwen3_config(rope_type, **params), device)
@@ -40,9 +57,10 @@ def test_qwen3_logits_match(unpatch_after, device, rope_type, params):
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours_default, ref_default, rtol=0, atol=1e-5)
     assert torch.equal(again, ref)
+    assert len(count_fused) == 2 * model.config.num_hidden_layers, "every layer runs the fused q/k norm + RoPE"
 
 
-def test_qwen3_training_step_gradients_match(unpatch_after):
+def test_qwen3_training_step_gradients_match(unpatch_after, count_fused):
     from transformers import Qwen3ForCausalLM
 
     config = tiny_qwen3_config()
@@ -57,6 +75,34 @@ def test_qwen3_training_step_gradients_match(unpatch_after):
     ref_loss, ref = grads()
     ropekit.apply_to_qwen3()
     loss, ours = grads()
+    assert count_fused
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
+    assert any("q_norm" in name for name in ref) and any("k_norm" in name for name in ref)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_qwen3_optimizer_step_matches(unpatch_after, checkpointing):
+    """One SGD step with and without gradient checkpointing: same loss, same updated parameters. (SGD: Adam's first
+    step is lr * sign(grad), which turns fp32-noise-level gradients into lr-sized differences.)"""
+    from transformers import Qwen3ForCausalLM
+
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(9))
+
+    def step():
+        model = build(Qwen3ForCausalLM, tiny_qwen3_config(), "cpu", seed=4).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        return loss.detach(), {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref = step()
+    ropekit.apply_to_qwen3()
+    loss, ours = step()
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-6)
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
@@ -86,35 +132,61 @@ def test_qwen3_vl_text_model_matches(unpatch_after, device):
     assert torch.equal(again, ref)
 
 
-PATCHED = {
-    "transformers.models.qwen3.modeling_qwen3": "Qwen3RotaryEmbedding",
-    "transformers.models.qwen3_moe.modeling_qwen3_moe": "Qwen3MoeRotaryEmbedding",
-    "transformers.models.qwen3_vl.modeling_qwen3_vl": "Qwen3VLTextRotaryEmbedding",
-    "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe": "Qwen3VLMoeTextRotaryEmbedding",
+PATCHED = {  # module -> (rotary class, attention class)
+    "transformers.models.qwen3.modeling_qwen3": ("Qwen3RotaryEmbedding", "Qwen3Attention"),
+    "transformers.models.qwen3_moe.modeling_qwen3_moe": ("Qwen3MoeRotaryEmbedding", "Qwen3MoeAttention"),
+    "transformers.models.qwen3_vl.modeling_qwen3_vl": ("Qwen3VLTextRotaryEmbedding", "Qwen3VLTextAttention"),
+    "transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe": ("Qwen3VLMoeTextRotaryEmbedding",
+                                                               "Qwen3VLMoeTextAttention"),
 }
 
 
 def test_patch_is_idempotent_and_unpatch_restores_identity(unpatch_after):
-    before = {}
-    for module_name, cls_name in PATCHED.items():
-        module = importlib.import_module(module_name)
-        cls = getattr(module, cls_name)
-        before[module_name] = (module.apply_rotary_pos_emb, cls.__dict__["forward"])
+    def snapshot():
+        out = {}
+        for module_name, (rotary, attention) in PATCHED.items():
+            module = importlib.import_module(module_name)
+            out[module_name] = (module.apply_rotary_pos_emb, getattr(module, rotary).__dict__["forward"],
+                                getattr(module, attention).__dict__["forward"])
+        return out
+
+    before = snapshot()
     for _ in range(2):
         ropekit.apply_to_qwen3()
         ropekit.apply_to_qwen3_vl()
-    for module_name, cls_name in PATCHED.items():
-        module = importlib.import_module(module_name)
-        cls = getattr(module, cls_name)
-        assert module.apply_rotary_pos_emb is not before[module_name][0]
-        assert module.apply_rotary_pos_emb.__ropekit_original__ is before[module_name][0]
-        assert cls.__dict__["forward"].__ropekit_original__ is before[module_name][1]
+    patched = snapshot()
+    for module_name in PATCHED:
+        for new, old in zip(patched[module_name], before[module_name]):
+            assert new is not old and new.__ropekit_original__ is old
     ropekit.unpatch()
-    for module_name, cls_name in PATCHED.items():
-        module = importlib.import_module(module_name)
-        cls = getattr(module, cls_name)
-        assert module.apply_rotary_pos_emb is before[module_name][0]
-        assert cls.__dict__["forward"] is before[module_name][1]
+    after = snapshot()
+    for module_name in PATCHED:
+        assert all(a is b for a, b in zip(after[module_name], before[module_name]))
+
+
+def test_patch_switches(unpatch_after):
+    from transformers.models.qwen3 import modeling_qwen3
+
+    forward, apply = modeling_qwen3.Qwen3Attention.forward, modeling_qwen3.apply_rotary_pos_emb
+    ropekit.apply_to_qwen3(rope=True, qk_norm_rope=False)
+    assert modeling_qwen3.Qwen3Attention.forward is forward and modeling_qwen3.apply_rotary_pos_emb is not apply
+    ropekit.unpatch()
+    ropekit.apply_to_qwen3(rope=False, qk_norm_rope=True)
+    assert modeling_qwen3.Qwen3Attention.forward is not forward and modeling_qwen3.apply_rotary_pos_emb is apply
+
+
+def test_compile_patched_attention_fullgraph(unpatch_after):
+    from transformers import Qwen3ForCausalLM
+
+    model = build(Qwen3ForCausalLM, tiny_qwen3_config(), "cpu")
+    attention = model.model.layers[0].self_attn
+    hidden = torch.randn(2, 12, 64)
+    cos, sin = model.model.rotary_emb(hidden, torch.arange(12)[None])
+    ropekit.apply_to_qwen3()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h: attention(h, (cos, sin), None)[0], fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(hidden), attention(hidden, (cos, sin), None)[0], rtol=0, atol=1e-6)
 
 
 def test_table_is_not_in_state_dict(unpatch_after):
@@ -180,7 +252,7 @@ def test_qwen3_vl_generate_multimodal_same_tokens(unpatch_after, monkeypatch):
     assert torch.equal(ours, ref)
 
 
-def test_qwen3_vl_multimodal_logits_match(unpatch_after):
+def test_qwen3_vl_multimodal_logits_match(unpatch_after, count_fused):
     from transformers import Qwen3VLForConditionalGeneration
 
     config = tiny_qwen3_vl_config()
@@ -190,6 +262,7 @@ def test_qwen3_vl_multimodal_logits_match(unpatch_after):
         ref = model(**inputs).logits
         ropekit.apply_to_qwen3_vl()
         ours = model(**inputs).logits
+    assert count_fused
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
 
 
@@ -244,3 +317,32 @@ def test_qwen3_5_rotary_and_rope_index(unpatch_after):
     ours = modeling_qwen3_5.apply_rotary_pos_emb(q, k, cos, sin)
     ref = original(modeling_qwen3_5, "apply_rotary_pos_emb")(q, k, cos, sin)
     assert all(torch.equal(a, b) for a, b in zip(ours, ref)), "fp32 partial rotary: bit-identical to eager"
+
+
+@pytest.mark.skipif(not has_qwen3_5(), reason="Qwen3.5 exists from transformers 5.x")
+def test_qwen3_5_logits_and_grads_match(unpatch_after, count_fused):
+    """Tiny Qwen3.5 (a linear-attention layer and a gated full-attention layer, zero-centred q/k norms)."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    config = Qwen3_5TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=2,
+        linear_key_head_dim=16, linear_value_head_dim=16,
+    )
+    config._attn_implementation = "eager"
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(10))
+
+    def run():
+        model = build(Qwen3_5ForCausalLM, config, "cpu", seed=11).train()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = run()
+    ropekit.apply_to_qwen3_5()
+    loss, ours = run()
+    assert count_fused
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)

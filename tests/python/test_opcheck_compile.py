@@ -41,6 +41,31 @@ def op_cases(device):
         (torch.ops.ropekit.apply_rope.default, (*rg(q.transpose(1, 2), k.transpose(1, 2)), cos, sin, 2)),
         (torch.ops.ropekit.apply_rope_backward.default, (q, k, cos, sin, 1, torch.float32)),
         *rope_index_cases(device),
+        *qk_norm_rope_cases(device),
+    ]
+
+
+def qk_norm_rope_cases(device):
+    from test_qk_norm_rope import make
+
+    rg = lambda ts: [t.detach().clone().requires_grad_(i < 4) for i, t in enumerate(ts)]  # noqa: E731
+    f32 = make(dtype=torch.float32, device=device, seq=5)
+    f64 = make(dtype=torch.float64, device=device, batch=1, seq=3, heads=2, kv_heads=1, head_dim=16, rot_dim=8)
+    mixed = make(dtype=torch.bfloat16, w_dtype=torch.float32, cos_dtype=torch.float32, device=device, seq=4)
+    zc = make(dtype=torch.float32, device=device, head_dim=64, rot_dim=16, zero_centered=True, seq=4, flat=False)
+    op = torch.ops.ropekit.qk_norm_rope.default
+    q, k, qw, kw, cos, sin = make(dtype=torch.bfloat16, device=device, seq=1, batch=3)
+    qkv = torch.cat([q, k, torch.randn_like(k)], -1)
+    gq = torch.randn(2, 4, 5, 128, device=device)
+    gk = torch.randn(2, 2, 5, 128, device=device)
+    return [
+        (op, (*f32, 1e-6, False)),
+        (op, (*rg(f32), 1e-6, False)),
+        (op, (*rg(f64), 1e-6, False)),
+        (op, (*rg(mixed), 1e-6, False)),
+        (op, (*rg(zc), 1e-5, True)),
+        (torch.ops.ropekit.qk_norm_rope_backward.default, (gq, gk, *f32, 1e-6, False)),
+        (torch.ops.ropekit.qk_norm_rope_qkv_.default, (qkv, qw, kw, cos, sin, 1e-6, 4, 2, False)),
     ]
 
 
@@ -94,6 +119,26 @@ def test_compile_fullgraph_no_graph_break(device):
     q.grad = None
     ref[0].sum().backward()
     assert torch.equal(grad_compiled, q.grad)
+
+
+def test_compile_qk_norm_rope_fullgraph(device):
+    from test_qk_norm_rope import make
+
+    torch._dynamo.reset()
+    q, k, qw, kw, cos, sin = make(dtype=torch.float32, device=device, seq=7)
+    q.requires_grad_()
+    qw.requires_grad_()
+    fn = lambda *a: ops.qk_norm_rope(*a, 1e-6)  # noqa: E731
+    explanation = torch._dynamo.explain(fn)(q, k, qw, kw, cos, sin)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    out = torch.compile(fn, fullgraph=True)(q, k, qw, kw, cos, sin)
+    ref = fn(q, k, qw, kw, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    out[0].sum().backward()
+    compiled_grads = (q.grad.clone(), qw.grad.clone())
+    q.grad = qw.grad = None
+    ref[0].sum().backward()
+    assert torch.equal(compiled_grads[0], q.grad) and torch.equal(compiled_grads[1], qw.grad)
 
 
 def test_compile_rope_index_fullgraph(device):

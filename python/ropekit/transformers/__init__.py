@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._patching import import_optional, patch, unpatch_all
+from .attention import make_attention_forward
 from .rope_index import make_get_rope_index
 from .rotary import make_apply_rotary_pos_emb, make_rotary_forward
 
@@ -20,25 +21,34 @@ class _ModelingModule:
     name: str  # transformers.models.<family>.modeling_<family>
     rotary: str  # rotary embedding class
     mrope: bool  # (3, B, S) interleaved mRoPE positions
+    attention: str  # attention class whose forward runs q_norm / k_norm + RoPE
+    norm: str  # its q_norm / k_norm class
+    zero_centered: bool = False  # Qwen3.5's (1 + w) norm
+    gated: bool = False  # Qwen3.5's output-gated attention
+    sliding_window: bool = False  # Qwen3 passes sliding_window to the attention interface
     vl_model: str | None = None  # class defining get_rope_index
 
 
 _FAMILIES = {
     "Qwen3": (
-        _ModelingModule("transformers.models.qwen3.modeling_qwen3", "Qwen3RotaryEmbedding", False),
-        _ModelingModule("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeRotaryEmbedding", False),
+        _ModelingModule("transformers.models.qwen3.modeling_qwen3", "Qwen3RotaryEmbedding", False,
+                        "Qwen3Attention", "Qwen3RMSNorm", sliding_window=True),
+        _ModelingModule("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeRotaryEmbedding", False,
+                        "Qwen3MoeAttention", "Qwen3MoeRMSNorm", sliding_window=True),
     ),
     "Qwen3-VL": (
         _ModelingModule("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextRotaryEmbedding", True,
-                        "Qwen3VLModel"),
+                        "Qwen3VLTextAttention", "Qwen3VLTextRMSNorm", vl_model="Qwen3VLModel"),
         _ModelingModule("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeTextRotaryEmbedding",
-                        True, "Qwen3VLMoeModel"),
+                        True, "Qwen3VLMoeTextAttention", "Qwen3VLMoeTextRMSNorm", vl_model="Qwen3VLMoeModel"),
     ),
     "Qwen3.5": (
         _ModelingModule("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5TextRotaryEmbedding", True,
-                        "Qwen3_5Model"),
+                        "Qwen3_5Attention", "Qwen3_5RMSNorm", zero_centered=True, gated=True,
+                        vl_model="Qwen3_5Model"),
         _ModelingModule("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeTextRotaryEmbedding",
-                        True, "Qwen3_5MoeModel"),
+                        True, "Qwen3_5MoeAttention", "Qwen3_5MoeRMSNorm", zero_centered=True, gated=True,
+                        vl_model="Qwen3_5MoeModel"),
     ),
 }
 
@@ -47,7 +57,7 @@ def _unwrapped(obj):
     return getattr(obj, "__ropekit_original__", obj)
 
 
-def _apply(family: str, rope: bool, rope_index: bool) -> list[str]:
+def _apply(family: str, rope: bool, rope_index: bool, qk_norm_rope: bool) -> list[str]:
     patched = []
     for spec in _FAMILIES[family]:
         module = import_optional(spec.name)
@@ -57,6 +67,11 @@ def _apply(family: str, rope: bool, rope_index: bool) -> list[str]:
             rotary_cls = getattr(module, spec.rotary)
             patch(rotary_cls, "forward", make_rotary_forward(_unwrapped(rotary_cls.__dict__["forward"]), spec.mrope))
             patch(module, "apply_rotary_pos_emb", make_apply_rotary_pos_emb(_unwrapped(module.apply_rotary_pos_emb)))
+        if qk_norm_rope:
+            attention_cls = getattr(module, spec.attention)
+            original = _unwrapped(attention_cls.__dict__["forward"])
+            patch(attention_cls, "forward", make_attention_forward(
+                original, module, spec.norm, spec.zero_centered, spec.gated, spec.sliding_window))
         if rope_index and spec.vl_model is not None:
             model_cls = getattr(module, spec.vl_model)
             patch(model_cls, "get_rope_index", make_get_rope_index(_unwrapped(model_cls.__dict__["get_rope_index"])))
@@ -72,30 +87,34 @@ def _apply(family: str, rope: bool, rope_index: bool) -> list[str]:
     return patched
 
 
-def apply_to_qwen3(model=None, *, rope: bool = True) -> None:
+def apply_to_qwen3(model=None, *, rope: bool = True, qk_norm_rope: bool = True) -> None:
     """Route Qwen3 (and Qwen3-MoE) RoPE through ropekit.
 
     ``rope``: the rotary embedding gathers cos/sin from a cached fp32 table (bit-identical to transformers for
-    static rope types) and ``apply_rotary_pos_emb`` runs as one native op. ``model`` is accepted for symmetry:
-    patched methods already reach instances built before this call.
+    static rope types) and ``apply_rotary_pos_emb`` runs as one native op.
+    ``qk_norm_rope``: the attention forward runs ``q_norm`` / ``k_norm`` and RoPE as one fused op
+    (``ropekit.qk_norm_rope``), keeping the KV cache, attention interface and sliding window as they were.
+    ``model`` is accepted for symmetry: patched methods already reach instances built before this call.
     """
-    _apply("Qwen3", rope, rope_index=False)
+    _apply("Qwen3", rope, rope_index=False, qk_norm_rope=qk_norm_rope)
 
 
-def apply_to_qwen3_vl(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
+def apply_to_qwen3_vl(model=None, *, rope: bool = True, rope_index: bool = True, qk_norm_rope: bool = True) -> None:
     """Route Qwen3-VL (and Qwen3-VL-MoE) through ropekit.
 
     ``rope``: cached interleaved-mRoPE cos/sin and the native ``apply_rotary_pos_emb`` for the text model.
     ``rope_index``: ``get_rope_index`` computed by ``ropekit.rope_index`` (host loop for CPU inputs, sync-free
     device algorithm for GPU inputs), element-wise identical to transformers.
+    ``qk_norm_rope``: the text attention's q_norm / k_norm + RoPE as one fused op.
     """
-    _apply("Qwen3-VL", rope, rope_index)
+    _apply("Qwen3-VL", rope, rope_index, qk_norm_rope)
 
 
-def apply_to_qwen3_5(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
+def apply_to_qwen3_5(model=None, *, rope: bool = True, rope_index: bool = True, qk_norm_rope: bool = True) -> None:
     """Route Qwen3.5 (and Qwen3.5-MoE, transformers 5.x) through ropekit: partial-rotary mRoPE cos/sin with
-    sections [11, 11, 10], the native ``apply_rotary_pos_emb`` (partial pass-through), and ``get_rope_index``."""
-    _apply("Qwen3.5", rope, rope_index)
+    sections [11, 11, 10], the native ``apply_rotary_pos_emb`` (partial pass-through), ``get_rope_index``, and the
+    full-attention layers' zero-centred q/k norm + RoPE fused (the output gate is kept)."""
+    _apply("Qwen3.5", rope, rope_index, qk_norm_rope)
 
 
 def unpatch() -> None:

@@ -1,0 +1,444 @@
+#include "qk_norm_rope.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+
+#include <cmath>
+#include <vector>
+
+namespace ropekit {
+namespace {
+
+bool is_norm_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+// (B, S, H*D) or (B, S, H, D) -> (B, S, H, D) view; head_dim contiguous (copied once otherwise).
+at::Tensor as_heads(const at::Tensor& x, int64_t head_dim, const char* name) {
+  TORCH_CHECK(x.dim() == 3 || x.dim() == 4, name, ": expected (batch, seq, heads*head_dim) or (batch, seq, heads, "
+              "head_dim), got shape ", x.sizes());
+  at::Tensor v = x;
+  if (x.dim() == 3) {
+    TORCH_CHECK(head_dim > 0 && x.size(2) % head_dim == 0, name, ": last dimension ", x.size(2),
+                " is not a multiple of head_dim ", head_dim, " (the norm weight's length)");
+    v = x.stride(2) == 1 ? x.unflatten(2, {x.size(2) / head_dim, head_dim})
+                         : x.contiguous().unflatten(2, {x.size(2) / head_dim, head_dim});
+  }
+  TORCH_CHECK(v.size(3) == head_dim, name, ": expected head_dim ", head_dim, " (the norm weight's length), got ",
+              v.size(3));
+  return v.stride(3) == 1 ? v : v.contiguous();
+}
+
+RopeOperand make_norm_operand(const at::Tensor& x_heads, const at::Tensor& out_heads) {
+  RopeOperand op;
+  op.in = x_heads;
+  op.out = out_heads;
+  op.heads = x_heads.size(2);
+  op.in_ptr = x_heads.data_ptr();
+  op.out_ptr = out_heads.data_ptr();
+  op.in_stride_b = x_heads.stride(0);
+  op.in_stride_s = x_heads.stride(1);
+  op.in_stride_h = x_heads.stride(2);
+  op.out_stride_b = out_heads.stride(0);
+  op.out_stride_s = out_heads.stride(1);
+  op.out_stride_h = out_heads.stride(2);
+  return op;
+}
+
+void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight, const at::Tensor& k_weight,
+                  const at::Tensor& cos, const at::Tensor& sin, double eps) {
+  TORCH_CHECK(is_norm_float(q.scalar_type()), "q: expected float32, float16, bfloat16 or float64, got ",
+              q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k: expected the dtype of q (", q.scalar_type(), "), got ",
+              k.scalar_type());
+  TORCH_CHECK(q_weight.dim() == 1, "q_weight: expected a 1-D [head_dim] tensor, got shape ", q_weight.sizes());
+  TORCH_CHECK(k_weight.sizes() == q_weight.sizes(), "k_weight: expected shape ", q_weight.sizes(),
+              " (that of q_weight: q and k share head_dim), got ", k_weight.sizes());
+  for (const auto& [name, w] : {std::pair<const char*, const at::Tensor&>{"q_weight", q_weight}, {"k_weight", k_weight}}) {
+    TORCH_CHECK(w.scalar_type() == q.scalar_type() || w.scalar_type() == at::kFloat, name,
+                ": expected the dtype of q (", q.scalar_type(), ") or float32, got ", w.scalar_type());
+  }
+  TORCH_CHECK(k_weight.scalar_type() == q_weight.scalar_type(), "k_weight: expected the dtype of q_weight (",
+              q_weight.scalar_type(), "), got ", k_weight.scalar_type());
+  TORCH_CHECK(cos.dim() == 3, "cos: expected a 3-D (batch or 1, seq, rotary_dim) tensor, got shape ", cos.sizes());
+  TORCH_CHECK(sin.sizes() == cos.sizes(), "sin: expected the shape of cos ", cos.sizes(), ", got ", sin.sizes());
+  TORCH_CHECK(cos.scalar_type() == q.scalar_type() || cos.scalar_type() == at::kFloat,
+              "cos: expected the dtype of q (", q.scalar_type(), ") or float32, got ", cos.scalar_type());
+  TORCH_CHECK(sin.scalar_type() == cos.scalar_type(), "sin: expected the dtype of cos (", cos.scalar_type(),
+              "), got ", sin.scalar_type());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k", k}, {"q_weight", q_weight},
+                                {"k_weight", k_weight}, {"cos", cos}, {"sin", sin}}) {
+    TORCH_CHECK(t.device() == q.device(), name, ": expected device ", q.device(), " (that of q), got ", t.device());
+  }
+  TORCH_CHECK(eps >= 0, "eps: expected >= 0, got ", eps);
+}
+
+void set_cos_sin(NormRopeArgs& a, const at::Tensor& cos, const at::Tensor& sin, int64_t batch, int64_t seq,
+                 int64_t head_dim) {
+  const int64_t rot_dim = cos.size(2);
+  TORCH_CHECK(rot_dim % 2 == 0, "cos: expected an even rotary dim (last dimension), got ", rot_dim);
+  TORCH_CHECK(rot_dim <= head_dim, "cos: rotary dim ", rot_dim, " exceeds head_dim ", head_dim);
+  TORCH_CHECK(cos.size(1) == seq, "cos: expected seq ", seq, " (that of q), got shape ", cos.sizes());
+  TORCH_CHECK(cos.size(0) == batch || cos.size(0) == 1, "cos: expected batch 1 or ", batch, ", got shape ",
+              cos.sizes());
+  a.cos = cos.stride(-1) == 1 ? cos : cos.contiguous();
+  a.sin = sin.stride(-1) == 1 ? sin : sin.contiguous();
+  TORCH_CHECK(a.cos.strides() == a.sin.strides(), "sin: expected the strides of cos ", a.cos.strides(), ", got ",
+              a.sin.strides());
+  a.rot_dim = rot_dim;
+  a.cos_stride_b = cos.size(0) == 1 ? 0 : a.cos.stride(0);
+  a.cos_stride_s = a.cos.stride(1);
+}
+
+}  // namespace
+
+at::ScalarType qk_norm_dtype(at::ScalarType x, at::ScalarType weight, bool zero_centered) {
+  return zero_centered ? x : at::promote_types(x, weight);
+}
+
+at::ScalarType qk_norm_rope_out_dtype(at::ScalarType x, at::ScalarType weight, at::ScalarType cos,
+                                      bool zero_centered) {
+  return at::promote_types(qk_norm_dtype(x, weight, zero_centered), cos);
+}
+
+NormRopeArgs prepare_qk_norm_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight,
+                                  const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin,
+                                  double eps, bool zero_centered) {
+  check_common(q, k, q_weight, k_weight, cos, sin, eps);
+  const int64_t head_dim = q_weight.size(0);
+  const at::Tensor qh = as_heads(q, head_dim, "q"), kh = as_heads(k, head_dim, "k");
+  const int64_t batch = qh.size(0), seq = qh.size(1);
+  TORCH_CHECK(kh.size(0) == batch && kh.size(1) == seq, "k: expected batch ", batch, " and seq ", seq,
+              " like q, got shape ", k.sizes());
+  NormRopeArgs a;
+  a.batch = batch;
+  a.seq = seq;
+  a.head_dim = head_dim;
+  a.eps = eps;
+  a.zero_centered = zero_centered;
+  set_cos_sin(a, cos, sin, batch, seq, head_dim);
+  const auto out_dtype = qk_norm_rope_out_dtype(q.scalar_type(), q_weight.scalar_type(), cos.scalar_type(),
+                                                zero_centered);
+  const auto out_opts = qh.options().dtype(out_dtype);
+  a.q = make_norm_operand(qh, at::empty({batch, seq, qh.size(2), head_dim}, out_opts));
+  a.k = make_norm_operand(kh, at::empty({batch, seq, kh.size(2), head_dim}, out_opts));
+  a.q_weight = q_weight.contiguous();
+  a.k_weight = k_weight.contiguous();
+  return a;
+}
+
+NormRopeArgs prepare_qk_norm_rope_qkv(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                      const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t num_q_heads,
+                                      int64_t num_kv_heads, bool zero_centered) {
+  TORCH_CHECK(qkv.dim() == 3, "qkv: expected a packed (batch, seq, (q_heads + 2*kv_heads) * head_dim) tensor, got "
+              "shape ", qkv.sizes());
+  check_common(qkv, qkv, q_weight, k_weight, cos, sin, eps);
+  TORCH_CHECK(num_q_heads > 0 && num_kv_heads > 0, "num_q_heads / num_kv_heads: expected positive, got ",
+              num_q_heads, " / ", num_kv_heads);
+  const int64_t head_dim = q_weight.size(0);
+  TORCH_CHECK(qkv.size(2) == (num_q_heads + 2 * num_kv_heads) * head_dim, "qkv: last dimension ", qkv.size(2),
+              " != (num_q_heads + 2*num_kv_heads) * head_dim = ", (num_q_heads + 2 * num_kv_heads) * head_dim);
+  TORCH_CHECK(qkv.stride(2) == 1, "qkv: expected a contiguous last dimension to rotate in place");
+  TORCH_CHECK(q_weight.scalar_type() == qkv.scalar_type() && cos.scalar_type() == qkv.scalar_type(),
+              "qkv: the in-place op needs q_weight, k_weight, cos and sin in qkv's dtype (", qkv.scalar_type(),
+              ") so the result fits back in place; got weight ", q_weight.scalar_type(), " and cos ",
+              cos.scalar_type());
+  const at::Tensor heads = qkv.unflatten(2, {num_q_heads + 2 * num_kv_heads, head_dim});
+  const at::Tensor qh = heads.narrow(2, 0, num_q_heads), kh = heads.narrow(2, num_q_heads, num_kv_heads);
+  NormRopeArgs a;
+  a.batch = qkv.size(0);
+  a.seq = qkv.size(1);
+  a.head_dim = head_dim;
+  a.eps = eps;
+  a.zero_centered = zero_centered;
+  set_cos_sin(a, cos, sin, a.batch, a.seq, head_dim);
+  a.q = make_norm_operand(qh, qh);
+  a.k = make_norm_operand(kh, kh);
+  a.q_weight = q_weight.contiguous();
+  a.k_weight = k_weight.contiguous();
+  return a;
+}
+
+NormRopeArgs prepare_qk_norm_rope_backward_grads(const NormRopeArgs& fwd, const at::Tensor& grad_q,
+                                                const at::Tensor& grad_k) {
+  const auto out_dtype = fwd.q.out.scalar_type();
+  NormRopeArgs g = fwd;
+  auto operand = [&](const at::Tensor& grad, const RopeOperand& x_op, const char* name) {
+    TORCH_CHECK(grad.scalar_type() == out_dtype, name, ": expected the forward output dtype ", out_dtype, ", got ",
+                grad.scalar_type());
+    TORCH_CHECK(grad.device() == x_op.in.device(), name, ": expected device ", x_op.in.device(), ", got ",
+                grad.device());
+    TORCH_CHECK(grad.dim() == 4 && grad.size(0) == fwd.batch && grad.size(1) == x_op.heads &&
+                    grad.size(2) == fwd.seq && grad.size(3) == fwd.head_dim,
+                name, ": expected shape (", fwd.batch, ", ", x_op.heads, ", ", fwd.seq, ", ", fwd.head_dim, "), got ",
+                grad.sizes());
+    at::Tensor rows = grad.transpose(1, 2);  // (B, S, H, D) rows, as the forward read q / k
+    rows = rows.stride(3) == 1 ? rows : rows.contiguous();
+    return make_norm_operand(rows, at::empty(x_op.in.sizes(), x_op.in.options()));
+  };
+  g.q = operand(grad_q, fwd.q, "grad_q");
+  g.k = operand(grad_k, fwd.k, "grad_k");
+  return g;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// CPU kernels: a row is one (token, head) of head_dim elements. Every row is computed whole in registers/buffers
+// before it is written, so the in-place qkv variant is safe.
+
+namespace {
+
+// Sum of a[j] * b[j] over 8 interleaved partial sums: breaks the add dependency chain so it vectorises (the
+// order differs from PyTorch's reduction anyway; it is fixed, so results are reproducible).
+template <typename acc>
+acc dot(const acc* a, const acc* b, int64_t d) {
+  constexpr int kLanes = 8;
+  acc part[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) part[l] += mul_rn(a[j + l], b[j + l]);
+  for (; j < d; ++j) part[0] += mul_rn(a[j], b[j]);
+  acc total = 0;
+  for (int l = 0; l < kLanes; ++l) total += part[l];
+  return total;
+}
+
+template <typename Types>
+struct RowMath {
+  using acc = typename Types::acc;
+
+  static acc rstd(const acc* x, int64_t d, double eps) {
+    return acc(1) / std::sqrt(dot(x, x, d) / acc(d) + acc(eps));
+  }
+};
+
+// Rows of tokens [begin, end): normalise then rotate; `out_t` results written to the operand's output.
+template <typename Types>
+void norm_rope_rows(const NormRopeArgs& a, const RopeOperand& op, const at::Tensor& weight, int64_t b, int64_t s,
+                    const typename Types::acc* c, const typename Types::acc* sn, typename Types::acc* y) {
+  using in_t = typename Types::in_t;
+  using out_t = typename Types::out_t;
+  using acc = typename Types::acc;
+  const auto* w = weight.data_ptr<typename Types::w_t>();
+  const int64_t d = a.head_dim, half = a.rot_dim / 2;
+  for (int64_t h = 0; h < op.heads; ++h) {
+    const in_t* x = static_cast<const in_t*>(op.in_ptr) + b * op.in_stride_b + s * op.in_stride_s + h * op.in_stride_h;
+    out_t* o = static_cast<out_t*>(op.out_ptr) + b * op.out_stride_b + s * op.out_stride_s + h * op.out_stride_h;
+    for (int64_t j = 0; j < d; ++j) y[j] = static_cast<acc>(x[j]);
+    const acc r = RowMath<Types>::rstd(y, d, a.eps);
+    for (int64_t j = 0; j < d; ++j) y[j] = normed<Types>(y[j], r, static_cast<acc>(w[j]));
+    for (int64_t j = 0; j < half; ++j) {
+      acc o1, o2;
+      rotate_pair<false, acc>(y[j], y[j + half], c[j], c[j + half], sn[j], sn[j + half], o1, o2);
+      o[j] = static_cast<out_t>(o1);
+      o[j + half] = static_cast<out_t>(o2);
+    }
+    for (int64_t j = a.rot_dim; j < d; ++j) o[j] = static_cast<out_t>(y[j]);
+  }
+}
+
+template <typename Types, typename Body>
+void for_each_token(const NormRopeArgs& a, Body&& body) {
+  using acc = typename Types::acc;
+  using cs_t = typename Types::cs_t;
+  const int64_t tokens = a.batch * a.seq;
+  if (tokens == 0) return;
+  const int64_t work = (a.q.heads + a.k.heads) * a.head_dim;
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(work, 1)), [&](int64_t lo, int64_t hi) {
+    std::vector<acc> c(a.rot_dim), sn(a.rot_dim), scratch(a.head_dim);
+    const cs_t* cos = a.cos.data_ptr<cs_t>();
+    const cs_t* sin = a.sin.data_ptr<cs_t>();
+    for (int64_t n = lo; n < hi; ++n) {
+      const int64_t b = n / a.seq, s = n % a.seq;
+      const int64_t row = b * a.cos_stride_b + s * a.cos_stride_s;
+      for (int64_t j = 0; j < a.rot_dim; ++j) {
+        c[j] = static_cast<acc>(cos[row + j]);
+        sn[j] = static_cast<acc>(sin[row + j]);
+      }
+      body(b, s, c.data(), sn.data(), scratch.data());
+    }
+  });
+}
+
+void qk_norm_rope_cpu_impl(const NormRopeArgs& a) {
+  dispatch_norm_rope_types(a.q.in.scalar_type(), a.q_weight.scalar_type(), a.cos.scalar_type(), a.zero_centered,
+                           [&](auto types) {
+    using Types = decltype(types);
+    for_each_token<Types>(a, [&](int64_t b, int64_t s, const auto* c, const auto* sn, auto* y) {
+      norm_rope_rows<Types>(a, a.q, a.q_weight, b, s, c, sn, y);
+      norm_rope_rows<Types>(a, a.k, a.k_weight, b, s, c, sn, y);
+    });
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                                    const at::Tensor& cos, const at::Tensor& sin, double eps,
+                                                    bool zero_centered) {
+  NormRopeArgs a = prepare_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
+  qk_norm_rope_cpu_impl(a);
+  return {a.q.out.transpose(1, 2), a.k.out.transpose(1, 2)};
+}
+
+void qk_norm_rope_qkv_cpu(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
+                          const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t num_q_heads,
+                          int64_t num_kv_heads, bool zero_centered) {
+  qk_norm_rope_cpu_impl(
+      prepare_qk_norm_rope_qkv(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads, zero_centered));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward. Given g = d(out), per row: gy = rope^T(g); Qwen3: gn = gy * w, dw += gy * round(n);
+// Qwen3.5: gn = gy * (1 + w), dw += gy * n; then dx = rstd * (gn - n * mean(gn * n)).
+// The weight gradient is reduced over fixed chunks of tokens in a fixed order: the same bits on every run.
+
+namespace {
+
+constexpr int64_t kWeightGradChunk = 64;  // tokens per partial weight-gradient sum
+
+template <typename Types>
+void norm_rope_backward_rows(const NormRopeArgs& a, const RopeOperand& grad, const RopeOperand& x_op,
+                             const at::Tensor& weight, int64_t b, int64_t s, const typename Types::acc* c,
+                             const typename Types::acc* sn, typename Types::acc* buf, typename Types::acc* dw) {
+  using in_t = typename Types::in_t;
+  using out_t = typename Types::out_t;
+  using acc = typename Types::acc;
+  const auto* w = weight.data_ptr<typename Types::w_t>();
+  const int64_t d = a.head_dim, half = a.rot_dim / 2;
+  acc* n = buf;
+  acc* gy = buf + d;
+  for (int64_t h = 0; h < x_op.heads; ++h) {
+    const in_t* x = static_cast<const in_t*>(x_op.in_ptr) + b * x_op.in_stride_b + s * x_op.in_stride_s +
+                    h * x_op.in_stride_h;
+    const out_t* g = static_cast<const out_t*>(grad.in_ptr) + b * grad.in_stride_b + s * grad.in_stride_s +
+                     h * grad.in_stride_h;
+    in_t* dx = static_cast<in_t*>(grad.out_ptr) + b * grad.out_stride_b + s * grad.out_stride_s + h * grad.out_stride_h;
+    for (int64_t j = 0; j < d; ++j) n[j] = static_cast<acc>(x[j]);
+    const acc r = RowMath<Types>::rstd(n, d, a.eps);
+    for (int64_t j = 0; j < d; ++j) n[j] = mul_rn(n[j], r);
+    for (int64_t j = 0; j < half; ++j) {
+      rotate_pair<true, acc>(static_cast<acc>(g[j]), static_cast<acc>(g[j + half]), c[j], c[j + half], sn[j],
+                             sn[j + half], gy[j], gy[j + half]);
+    }
+    for (int64_t j = a.rot_dim; j < d; ++j) gy[j] = static_cast<acc>(g[j]);
+    for (int64_t j = 0; j < d; ++j) {
+      const acc wj = static_cast<acc>(w[j]);
+      if constexpr (Types::zero_centered) {
+        dw[j] += gy[j] * n[j];
+        gy[j] = gy[j] * (acc(1) + wj);
+      } else {
+        dw[j] += gy[j] * round_to<in_t, acc>(n[j]);
+        gy[j] = gy[j] * wj;
+      }
+    }
+    const acc mean = dot(gy, n, d) / acc(d);
+    for (int64_t j = 0; j < d; ++j) dx[j] = static_cast<in_t>(r * (gy[j] - n[j] * mean));
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
+    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin, double eps,
+    bool zero_centered) {
+  NormRopeArgs a = prepare_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
+  const NormRopeArgs g = prepare_qk_norm_rope_backward_grads(a, grad_q, grad_k);
+  const RopeOperand &gq = g.q, &gk = g.k;
+  const int64_t tokens = a.batch * a.seq, d = a.head_dim;
+  const int64_t chunks = (tokens + kWeightGradChunk - 1) / kWeightGradChunk;
+  const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor dwq_parts = at::zeros({std::max<int64_t>(chunks, 1), d}, q.options().dtype(acc_dtype));
+  at::Tensor dwk_parts = at::zeros_like(dwq_parts);
+
+  dispatch_norm_rope_types(q.scalar_type(), q_weight.scalar_type(), cos.scalar_type(), zero_centered,
+                           [&](auto types) {
+    using Types = decltype(types);
+    using acc = typename Types::acc;
+    using cs_t = typename Types::cs_t;
+    at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<acc> c(a.rot_dim), sn(a.rot_dim), buf(2 * d);
+      const cs_t* cos_p = a.cos.data_ptr<cs_t>();
+      const cs_t* sin_p = a.sin.data_ptr<cs_t>();
+      for (int64_t chunk = lo; chunk < hi; ++chunk) {
+        acc* dwq = dwq_parts.data_ptr<acc>() + chunk * d;
+        acc* dwk = dwk_parts.data_ptr<acc>() + chunk * d;
+        for (int64_t n = chunk * kWeightGradChunk; n < std::min(tokens, (chunk + 1) * kWeightGradChunk); ++n) {
+          const int64_t b = n / a.seq, s = n % a.seq;
+          const int64_t row = b * a.cos_stride_b + s * a.cos_stride_s;
+          for (int64_t j = 0; j < a.rot_dim; ++j) {
+            c[j] = static_cast<acc>(cos_p[row + j]);
+            sn[j] = static_cast<acc>(sin_p[row + j]);
+          }
+          norm_rope_backward_rows<Types>(a, gq, a.q, a.q_weight, b, s, c.data(), sn.data(), buf.data(), dwq);
+          norm_rope_backward_rows<Types>(a, gk, a.k, a.k_weight, b, s, c.data(), sn.data(), buf.data(), dwk);
+        }
+      }
+    });
+  });
+  // Ordered sum over chunks (sum over dim 0 of a contiguous tensor reduces in a fixed order on CPU).
+  auto finish = [&](const at::Tensor& parts, const at::Tensor& w) { return parts.sum(0).to(w.scalar_type()); };
+  auto as_input_shape = [](const at::Tensor& dx_heads, const at::Tensor& x) { return dx_heads.view(x.sizes()); };
+  return {as_input_shape(gq.out, q), as_input_shape(gk.out, k), finish(dwq_parts, q_weight),
+          finish(dwk_parts, k_weight)};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Autograd
+
+namespace {
+
+using FourTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& q_weight,
+                                                const at::Tensor& k_weight, const at::Tensor& cos,
+                                                const at::Tensor& sin, double eps, bool zero_centered) {
+    TORCH_CHECK(!(cos.requires_grad() || sin.requires_grad()),
+                "ropekit.qk_norm_rope: cos/sin require grad, but the fused op differentiates q, k and the norm "
+                "weights only (transformers builds cos/sin under no_grad); use norm + apply_rope for cos/sin grads");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("ropekit::qk_norm_rope", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                   const at::Tensor&, const at::Tensor&,
+                                                                   const at::Tensor&, const at::Tensor&, double,
+                                                                   bool)>();
+    auto [q_out, k_out] = op.call(q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
+    // Saves the raw inputs (the op never mutates them); the norm statistics are recomputed in the backward.
+    ctx->save_for_backward({q, k, q_weight, k_weight, cos, sin});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["zero_centered"] = zero_centered;
+    return {q_out, k_out};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("ropekit::qk_norm_rope_backward", "")
+                         .typed<FourTensors(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&, double, bool)>();
+    auto [dq, dk, dwq, dwk] = op.call(grads[0], grads[1], s[0], s[1], s[2], s[3], s[4], s[5],
+                                      ctx->saved_data["eps"].toDouble(), ctx->saved_data["zero_centered"].toBool());
+    return {dq, dk, dwq, dwk, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                                         const at::Tensor& cos, const at::Tensor& sin, double eps,
+                                                         bool zero_centered) {
+  auto out = QkNormRopeFunction::apply(q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
+  return {out[0], out[1]};
+}
+
+}  // namespace ropekit

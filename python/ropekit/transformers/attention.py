@@ -1,0 +1,109 @@
+"""Replacement for the Qwen3-family attention forward that runs q_norm / k_norm and RoPE as one fused op.
+
+Everything else the forward does is kept: the KV-cache update (with 4.57's cache kwargs), the attention interface
+lookup of each version, sliding window (Qwen3), and Qwen3.5's output gate. The norm weights stay the modules' own
+parameters, so training updates them and checkpoints are unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from .. import ops
+
+_FUSABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def make_attention_forward(original, module, norm_cls_name: str, zero_centered: bool, gated: bool,
+                           sliding_window: bool):
+    """original: the unpatched ``<Family>Attention.forward``; module: its modeling module."""
+    norm_cls = getattr(module, norm_cls_name)
+    norm_forward = norm_cls.forward  # the stock norm; anything else (another patcher) falls back to the original
+    eager_attention = module.eager_attention_forward
+    attention_functions = module.ALL_ATTENTION_FUNCTIONS
+    takes_cache_position = "cache_position" in inspect.signature(original).parameters  # 4.57
+
+    def norm_eps(norm):
+        return norm.eps if zero_centered else norm.variance_epsilon
+
+    def fusable(self, query, cos) -> bool:
+        q_norm, k_norm = self.q_norm, self.k_norm
+        return (
+            type(q_norm) is norm_cls
+            and type(k_norm) is norm_cls
+            and norm_cls.forward is norm_forward
+            and norm_eps(q_norm) == norm_eps(k_norm)
+            and query.dtype in _FUSABLE
+            and q_norm.weight.dtype in (query.dtype, torch.float32)
+            and k_norm.weight.dtype == q_norm.weight.dtype
+            and isinstance(cos, torch.Tensor)
+            and cos.dim() == 3
+            and cos.dtype in (query.dtype, torch.float32)
+        )
+
+    def attention_interface(self):
+        impl = self.config._attn_implementation
+        if hasattr(attention_functions, "get_interface"):  # 5.x
+            return attention_functions.get_interface(impl, eager_attention)
+        return eager_attention if impl == "eager" else attention_functions[impl]
+
+    @functools.wraps(original)
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, *args, **kwargs):
+        cache_position = None
+        if takes_cache_position and args:
+            cache_position, args = args[0], args[1:]
+        elif takes_cache_position:
+            cache_position = kwargs.pop("cache_position", None)
+        if args:  # not a call transformers makes: let the original handle (or reject) it
+            return original(self, hidden_states, position_embeddings, attention_mask, past_key_values, *args,
+                            **kwargs)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        cos, sin = position_embeddings
+
+        if gated:  # Qwen3.5: q_proj yields (query, gate) per head
+            query, gate = torch.chunk(self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim * 2), 2, dim=-1)
+            gate = gate.reshape(*input_shape, -1)
+        else:
+            query = self.q_proj(hidden_states).view(hidden_shape)
+        key = self.k_proj(hidden_states).view(hidden_shape)
+        if fusable(self, query, cos):
+            query_states, key_states = ops.qk_norm_rope(
+                query, key, self.q_norm.weight, self.k_norm.weight, cos, sin, norm_eps(self.q_norm), zero_centered
+            )
+        else:  # exactly the original's steps (e.g. a q_norm replaced by another library)
+            query_states = self.q_norm(query).transpose(1, 2)
+            key_states = self.k_norm(key).transpose(1, 2)
+            query_states, key_states = module.apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        if past_key_values is not None:
+            if takes_cache_position:
+                cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
+                key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx,
+                                                                  cache_kwargs)
+            else:
+                key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        extra = {"sliding_window": self.sliding_window} if sliding_window else {}
+        attn_output, attn_weights = attention_interface(self)(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **extra,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        if gated:
+            attn_output = attn_output * torch.sigmoid(gate)
+        return self.o_proj(attn_output), attn_weights
+
+    forward.__ropekit_original__ = original
+    return forward

@@ -1,0 +1,261 @@
+"""qk_norm_rope: fused per-head RMSNorm + RoPE, against transformers' eager q_norm/k_norm + apply_rotary_pos_emb."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ropekit import ops
+
+from conftest import requires_cuda
+from test_apply_rope import eager_rope, rel_err
+
+EPS = 1e-6
+
+
+def eager_norm(x, weight, eps, zero_centered):
+    """Qwen3RMSNorm (two roundings) or Qwen3_5RMSNorm (zero-centred, one rounding), as transformers writes them."""
+    x32 = x.float()
+    n = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if zero_centered:
+        return (n * (1.0 + weight.float())).type_as(x)
+    return weight * n.to(x.dtype)
+
+
+def ref_norm64(x, weight, eps, zero_centered):
+    x = x.double()
+    n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return n * (1.0 + weight.double()) if zero_centered else weight.double() * n
+
+
+def eager_qk_norm_rope(q, k, qw, kw, cos, sin, eps=EPS, zero_centered=False, norm=eager_norm):
+    d = qw.shape[0]
+    qh = norm(q.unflatten(-1, (-1, d)) if q.dim() == 3 else q, qw, eps, zero_centered).transpose(1, 2)
+    kh = norm(k.unflatten(-1, (-1, d)) if k.dim() == 3 else k, kw, eps, zero_centered).transpose(1, 2)
+    return eager_rope(qh, kh, cos, sin)
+
+
+def ref_qk_norm_rope64(q, k, qw, kw, cos, sin, eps=EPS, zero_centered=False):
+    return eager_qk_norm_rope(q, k, qw, kw, cos.double(), sin.double(), eps, zero_centered, ref_norm64)
+
+
+def make(batch=2, seq=9, heads=4, kv_heads=2, head_dim=128, rot_dim=None, dtype=torch.bfloat16, w_dtype=None,
+         cos_dtype=None, zero_centered=False, device="cpu", seed=0, flat=True):
+    gen = torch.Generator().manual_seed(seed)
+    rot_dim = head_dim if rot_dim is None else rot_dim
+    shape = lambda h: (batch, seq, h * head_dim) if flat else (batch, seq, h, head_dim)  # noqa: E731
+    q = (torch.randn(shape(heads), generator=gen) * 3 + 0.5).to(device, dtype)
+    k = (torch.randn(shape(kv_heads), generator=gen) * 3 - 0.5).to(device, dtype)
+    scale = 0.2 if zero_centered else 1.0  # Qwen3.5 weights sit around 0, Qwen3's around 1
+    qw = (torch.randn(head_dim, generator=gen) * scale + (0 if zero_centered else 1)).to(device, w_dtype or dtype)
+    kw = (torch.randn(head_dim, generator=gen) * scale + (0 if zero_centered else 1)).to(device, w_dtype or dtype)
+    pos = torch.randint(0, 8192, (batch, seq), generator=gen).double()
+    inv = 1.0 / (1e6 ** (torch.arange(0, rot_dim, 2).double() / rot_dim))
+    emb = torch.cat([pos[..., None] * inv] * 2, -1)
+    cd = cos_dtype or dtype
+    return q, k, qw, kw, emb.cos().to(device, cd), emb.sin().to(device, cd)
+
+
+CASES = [  # head_dim, rot_dim, heads, kv_heads, zero_centered
+    (128, 128, 4, 2, False),
+    (64, 64, 3, 1, False),
+    (256, 256, 2, 1, False),
+    (128, 64, 4, 1, False),
+    (256, 64, 2, 2, True),  # Qwen3.5: partial rotary 0.25, zero-centred norm
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim,rot_dim,heads,kv_heads,zero_centered", CASES)
+def test_forward_accuracy(device, dtype, head_dim, rot_dim, heads, kv_heads, zero_centered):
+    args = make(head_dim=head_dim, rot_dim=rot_dim, heads=heads, kv_heads=kv_heads, dtype=dtype,
+                zero_centered=zero_centered, device=device)
+    ours = ops.qk_norm_rope(*args, EPS, zero_centered)
+    eager = eager_qk_norm_rope(*args, zero_centered=zero_centered)
+    ref = ref_qk_norm_rope64(*args, zero_centered=zero_centered)
+    for o, e, r in zip(ours, eager, ref):
+        assert o.dtype == e.dtype and o.shape == e.shape
+        if dtype == torch.float32:
+            assert rel_err(o, r) <= 1e-6
+        else:
+            assert rel_err(o, r) <= rel_err(e, r)
+
+
+@pytest.mark.parametrize("zero_centered", [False, True])
+def test_fp32_master_weights_and_cos_promote(device, zero_centered):
+    """Autocast training: bf16 projections, fp32 norm weights and fp32 cos/sin -> fp32 out, as in eager."""
+    args = make(dtype=torch.bfloat16, w_dtype=torch.float32, cos_dtype=torch.float32, zero_centered=zero_centered,
+                device=device)
+    ours = ops.qk_norm_rope(*args, EPS, zero_centered)
+    eager = eager_qk_norm_rope(*args, zero_centered=zero_centered)
+    for o, e in zip(ours, eager):
+        assert o.dtype == e.dtype == torch.float32
+        # Same rounding points as eager (the norm rounds to bf16, the rotation runs in fp32), so the only
+        # difference is the fp32 summation order of mean(x^2): it can move the bf16 rounding of a normalised value
+        # by one ulp, rarely. Everything else must agree to fp32 precision.
+        close = torch.isclose(o, e, rtol=1e-6, atol=1e-6)
+        assert close.float().mean() > 0.99
+        torch.testing.assert_close(o, e, rtol=2 ** -7, atol=1e-6)
+
+
+def grads(fn, args, gq, gk, zero_centered):
+    q, k, qw, kw, cos, sin = [a.detach().requires_grad_(i < 4) for i, a in enumerate(args)]
+    out_q, out_k = fn(q, k, qw, kw, cos, sin, EPS, zero_centered)
+    torch.autograd.backward([out_q, out_k], [gq.to(out_q.dtype), gk.to(out_k.dtype)])
+    return q.grad, k.grad, qw.grad, kw.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim,rot_dim,heads,kv_heads,zero_centered", CASES)
+def test_backward_accuracy(device, dtype, head_dim, rot_dim, heads, kv_heads, zero_centered):
+    args = make(head_dim=head_dim, rot_dim=rot_dim, heads=heads, kv_heads=kv_heads, dtype=dtype, seq=17,
+                zero_centered=zero_centered, device=device, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    gq = torch.randn(2, heads, 17, head_dim, generator=gen).to(device)
+    gk = torch.randn(2, kv_heads, 17, head_dim, generator=gen).to(device)
+    eager_fn = lambda q, k, qw, kw, c, s, eps, zc: eager_qk_norm_rope(q, k, qw, kw, c, s, eps, zc)  # noqa: E731
+    ref_fn = lambda q, k, qw, kw, c, s, eps, zc: ref_qk_norm_rope64(q, k, qw, kw, c, s, eps, zc)  # noqa: E731
+    ours = grads(ops.qk_norm_rope, args, gq, gk, zero_centered)
+    eager = grads(eager_fn, args, gq, gk, zero_centered)
+    ref = grads(ref_fn, [a.double() for a in args], gq.double(), gk.double(), zero_centered)
+    for name, o, e, r in zip(("dq", "dk", "dq_weight", "dk_weight"), ours, eager, ref):
+        assert o.dtype == e.dtype and o.shape == e.shape, name
+        if dtype == torch.float32:
+            assert rel_err(o, r) <= 1e-6, name
+        else:
+            assert rel_err(o, r) <= rel_err(e, r), name
+
+
+@pytest.mark.parametrize("zero_centered", [False, True])
+@pytest.mark.parametrize("rot_dim", [8, 4])
+def test_gradcheck_fp64(zero_centered, rot_dim):
+    args = make(batch=2, seq=3, heads=2, kv_heads=1, head_dim=8, rot_dim=rot_dim, dtype=torch.float64,
+                zero_centered=zero_centered)
+    q, k, qw, kw, cos, sin = [a.detach().requires_grad_(i < 4) for i, a in enumerate(args)]
+    assert torch.autograd.gradcheck(lambda *a: ops.qk_norm_rope(*a, cos, sin, EPS, zero_centered), (q, k, qw, kw))
+
+
+def test_weight_grads_are_deterministic(device):
+    args = make(batch=3, seq=300, heads=4, kv_heads=2, dtype=torch.bfloat16, device=device, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    gq = torch.randn(3, 4, 300, 128, generator=gen).to(device)
+    gk = torch.randn(3, 2, 300, 128, generator=gen).to(device)
+    first = grads(ops.qk_norm_rope, args, gq, gk, False)
+    for _ in range(2):
+        again = grads(ops.qk_norm_rope, args, gq, gk, False)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_mrope_cos_sin_with_distinct_axes(device):
+    """The fused op takes interleaved-mRoPE cos/sin as they come from mrope_cos_sin."""
+    q, k, qw, kw, _, _ = make(head_dim=128, device=device, dtype=torch.bfloat16)
+    inv = (1.0 / (5e6 ** (torch.arange(0, 128, 2).float() / 128))).to(device)
+    tables = ops.rope_cache(inv, 64)
+    pos = torch.randint(0, 64, (3, 2, 9), generator=torch.Generator().manual_seed(6)).to(device)
+    cos, sin = ops.mrope_cos_sin(*tables, pos, [24, 20, 20], torch.bfloat16)
+    assert not torch.equal(cos, ops.rope_cos_sin(*tables, pos[0], torch.bfloat16)[0])
+    ours = ops.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
+    eager = eager_qk_norm_rope(q, k, qw, kw, cos, sin)
+    ref = ref_qk_norm_rope64(q, k, qw, kw, cos, sin)
+    for o, e, r in zip(ours, eager, ref):
+        assert rel_err(o, r) <= rel_err(e, r)
+
+
+def test_layouts_and_no_mutation(device):
+    """(B, S, H, D) and flat (B, S, H*D) inputs, slices of a packed qkv projection, broadcast cos; inputs untouched;
+    outputs are (B, H, S, D) views of (B, S, H, D) storage."""
+    q, k, qw, kw, cos, sin = make(dtype=torch.float32, device=device, heads=4, kv_heads=2)
+    v = torch.randn_like(k)
+    packed = torch.cat([q, k, v], -1)
+    q_view, k_view = packed[..., : q.shape[-1]], packed[..., q.shape[-1]: q.shape[-1] + k.shape[-1]]
+    before = [t.clone() for t in (packed, qw, kw, cos, sin)]
+    expected = eager_qk_norm_rope(q, k, qw, kw, cos, sin)
+    for args in ((q, k), (q_view, k_view), (q.unflatten(-1, (4, 128)), k.unflatten(-1, (2, 128)))):
+        out = ops.qk_norm_rope(*args, qw, kw, cos, sin, EPS)
+        for o, e in zip(out, expected):
+            assert o.shape == e.shape and o.transpose(1, 2).is_contiguous()
+            torch.testing.assert_close(o, e, rtol=0, atol=1e-5)
+    for t, b in zip((packed, qw, kw, cos, sin), before):
+        assert torch.equal(t, b)
+    out = ops.qk_norm_rope(q, k, qw, kw, cos[:1].expand(2, -1, -1), sin[:1].expand(2, -1, -1), EPS)
+    torch.testing.assert_close(out[0], eager_qk_norm_rope(q, k, qw, kw, cos[:1], sin[:1])[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (2, 0)])
+def test_empty(device, shape):
+    q, k, qw, kw, cos, sin = make(batch=shape[0], seq=shape[1], device=device, dtype=torch.float32)
+    q.requires_grad_()
+    qw.requires_grad_()
+    out_q, out_k = ops.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
+    assert out_q.shape == (shape[0], 4, shape[1], 128) and out_k.shape == (shape[0], 2, shape[1], 128)
+    out_q.sum().backward()
+    assert q.grad.shape == q.shape and torch.count_nonzero(qw.grad) == 0
+
+
+@pytest.mark.parametrize("zero_centered", [False, True])
+def test_inplace_qkv_matches_out_of_place(device, zero_centered):
+    q, k, qw, kw, cos, sin = make(dtype=torch.bfloat16, device=device, zero_centered=zero_centered, seq=1,
+                                  batch=8)  # decode: one token per row
+    v = torch.randn_like(k)
+    qkv = torch.cat([q, k, v], -1)
+    version = qkv._version
+    out = ops.qk_norm_rope_qkv_(qkv, qw, kw, cos, sin, EPS, 4, 2, zero_centered)
+    assert out is qkv and qkv._version > version
+    ref_q, ref_k = ops.qk_norm_rope(q, k, qw, kw, cos, sin, EPS, zero_centered)
+    assert torch.equal(qkv[..., :512].unflatten(-1, (4, 128)), ref_q.transpose(1, 2))
+    assert torch.equal(qkv[..., 512:768].unflatten(-1, (2, 128)), ref_k.transpose(1, 2))
+    assert torch.equal(qkv[..., 768:], v)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        ops.qk_norm_rope_qkv_(qkv.clone().requires_grad_(), qw, kw, cos, sin, EPS, 4, 2)
+    with pytest.raises(RuntimeError, match="in qkv's dtype"):
+        ops.qk_norm_rope_qkv_(qkv, qw.float(), kw.float(), cos, sin, EPS, 4, 2)
+    with pytest.raises(RuntimeError, match="num_q_heads"):
+        ops.qk_norm_rope_qkv_(qkv, qw, kw, cos, sin, EPS, 5, 2)
+
+
+def test_bad_input():
+    q, k, qw, kw, cos, sin = make(dtype=torch.float32)
+    cases = [
+        (lambda: ops.qk_norm_rope(q, k, qw[:96], kw[:96], cos[..., :96], sin[..., :96]), "not a multiple of head_dim"),
+        (lambda: ops.qk_norm_rope(q.unflatten(-1, (4, 128)), k, qw[:64], kw[:64], cos[..., :64], sin[..., :64]),
+         "q: expected head_dim 64"),
+        (lambda: ops.qk_norm_rope(q, k, qw, kw[:64], cos, sin), "k_weight: expected shape"),
+        (lambda: ops.qk_norm_rope(q, k, qw[None], kw, cos, sin), "q_weight: expected a 1-D"),
+        (lambda: ops.qk_norm_rope(q, k.double(), qw, kw, cos, sin), "k: expected the dtype of q"),
+        (lambda: ops.qk_norm_rope(q, k, qw.half(), kw.half(), cos, sin), "q_weight: expected the dtype of q"),
+        (lambda: ops.qk_norm_rope(q.bfloat16(), k.bfloat16(), qw, kw, cos.half(), sin.half()), "cos: expected the dtype"),
+        (lambda: ops.qk_norm_rope(q, k, qw, kw, cos[:, :3], sin[:, :3]), "cos: expected seq 9"),
+        (lambda: ops.qk_norm_rope(q, k, qw, kw, cos, sin[..., :64]), "sin: expected the shape of cos"),
+        (lambda: ops.qk_norm_rope(q, k, qw, kw, cos[..., :63], sin[..., :63]), "even rotary dim"),
+        (lambda: ops.qk_norm_rope(q[0], k, qw, kw, cos, sin), "q: expected \\(batch, seq"),
+        (lambda: ops.qk_norm_rope(q, k[:1], qw, kw, cos, sin), "k: expected batch 2"),
+        (lambda: ops.qk_norm_rope(q, k, qw, kw, cos, sin, -1.0), "eps: expected >= 0"),
+        (lambda: ops.qk_norm_rope(q.int(), k.int(), qw, kw, cos, sin), "q: expected float32"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=message):
+            call()
+    with pytest.raises(RuntimeError, match="cos/sin require grad"):
+        ops.qk_norm_rope(q, k, qw, kw, cos.requires_grad_(), sin)
+
+
+@requires_cuda
+def test_cuda_mismatched_devices():
+    q, k, qw, kw, cos, sin = make(dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="q_weight: expected device"):
+        ops.qk_norm_rope(q.cuda(), k.cuda(), qw, kw.cuda(), cos.cuda(), sin.cuda())
+    with pytest.raises(RuntimeError, match="cos: expected device"):
+        ops.qk_norm_rope(q.cuda(), k.cuda(), qw.cuda(), kw.cuda(), cos, sin.cuda())
+
+
+@requires_cuda
+def test_cuda_no_host_sync():
+    args = [a.cuda() for a in make(dtype=torch.bfloat16)]
+    args[0].requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out_q, out_k = ops.qk_norm_rope(*args, EPS)
+        (out_q.float().sum() + out_k.float().sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
