@@ -1,7 +1,8 @@
 """`make demo`: what ropekit does to a Qwen3 model, shown on a tiny model built from its config (random weights).
 
 1. Patches transformers' Qwen3 with ropekit and checks the logits are unchanged.
-2. Times the cos/sin path (the rotary embedding every forward runs) and apply_rotary_pos_emb, before and after.
+2. Times, before and after, the paths ropekit replaces: the cos/sin of the rotary embedding, apply_rotary_pos_emb,
+   the attention prologue (q_norm / k_norm + RoPE) and Qwen3-VL's get_rope_index.
 """
 
 from __future__ import annotations
@@ -29,6 +30,29 @@ def qwen3_config(**overrides):
     config = Qwen3Config(**kwargs)
     config._attn_implementation = "sdpa"
     return config
+
+
+def rope_index_timing(device):
+    """transformers' get_rope_index vs ropekit.rope_index on one of the benchmark layouts (inputs on `device`)."""
+    import inspect
+    import random
+
+    from bench_rope_index import MERGE, build_inputs, tiny_vl_model
+
+    model = tiny_vl_model()
+    hf = type(model).get_rope_index
+    ids, mask, types, image_grid, video_grid = build_inputs(2, 4096, 4, (1, 4), 0, device, random.Random(0))
+    if "mm_token_type_ids" in inspect.signature(hf).parameters:
+        run_hf = lambda: hf(model, ids, types, image_grid, video_grid, mask)  # noqa: E731
+        kwargs = dict(mm_token_type_ids=types, convention="token_types")
+    else:
+        run_hf = lambda: hf(model, ids, image_grid, video_grid, mask)  # noqa: E731
+        kwargs = dict(image_token_id=model.config.image_token_id, video_token_id=model.config.video_token_id,
+                      vision_start_token_id=model.config.vision_start_token_id, convention="vision_start")
+    run_rk = lambda: ropekit.rope_index(ids, image_grid, video_grid, mask, spatial_merge_size=MERGE,  # noqa: E731
+                                        on_host=device.type == "cpu", **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(run_hf(), run_rk()))
+    return time_us(run_hf, device, warmup=1, iters=5, min_time_s=0.0), time_us(run_rk, device)
 
 
 def main():
@@ -68,13 +92,31 @@ def main():
     hf_apply_us = time_us(lambda: hf_apply(q, k, cos, sin), device)
     rk_apply_us = time_us(lambda: modeling_qwen3.apply_rotary_pos_emb(q, k, cos, sin), device)
     same = all(torch.equal(a, b) for a, b in zip(original_forward(rotary, x, position_ids), rotary(x, position_ids)))
+
+    q_raw, k_raw = q.transpose(1, 2).reshape(batch, seq, -1), k.transpose(1, 2).reshape(batch, seq, -1)
+    q_norm, k_norm = modeling_qwen3.Qwen3RMSNorm(128).to(device, dtype), modeling_qwen3.Qwen3RMSNorm(128).to(device, dtype)
+
+    def prologue_hf():
+        qh = q_norm(q_raw.view(batch, seq, -1, 128)).transpose(1, 2)
+        kh = k_norm(k_raw.view(batch, seq, -1, 128)).transpose(1, 2)
+        return hf_apply(qh, kh, cos, sin)
+
+    with torch.no_grad():
+        hf_prologue_us = time_us(prologue_hf, device)
+        rk_prologue_us = time_us(lambda: ropekit.qk_norm_rope(q_raw, k_raw, q_norm.weight, k_norm.weight, cos, sin,
+                                                              q_norm.variance_epsilon), device)
     ropekit.unpatch()
+    hf_index_us, rk_index_us = rope_index_timing(device)
 
     rows = [
         ["cos/sin (rotary_emb forward)", f"{hf_us:,.1f}", f"{rk_us:,.1f}", f"{hf_us / rk_us:.1f}x",
          "bit-identical" if same else "DIFFERENT"],
         ["apply_rotary_pos_emb (q 32 heads, k 8)", f"{hf_apply_us:,.1f}", f"{rk_apply_us:,.1f}",
          f"{hf_apply_us / rk_apply_us:.1f}x", "<= eager's error vs fp64"],
+        ["attention prologue: q/k RMSNorm + RoPE", f"{hf_prologue_us:,.1f}", f"{rk_prologue_us:,.1f}",
+         f"{hf_prologue_us / rk_prologue_us:.1f}x", "<= eager's error vs fp64"],
+        ["Qwen3-VL get_rope_index (B2 S4096, 8 images + 2 videos)", f"{hf_index_us:,.1f}", f"{rk_index_us:,.1f}",
+         f"{hf_index_us / rk_index_us:.1f}x", "identical (torch.equal)"],
     ]
     print(f"2) per-forward cost at B{batch} S{seq}, head_dim 128, bf16 ({'CUDA events' if gpu else 'CPU wall clock'}, median):")
     print(format_table(["path", "transformers us", "ropekit us", "speed-up", "numbers"], rows))

@@ -22,26 +22,31 @@ at::Tensor canonical(const at::Tensor& x, int64_t unsqueeze_dim) {
 }
 
 RopeOperand make_operand(const at::Tensor& x, int64_t unsqueeze_dim, at::ScalarType out_dtype) {
-  RopeOperand op;
   // A strided head_dim would defeat vector loads; copy once in that rare case (never more than once).
-  op.in = x.stride(-1) == 1 ? x : x.contiguous();
+  const at::Tensor in = x.stride(-1) == 1 ? x : x.contiguous();
   // empty_like keeps a transposed (B,H,S,D) view's (B,S,H,D) storage order, like eager's elementwise ops do.
-  op.out = at::empty_like(op.in, op.in.options().dtype(out_dtype));
-  const at::Tensor in_c = canonical(op.in, unsqueeze_dim);
-  const at::Tensor out_c = canonical(op.out, unsqueeze_dim);
-  op.heads = in_c.size(2);
-  op.in_ptr = op.in.data_ptr();
-  op.out_ptr = op.out.data_ptr();
-  op.in_stride_b = in_c.stride(0);
-  op.in_stride_s = in_c.stride(1);
-  op.in_stride_h = in_c.stride(2);
-  op.out_stride_b = out_c.stride(0);
-  op.out_stride_s = out_c.stride(1);
-  op.out_stride_h = out_c.stride(2);
-  return op;
+  const at::Tensor out = at::empty_like(in, in.options().dtype(out_dtype));
+  return rope_operand(in, out, canonical(in, unsqueeze_dim), canonical(out, unsqueeze_dim));
 }
 
 }  // namespace
+
+RopeOperand rope_operand(const at::Tensor& in, const at::Tensor& out, const at::Tensor& in_rows,
+                         const at::Tensor& out_rows) {
+  RopeOperand op;
+  op.in = in;
+  op.out = out;
+  op.heads = in_rows.size(2);
+  op.in_ptr = in_rows.data_ptr();
+  op.out_ptr = out_rows.data_ptr();
+  op.in_stride_b = in_rows.stride(0);
+  op.in_stride_s = in_rows.stride(1);
+  op.in_stride_h = in_rows.stride(2);
+  op.out_stride_b = out_rows.stride(0);
+  op.out_stride_s = out_rows.stride(1);
+  op.out_stride_h = out_rows.stride(2);
+  return op;
+}
 
 at::ScalarType apply_rope_out_dtype(at::ScalarType x_dtype, at::ScalarType cos_dtype) {
   return at::promote_types(x_dtype, cos_dtype);
@@ -88,8 +93,10 @@ RopeArgs prepare_apply_rope(const at::Tensor& q, const at::Tensor& k, const at::
   a.rot_dim = rot_dim;
   a.cos = cos.stride(-1) == 1 ? cos : cos.contiguous();
   a.sin = sin.stride(-1) == 1 ? sin : sin.contiguous();
-  TORCH_CHECK(a.cos.strides() == a.sin.strides(), "sin: expected the strides of cos ", a.cos.strides(), ", got ",
-              a.sin.strides());
+  if (a.cos.strides() != a.sin.strides()) {  // the kernels index both with one set of strides
+    a.cos = a.cos.contiguous();
+    a.sin = a.sin.contiguous();
+  }
   a.cos_stride_b = cos.size(0) == 1 ? 0 : a.cos.stride(0);
   a.cos_stride_s = a.cos.stride(1);
   a.q = make_operand(q, unsqueeze_dim, out_dtype);

@@ -19,6 +19,10 @@ struct RopeOperand {
   int64_t out_stride_b = 0, out_stride_s = 0, out_stride_h = 0;
 };
 
+// An operand whose rows are the (B, S, H, D) views `in_rows` / `out_rows` of `in` / `out`.
+RopeOperand rope_operand(const at::Tensor& in, const at::Tensor& out, const at::Tensor& in_rows,
+                         const at::Tensor& out_rows);
+
 struct RopeArgs {
   RopeOperand q, k;
   at::Tensor cos, sin;  // (1 or batch, seq, rot_dim), rot_dim contiguous

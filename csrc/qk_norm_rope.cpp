@@ -32,19 +32,7 @@ at::Tensor as_heads(const at::Tensor& x, int64_t head_dim, const char* name) {
 }
 
 RopeOperand make_norm_operand(const at::Tensor& x_heads, const at::Tensor& out_heads) {
-  RopeOperand op;
-  op.in = x_heads;
-  op.out = out_heads;
-  op.heads = x_heads.size(2);
-  op.in_ptr = x_heads.data_ptr();
-  op.out_ptr = out_heads.data_ptr();
-  op.in_stride_b = x_heads.stride(0);
-  op.in_stride_s = x_heads.stride(1);
-  op.in_stride_h = x_heads.stride(2);
-  op.out_stride_b = out_heads.stride(0);
-  op.out_stride_s = out_heads.stride(1);
-  op.out_stride_h = out_heads.stride(2);
-  return op;
+  return rope_operand(x_heads, out_heads, x_heads, out_heads);
 }
 
 void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight, const at::Tensor& k_weight,
@@ -85,8 +73,10 @@ void set_cos_sin(NormRopeArgs& a, const at::Tensor& cos, const at::Tensor& sin, 
               cos.sizes());
   a.cos = cos.stride(-1) == 1 ? cos : cos.contiguous();
   a.sin = sin.stride(-1) == 1 ? sin : sin.contiguous();
-  TORCH_CHECK(a.cos.strides() == a.sin.strides(), "sin: expected the strides of cos ", a.cos.strides(), ", got ",
-              a.sin.strides());
+  if (a.cos.strides() != a.sin.strides()) {  // the kernels index both with one set of strides
+    a.cos = a.cos.contiguous();
+    a.sin = a.sin.contiguous();
+  }
   a.rot_dim = rot_dim;
   a.cos_stride_b = cos.size(0) == 1 ? 0 : a.cos.stride(0);
   a.cos_stride_s = a.cos.stride(1);

@@ -24,8 +24,8 @@ void forbid_grad(const char* op, std::initializer_list<std::pair<const char*, co
   for (const auto& [name, t] : args) {
     TORCH_CHECK(!(t->defined() && t->requires_grad()), "ropekit.", op, ": ", name,
                 " requires grad, but this op is not differentiable (cos/sin tables are constants, as transformers "
-                "builds them under torch.no_grad; the in-place qkv op is for inference); pass a detached tensor "
-                "or run under torch.no_grad()");
+                "builds them under torch.no_grad; the in-place qkv op is for inference; backward ops do not "
+                "support double backward); pass a detached tensor or run under torch.no_grad()");
   }
 }
 
@@ -69,6 +69,33 @@ TensorPair mrope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor&
                            at::ScalarType, const std::optional<at::Tensor>&, double)>("ropekit::mrope_cos_sin");
   return below_autograd([&] {
     return op.call(cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq, attention_scaling);
+  });
+}
+
+// The backward ops are not differentiable again (double backward / create_graph=True): say so.
+TensorPair apply_rope_backward_autograd(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& cos,
+                                        const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType q_dtype) {
+  forbid_grad("apply_rope_backward (double backward)", {{"grad_q", &grad_q}, {"grad_k", &grad_k}, {"cos", &cos},
+                                                        {"sin", &sin}});
+  static auto op = op_handle<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        int64_t, at::ScalarType)>("ropekit::apply_rope_backward");
+  return below_autograd([&] { return op.call(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype); });
+}
+
+using TensorQuad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+TensorQuad qk_norm_rope_backward_autograd(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q,
+                                          const at::Tensor& k, const at::Tensor& q_weight, const at::Tensor& k_weight,
+                                          const at::Tensor& cos, const at::Tensor& sin, double eps,
+                                          bool zero_centered) {
+  forbid_grad("qk_norm_rope_backward (double backward)",
+              {{"grad_q", &grad_q}, {"grad_k", &grad_k}, {"q", &q}, {"k", &k}, {"q_weight", &q_weight},
+               {"k_weight", &k_weight}});
+  static auto op = op_handle<TensorQuad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                        double, bool)>("ropekit::qk_norm_rope_backward");
+  return below_autograd([&] {
+    return op.call(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
   });
 }
 
@@ -167,4 +194,6 @@ TORCH_LIBRARY_IMPL(ropekit, Autograd, m) {
   m.impl("apply_rope", &ropekit::apply_rope_autograd);
   m.impl("qk_norm_rope", &ropekit::qk_norm_rope_autograd);
   m.impl("qk_norm_rope_qkv_", &ropekit::qk_norm_rope_qkv_autograd);
+  m.impl("apply_rope_backward", &ropekit::apply_rope_backward_autograd);
+  m.impl("qk_norm_rope_backward", &ropekit::qk_norm_rope_backward_autograd);
 }

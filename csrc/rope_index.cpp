@@ -347,7 +347,9 @@ std::tuple<at::Tensor, at::Tensor> rope_index_device(const RopeIndexArgs& a) {
   const at::Tensor is_video = run_valid & (run_kind == 2);
   const at::Tensor image_rank = is_image.reshape(-1).cumsum(0).reshape({B, S}) - 1;
   const at::Tensor frame_rank = is_video.reshape(-1).cumsum(0).reshape({B, S}) - 1;
-  const at::Tensor dummy = at::tensor({int64_t{1}, m, m}, L).view({1, 3});  // keeps clamped lookups in range
+  // A (1, m, m) grid that keeps clamped lookups in range; filled on the device (at::tensor would copy from the host).
+  const at::Tensor dummy = at::full({1, 3}, m, L);
+  dummy.select(1, 0).fill_(1);
   const at::Tensor images = a.image_grid_thw.defined() ? a.image_grid_thw.to(at::kLong) : at::empty({0, 3}, L);
   const at::Tensor videos = a.video_grid_thw.defined() ? a.video_grid_thw.to(at::kLong) : at::empty({0, 3}, L);
   const int64_t n_images = images.size(0), n_videos = videos.size(0);

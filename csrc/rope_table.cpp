@@ -116,10 +116,16 @@ GatherArgs check_mrope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& si
 
 std::tuple<at::Tensor, at::Tensor> build_rope_rows(const at::Tensor& inv_freq, int64_t start, int64_t end,
                                                    double attention_scaling) {
+  return build_rope_rows_at(inv_freq, at::arange(start, end, inv_freq.options().dtype(at::kLong)),
+                            attention_scaling);
+}
+
+std::tuple<at::Tensor, at::Tensor> build_rope_rows_at(const at::Tensor& inv_freq, const at::Tensor& positions,
+                                                      double attention_scaling) {
   // Same ops as transformers: positions as int64 -> float, one rounded fp32 product (its K=1 matmul), then
   // PyTorch's own cos/sin kernels on this device, so the table is bit-identical to what it computes per call.
   const auto f32 = inv_freq.options().dtype(at::kFloat);
-  at::Tensor pos = at::arange(start, end, inv_freq.options().dtype(at::kLong)).to(at::kFloat);
+  at::Tensor pos = positions.to(inv_freq.device(), at::kLong).to(at::kFloat);
   at::Tensor freqs = at::mul(pos.unsqueeze(1), inv_freq.to(f32).unsqueeze(0));
   at::Tensor cos = at::cos(freqs);
   at::Tensor sin = at::sin(freqs);
@@ -144,19 +150,28 @@ std::tuple<at::Tensor, at::Tensor> rope_cache(const at::Tensor& inv_freq, int64_
 
 namespace {
 
+// Rows for positions outside [0, rows): `extra` holds those positions sorted, `cos_ext` / `sin_ext` their rows.
+struct ExtraRows {
+  std::vector<int64_t> positions;
+  at::Tensor cos, sin;
+};
+
 template <typename out_t, typename index_t>
-void gather_cpu_kernel(const GatherArgs& a, const float* cos_ext, const float* sin_ext, at::Tensor& cos_out,
-                       at::Tensor& sin_out) {
+void gather_cpu_kernel(const GatherArgs& a, const ExtraRows& extra, at::Tensor& cos_out, at::Tensor& sin_out) {
   const int64_t half = a.half();
   const int64_t rows = a.rows();
   const float* cos_tab = a.cos_cache.data_ptr<float>();
   const float* sin_tab = a.sin_cache.data_ptr<float>();
+  const float* cos_ext = extra.cos.defined() ? extra.cos.data_ptr<float>() : nullptr;
+  const float* sin_ext = extra.sin.defined() ? extra.sin.data_ptr<float>() : nullptr;
   const index_t* pos = a.positions.data_ptr<index_t>();
   out_t* cos_dst = cos_out.data_ptr<out_t>();
   out_t* sin_dst = sin_out.data_ptr<out_t>();
 
   auto row_of = [&](const float* table, const float* ext, int64_t p) {
-    return p < rows ? table + p * half : ext + (p - rows) * half;
+    if (p >= 0 && p < rows) return table + p * half;
+    const auto it = std::lower_bound(extra.positions.begin(), extra.positions.end(), p);
+    return ext + (it - extra.positions.begin()) * half;
   };
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(half, 1));
   at::parallel_for(0, a.batch * a.seq, grain, [&](int64_t begin, int64_t end) {
@@ -196,34 +211,34 @@ std::tuple<at::Tensor, at::Tensor> gather_cos_sin_cpu(const GatherArgs& a) {
   at::Tensor sin_out = at::empty({a.batch, a.seq, 2 * half}, out_opts);
   if (cos_out.numel() == 0) return {cos_out, sin_out};
 
-  // Positions live on the host: find their range in one pass, so a bad position is an error, never a wild read.
-  int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+  // Positions live on the host: collect those outside the table in one pass, so a bad position is an error,
+  // never a wild read.
+  ExtraRows extra;
   AT_DISPATCH_INDEX_TYPES(a.positions.scalar_type(), "ropekit_position_range", [&] {
     const index_t* pos = a.positions.data_ptr<index_t>();
     for (int64_t ax = 0; ax < a.axes; ++ax)
       for (int64_t b = 0; b < a.batch; ++b)
         for (int64_t s = 0; s < a.seq; ++s) {
           const int64_t p = pos[ax * a.stride_axis + b * a.stride_batch + s * a.stride_seq];
-          lo = std::min(lo, p);
-          hi = std::max(hi, p);
+          if (p < 0 || p >= a.rows()) extra.positions.push_back(p);
         }
   });
-  TORCH_CHECK(lo >= 0, "position_ids: expected non-negative positions, got ", lo);
-  at::Tensor cos_ext, sin_ext;
-  if (hi >= a.rows()) {
-    TORCH_CHECK(a.inv_freq.defined(), "position_ids: position ", hi, " is past the end of the cos/sin table (",
-                a.rows(), " rows); grow the table or pass inv_freq so rows past its end are computed");
-    TORCH_CHECK(hi < (int64_t{1} << 24), "position_ids: position ", hi, " is past 2^24 (not exact in float32)");
-    // Rows past the end are built by the same routine as the table, so the result equals a grown table.
-    std::tie(cos_ext, sin_ext) = build_rope_rows(a.inv_freq, a.rows(), hi + 1, a.attention_scaling);
+  if (!extra.positions.empty()) {
+    std::sort(extra.positions.begin(), extra.positions.end());
+    extra.positions.erase(std::unique(extra.positions.begin(), extra.positions.end()), extra.positions.end());
+    TORCH_CHECK(a.inv_freq.defined(), "position_ids: position ",
+                extra.positions.front() < 0 ? extra.positions.front() : extra.positions.back(),
+                " is outside the cos/sin table (rows 0..", a.rows() - 1,
+                "); grow the table or pass inv_freq so such rows are computed");
+    // Built by the same routine as the table, for exactly these positions: equal to a table that held them.
+    std::tie(extra.cos, extra.sin) =
+        build_rope_rows_at(a.inv_freq, at::tensor(extra.positions, at::kLong), a.attention_scaling);
   }
-  const float* cos_ext_ptr = cos_ext.defined() ? cos_ext.data_ptr<float>() : nullptr;
-  const float* sin_ext_ptr = sin_ext.defined() ? sin_ext.data_ptr<float>() : nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "ropekit_gather_cos_sin_cpu", [&] {
     using out_t = scalar_t;
     AT_DISPATCH_INDEX_TYPES(a.positions.scalar_type(), "ropekit_gather_cos_sin_cpu", [&] {
-      gather_cpu_kernel<out_t, index_t>(a, cos_ext_ptr, sin_ext_ptr, cos_out, sin_out);
+      gather_cpu_kernel<out_t, index_t>(a, extra, cos_out, sin_out);
     });
   });
   return {cos_out, sin_out};

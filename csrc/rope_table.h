@@ -18,7 +18,8 @@ struct GatherArgs {
   int64_t axes = 1, batch = 0, seq = 0;
   int64_t stride_axis = 0, stride_batch = 0, stride_seq = 0;
   int64_t section_h = 0, section_w = 0;  // mRoPE interleaving; both 0 for 1-D RoPE
-  at::Tensor inv_freq;                   // [half] float32 or undefined; defined => rows past the table are computed
+  at::Tensor inv_freq;  // [half] float32 or undefined; defined => rows outside the table (past its end, or negative
+                        // positions) are computed exactly; undefined => such positions are an error
   double attention_scaling = 1.0;
   at::ScalarType dtype = at::kFloat;
 
@@ -38,6 +39,10 @@ GatherArgs check_mrope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& si
 // cos[p, j] = cos(fl32(inv_freq[j] * float(p))) * attention_scaling. Runs on inv_freq's device.
 std::tuple<at::Tensor, at::Tensor> build_rope_rows(const at::Tensor& inv_freq, int64_t start, int64_t end,
                                                    double attention_scaling);
+
+// The same rows for arbitrary integer positions (negative ones included, as transformers computes them).
+std::tuple<at::Tensor, at::Tensor> build_rope_rows_at(const at::Tensor& inv_freq, const at::Tensor& positions,
+                                                      double attention_scaling);
 
 // Op implementations (see registration.cpp for the schemas).
 std::tuple<at::Tensor, at::Tensor> rope_cache(const at::Tensor& inv_freq, int64_t max_position,

@@ -11,8 +11,9 @@
 namespace ropekit {
 namespace {
 
-constexpr int kWarps = 4;               // warps per block
-constexpr int64_t kMaxBlocks = 1024;    // fixed (device-independent) grid cap: deterministic weight-grad partials
+constexpr int kWarps = 4;                   // warps per block
+constexpr int64_t kMaxBackwardBlocks = 1024;  // fixed, device-independent: deterministic weight-gradient partials
+constexpr int64_t kMaxForwardBlocks = int64_t{1} << 20;
 
 struct RowOperand {
   const void* in;
@@ -85,7 +86,7 @@ __device__ __forceinline__ typename Types::acc row_rstd(const typename Types::in
     sumsq += mul_rn(v, v);
   }
   sumsq = warp_sum(sumsq);
-  return acc(1) / sqrt(sumsq / acc(d) + acc(eps));
+  return rsqrt(sumsq / acc(d) + acc(eps));  // rsqrtf for fp32, as torch.rsqrt on CUDA
 }
 
 template <typename Types>
@@ -199,7 +200,17 @@ __global__ void sum_weight_partials_kernel(const acc* __restrict__ partials, int
   }
 }
 
-int64_t grid_for(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>((rows + kWarps - 1) / kWarps, kMaxBlocks)); }
+int64_t grid_for(int64_t rows, int64_t max_blocks) {
+  return std::max<int64_t>(1, std::min<int64_t>((rows + kWarps - 1) / kWarps, max_blocks));
+}
+
+// Dynamic shared memory past the default 48 KiB needs an explicit opt-in per kernel.
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+}
 
 void launch_forward(const NormRopeArgs& a) {
   const int64_t rows = a.batch * a.seq * (a.q.heads + a.k.heads);
@@ -211,7 +222,8 @@ void launch_forward(const NormRopeArgs& a) {
     using Types = decltype(types);
     using cs_t = typename Types::cs_t;
     const size_t smem = kWarps * a.head_dim * sizeof(typename Types::acc);
-    qk_norm_rope_kernel<Types><<<grid_for(rows), kWarps * 32, smem, stream>>>(
+    allow_shared_memory(qk_norm_rope_kernel<Types>, smem);
+    qk_norm_rope_kernel<Types><<<grid_for(rows, kMaxForwardBlocks), kWarps * 32, smem, stream>>>(
         make_params(a), a.cos.data_ptr<cs_t>(), a.sin.data_ptr<cs_t>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -249,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward
   } else {
     const c10::cuda::CUDAGuard guard(a.cos.device());
     auto stream = at::cuda::getCurrentCUDAStream();
-    const int64_t blocks = grid_for(rows);
+    const int64_t blocks = grid_for(rows, kMaxBackwardBlocks);
     dispatch_norm_rope_types(q.scalar_type(), q_weight.scalar_type(), cos.scalar_type(), zero_centered,
                              [&](auto types) {
       using Types = decltype(types);
@@ -258,6 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward
       using w_t = typename Types::w_t;
       at::Tensor partials = at::empty({blocks, 2 * d}, q.options().dtype(c10::CppTypeToScalarType<acc>::value));
       const size_t smem = kWarps * 4 * d * sizeof(acc);
+      allow_shared_memory(qk_norm_rope_backward_kernel<Types>, smem);
       qk_norm_rope_backward_kernel<Types><<<blocks, kWarps * 32, smem, stream>>>(
           make_params(a), make_params(g), a.cos.data_ptr<cs_t>(), a.sin.data_ptr<cs_t>(), partials.data_ptr<acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

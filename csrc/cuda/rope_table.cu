@@ -14,7 +14,7 @@ namespace {
 struct GatherParams {
   const float* cos_tab;
   const float* sin_tab;
-  const float* inv_freq;  // nullptr: positions must lie inside the table
+  const float* inv_freq;  // nullptr: positions must lie inside the table; else rows outside it are computed
   int64_t rows, half;
   int64_t batch, seq;
   int64_t stride_axis, stride_batch, stride_seq;
@@ -33,13 +33,12 @@ __global__ void gather_cos_sin_kernel(GatherParams p, const index_t* __restrict_
     const int64_t b = n / p.seq, s = n % p.seq;
     const int axis = mrope_axis(j, p.section_h, p.section_w);
     const int64_t pos = positions[axis * p.stride_axis + b * p.stride_batch + s * p.stride_seq];
-    CUDA_KERNEL_ASSERT(pos >= 0 && "ropekit: negative position id");
     float c, sn;
-    if (pos < p.rows) {
+    if (pos >= 0 && pos < p.rows) {
       c = p.cos_tab[pos * p.half + j];
       sn = p.sin_tab[pos * p.half + j];
     } else {
-      CUDA_KERNEL_ASSERT(p.inv_freq != nullptr && "ropekit: position id past the end of the cos/sin table");
+      CUDA_KERNEL_ASSERT(p.inv_freq != nullptr && "ropekit: position id outside the cos/sin table (pass inv_freq)");
       // Same libdevice cosf/sinf (no fast math) and rounding points as PyTorch's elementwise kernels, so a row
       // computed here equals the row a grown table would hold.
       const float freq = mul_rn(p.inv_freq[j], static_cast<float>(pos));

@@ -14,7 +14,7 @@ __all__ = ["RopeTable", "CachedRotaryEmbedding", "CachedMRotaryEmbedding", "DEFA
 # Rows built up front. 8192 x 64 frequencies x 2 tables x 4 bytes = 4 MiB; positions past the table are handled
 # exactly (see RopeTable.cos_sin), so a model's full max_position_embeddings need not be allocated.
 DEFAULT_TABLE_ROWS = 8192
-_MAX_EXACT_POSITION = 1 << 24  # float32 represents every integer position below this
+_MAX_EXACT_POSITION = 1 << 24  # largest table; float32 represents every integer position below it
 
 
 def _round_rows(rows: int) -> int:
@@ -32,6 +32,8 @@ class RopeTable:
     Growth: on CPU the table grows (doubling) to cover the largest position, which costs no sync there. On CUDA,
     reading the largest position would be a host sync, so the table grows to cover the sequence length (known on
     the host) and any position past its end is computed exactly inside the gather kernel from ``inv_freq``.
+    Negative positions (transformers produces them for padding slots after adding negative mRoPE deltas) are
+    computed the same way, on both devices.
     """
 
     def __init__(self, initial_rows: int = DEFAULT_TABLE_ROWS):
@@ -44,7 +46,9 @@ class RopeTable:
 
     @staticmethod
     def _key_of(inv_freq: torch.Tensor, device: torch.device, attention_scaling: float):
-        return (id(inv_freq), inv_freq._version, inv_freq.data_ptr(), inv_freq.dtype, device, float(attention_scaling))
+        # Inference tensors (made under torch.inference_mode) track no version; their storage still identifies them.
+        version = None if inv_freq.is_inference() else inv_freq._version
+        return (id(inv_freq), version, inv_freq.data_ptr(), inv_freq.dtype, device, float(attention_scaling))
 
     @property
     def rows(self) -> int:
@@ -53,9 +57,9 @@ class RopeTable:
     def tables(
         self, inv_freq: torch.Tensor, attention_scaling: float, device: torch.device, min_rows: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(cos_table, sin_table, inv_freq_fp32)`` on ``device`` covering at least ``min_rows`` rows."""
-        if min_rows > _MAX_EXACT_POSITION:
-            raise ValueError(f"position {min_rows - 1} is past 2^24, where float32 positions stop being exact")
+        """Return ``(cos_table, sin_table, inv_freq_fp32)`` on ``device`` covering at least ``min_rows`` rows (at
+        most 2^24: rows past the table, like negative positions, are computed exactly by the gather)."""
+        min_rows = min(min_rows, _MAX_EXACT_POSITION)
         key = self._key_of(inv_freq, device, attention_scaling)
         if key != self._key or self._inv_freq is not inv_freq:
             self.cos = self.sin = None

@@ -42,9 +42,10 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather transformers-layout cos/sin ``(B, S, 2*half)`` of ``dtype`` for ``position_ids`` ``(B, S)``.
 
-    Positions must be non-negative. A position past the end of the table is an error unless ``inv_freq`` (and the
-    ``attention_scaling`` the table was built with) is given; then its row is computed exactly as the table would
-    hold it. On CUDA that happens in the kernel with no host sync; bad positions raise a device-side assert.
+    A position outside the table (past its end, or negative: transformers produces negative positions for padding
+    slots after adding negative mRoPE deltas) is an error unless ``inv_freq`` (and the ``attention_scaling`` the
+    table was built with) is given; then its row is computed exactly as transformers computes it. On CUDA that
+    happens in the kernel with no host sync; without ``inv_freq`` such a position raises a device-side assert.
     Not differentiable.
     """
     return _ops.rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, float(attention_scaling))
@@ -189,7 +190,10 @@ def _mrope_cos_sin_fake(
 
 
 def _rope_outputs_like(x, dtype):
-    # Same layout rule as the kernel: empty_like keeps a dense input's stride order.
+    # Same layout rule as the kernel: a head_dim with a non-unit stride is made contiguous first, then empty_like
+    # keeps a dense input's stride order.
+    if x.stride(-1) != 1:
+        return x.new_empty(x.shape, dtype=dtype)
     return torch.empty_like(x, dtype=dtype)
 
 

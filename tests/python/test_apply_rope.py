@@ -219,3 +219,22 @@ def test_cuda_matches_cpu(dtype):
     gpu = ops.apply_rope(q.cuda(), k.cuda(), cos.cuda(), sin.cuda())
     for a, b in zip(cpu, gpu):
         assert torch.equal(a, b.cpu())
+
+
+def test_double_backward_is_refused_clearly():
+    q, k, cos, sin = make_inputs(dtype=torch.float64, batch=1, seq=3, heads=2, kv_heads=1, head_dim=8)
+    q.requires_grad_()
+    out_q, _ = ops.apply_rope(q, k, cos, sin)
+    (grad,) = torch.autograd.grad(out_q.square().sum(), q, create_graph=False)
+    assert grad.shape == q.shape
+    with pytest.raises(RuntimeError, match="double backward"):
+        out_q, _ = ops.apply_rope(q, k, cos, sin)
+        torch.autograd.grad(out_q.square().sum(), q, create_graph=True)
+
+
+def test_cos_and_sin_with_different_strides(device):
+    q, k, cos, sin = make_inputs(device=device, seq=7, cos_batch=1)
+    wide = torch.cat([sin, torch.zeros_like(sin)], 1)[:, :7]  # same values, other strides
+    assert wide.stride() != cos.stride()
+    for o, e in zip(ops.apply_rope(q, k, cos, wide), eager_rope(q, k, cos, sin)):
+        assert torch.equal(o, e)

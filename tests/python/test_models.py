@@ -346,3 +346,21 @@ def test_qwen3_5_logits_and_grads_match(unpatch_after, count_fused):
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_norm_hooks_and_offload_fall_back_to_the_original_steps(unpatch_after, count_fused):
+    """A forward hook on q_norm (or accelerate's instance-level forward) must still run: no fusion then."""
+    from transformers import Qwen3ForCausalLM
+
+    model = build(Qwen3ForCausalLM, tiny_qwen3_config(), "cpu")
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(12))
+    seen = []
+    handle = model.model.layers[0].self_attn.q_norm.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        ropekit.apply_to_qwen3()
+        ours = model(ids).logits
+    handle.remove()
+    assert len(seen) == 2, "the hook ran with and without the patch"
+    assert len(count_fused) == model.config.num_hidden_layers - 1, "only the hooked layer skipped the fusion"
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)

@@ -259,3 +259,11 @@ def test_cuda_no_host_sync():
         (out_q.float().sum() + out_k.float().sum()).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_double_backward_is_refused_clearly():
+    q, k, qw, kw, cos, sin = make(dtype=torch.float64, batch=1, seq=2, heads=2, kv_heads=1, head_dim=8)
+    q.requires_grad_()
+    out_q, _ = ops.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out_q.square().sum(), q, create_graph=True)

@@ -187,6 +187,42 @@ def test_table_positions_past_end_are_exact(device):
         assert_same_cos_sin(ours, ops.rope_cos_sin(*big, pos, dtype))
 
 
+def test_negative_positions_match_transformers(unpatch_after, device):
+    """transformers 5.x adds negative mRoPE deltas to cumsum positions whose padding slots are 0, so padding can
+    carry negative positions; transformers computes cos/sin for them, and so must the patched rotary."""
+    gen = torch.Generator().manual_seed(3)
+    ref_module = qwen3_vl_rotary(tiny_qwen3_vl_text_config()).to(device)
+    our_module = copy.deepcopy(ref_module)
+    ref_text = qwen3_rotary(tiny_qwen3_config("yarn", **ROPE_TYPES["yarn"])).to(device)
+    our_text = copy.deepcopy(ref_text)
+    ropekit.apply_to_qwen3_vl()
+    ropekit.apply_to_qwen3()
+    pos = torch.randint(-300, 300, (3, 2, 40), generator=gen).to(device)
+    x = torch.randn(2, 40, 8, dtype=torch.bfloat16, device=device)
+    assert_same_cos_sin(our_module(x, pos), reference(ref_module, x, pos))
+    assert_same_cos_sin(our_text(x, pos[0]), reference(ref_text, x, pos[0]))
+    inv = default_inv_freq().to(device)
+    tables = ops.rope_cache(inv, 64)
+    assert_same_cos_sin(ops.rope_cos_sin(*tables, pos[0], torch.float32, inv), reference_rows(inv, pos[0]))
+
+
+def reference_rows(inv, pos):
+    """cos/sin exactly as transformers computes them (matmul of inv_freq and float positions)."""
+    freqs = (inv[None, :, None].expand(pos.shape[0], -1, 1) @ pos[:, None, :].float()).transpose(1, 2)
+    emb = torch.cat((freqs, freqs), -1)
+    return emb.cos(), emb.sin()
+
+
+def test_inference_mode_module(unpatch_after):
+    """A model built under torch.inference_mode has inference-tensor buffers (no version counter)."""
+    ropekit.apply_to_qwen3()
+    with torch.inference_mode():
+        module = qwen3_rotary(tiny_qwen3_config())
+        x = torch.randn(1, 10, 8)
+        pos = torch.arange(10)[None]
+        assert_same_cos_sin(module(x, pos), reference(module, x, pos))
+
+
 def test_table_grows_on_cpu():
     table = RopeTable(initial_rows=16)
     inv = default_inv_freq()
@@ -232,8 +268,8 @@ def test_cos_sin_bad_input():
         (lambda: ops.rope_cos_sin(cos_t, sin_t, pos.float(), torch.float32), "position_ids: expected int64 or int32"),
         (lambda: ops.rope_cos_sin(cos_t, sin_t, pos[0], torch.float32), "position_ids: expected a 2-D"),
         (lambda: ops.rope_cos_sin(cos_t, sin_t, pos, torch.int32), "dtype: expected float32"),
-        (lambda: ops.rope_cos_sin(cos_t, sin_t, pos - 3, torch.float32), "expected non-negative positions"),
-        (lambda: ops.rope_cos_sin(cos_t, sin_t, pos + 30, torch.float32), "past the end of the cos/sin table"),
+        (lambda: ops.rope_cos_sin(cos_t, sin_t, pos - 3, torch.float32), "position -3 is outside the cos/sin table"),
+        (lambda: ops.rope_cos_sin(cos_t, sin_t, pos + 30, torch.float32), "position 37 is outside the cos/sin table"),
         (lambda: ops.rope_cos_sin(cos_t, sin_t, pos, torch.float32, inv[:3]), "inv_freq: expected shape"),
         (lambda: ops.mrope_cos_sin(cos_t, sin_t, pos, [6, 5], torch.float32), "mrope_section: expected 3 entries"),
         (lambda: ops.mrope_cos_sin(cos_t, sin_t, pos[None].expand(2, -1, -1), [6, 5, 5], torch.float32), "(3, batch, seq)"),

@@ -17,6 +17,13 @@ from .. import ops
 _FUSABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _global_module_hooks() -> bool:
+    """Hooks registered for every module (torch.nn.modules.module.register_module_forward_*hook)."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
 def make_attention_forward(original, module, norm_cls_name: str, zero_centered: bool, gated: bool,
                            sliding_window: bool):
     """original: the unpatched ``<Family>Attention.forward``; module: its modeling module."""
@@ -29,12 +36,24 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
     def norm_eps(norm):
         return norm.eps if zero_centered else norm.variance_epsilon
 
+    def stock_norm(norm, query) -> bool:
+        """The transformers RMSNorm as shipped: no instance-level forward (accelerate offload hooks), no forward
+        hooks that would expect to run, and its weight already where the activations are."""
+        return (
+            type(norm) is norm_cls
+            and "forward" not in vars(norm)
+            and not norm._forward_hooks
+            and not norm._forward_pre_hooks
+            and norm.weight.device == query.device
+        )
+
     def fusable(self, query, cos) -> bool:
         q_norm, k_norm = self.q_norm, self.k_norm
         return (
-            type(q_norm) is norm_cls
-            and type(k_norm) is norm_cls
-            and norm_cls.forward is norm_forward
+            norm_cls.forward is norm_forward
+            and not _global_module_hooks()
+            and stock_norm(q_norm, query)
+            and stock_norm(k_norm, query)
             and norm_eps(q_norm) == norm_eps(k_norm)
             and query.dtype in _FUSABLE
             and q_norm.weight.dtype in (query.dtype, torch.float32)
