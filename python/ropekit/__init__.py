@@ -3,7 +3,7 @@
 from . import ops
 from .modules import CachedMRotaryEmbedding, CachedRotaryEmbedding, RopeTable
 from .ops import apply_rope, mrope_cos_sin, qk_norm_rope, qk_norm_rope_qkv_, rope_cache, rope_cos_sin, rope_index
-from .transformers import apply_to_qwen3, apply_to_qwen3_5, apply_to_qwen3_vl, unpatch
+from .transformers import apply_to_model, apply_to_qwen3, apply_to_qwen3_5, apply_to_qwen3_vl, unpatch
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "apply_to_qwen3",
     "apply_to_qwen3_vl",
     "apply_to_qwen3_5",
+    "apply_to_model",
     "unpatch",
     "has_cuda_kernels",
 ]

@@ -364,3 +364,23 @@ def test_norm_hooks_and_offload_fall_back_to_the_original_steps(unpatch_after, c
     assert len(seen) == 2, "the hook ran with and without the patch"
     assert len(count_fused) == model.config.num_hidden_layers - 1, "only the hooked layer skipped the fusion"
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_apply_to_model_dispatches_on_model_type(unpatch_after):
+    from transformers import Qwen3ForCausalLM
+    from transformers.models.qwen3 import modeling_qwen3
+
+    model = build(Qwen3ForCausalLM, tiny_qwen3_config(), "cpu")
+    forward = modeling_qwen3.Qwen3Attention.forward
+    ropekit.apply_to_model(model, qk_norm_rope=False)
+    assert modeling_qwen3.Qwen3Attention.forward is forward  # the switch was passed on
+    assert modeling_qwen3.apply_rotary_pos_emb.__ropekit_original__ is not None
+    ropekit.apply_to_model(model)
+    assert modeling_qwen3.Qwen3Attention.forward.__ropekit_original__ is forward
+
+    class Llama:
+        class config:
+            model_type = "llama"
+
+    with pytest.raises(ValueError, match="model_type 'llama' is not supported; supported: qwen3"):
+        ropekit.apply_to_model(Llama())

@@ -13,7 +13,7 @@ from .attention import make_attention_forward
 from .rope_index import make_get_rope_index
 from .rotary import make_apply_rotary_pos_emb, make_rotary_forward
 
-__all__ = ["apply_to_qwen3", "apply_to_qwen3_vl", "apply_to_qwen3_5", "unpatch"]
+__all__ = ["apply_to_qwen3", "apply_to_qwen3_vl", "apply_to_qwen3_5", "apply_to_model", "unpatch"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,34 @@ def apply_to_qwen3_5(model=None, *, rope: bool = True, rope_index: bool = True, 
     sections [11, 11, 10], the native ``apply_rotary_pos_emb`` (partial pass-through), ``get_rope_index``, and the
     full-attention layers' zero-centred q/k norm + RoPE fused (the output gate is kept)."""
     _apply("Qwen3.5", rope, rope_index, qk_norm_rope)
+
+
+# config.model_type -> the apply_to_* that covers it (MoE siblings live in the same family)
+_MODEL_TYPES = {
+    "qwen3": apply_to_qwen3,
+    "qwen3_moe": apply_to_qwen3,
+    "qwen3_vl": apply_to_qwen3_vl,
+    "qwen3_vl_text": apply_to_qwen3_vl,
+    "qwen3_vl_moe": apply_to_qwen3_vl,
+    "qwen3_vl_moe_text": apply_to_qwen3_vl,
+    "qwen3_5": apply_to_qwen3_5,
+    "qwen3_5_text": apply_to_qwen3_5,
+    "qwen3_5_moe": apply_to_qwen3_5,
+    "qwen3_5_moe_text": apply_to_qwen3_5,
+}
+
+
+def apply_to_model(model, **switches) -> None:
+    """Patch whatever family ``model`` belongs to, chosen from ``model.config.model_type``. Keyword switches are
+    passed on (``rope``, ``qk_norm_rope``, ``rope_index`` where the family has it)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    apply = _MODEL_TYPES.get(model_type)
+    if apply is None:
+        raise ValueError(
+            f"ropekit.apply_to_model: model_type {model_type!r} is not supported; supported: "
+            + ", ".join(sorted(_MODEL_TYPES))
+        )
+    apply(model, **switches)
 
 
 def unpatch() -> None:
