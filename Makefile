@@ -18,15 +18,17 @@ export MAX_JOBS ?= $(shell nproc)
 
 .PHONY: test demo bench build venv tf457 gtest-deps cmake-build test-python test-tf457 test-cpp clean
 
+# The folders are named by the requirement files' hashes, so a stamp is valid for as long as it exists; no file-time
+# prerequisites (a fresh clone's files are all newer than the cache and would force a reinstall every run).
 venv: $(VENV)/.ready
-$(VENV)/.ready: requirements/dev.txt
+$(VENV)/.ready:
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -r requirements/dev.txt
 	touch $@
 
 tf457: $(TF457)/.ready
-$(TF457)/.ready: requirements/transformers-4.57.txt $(VENV)/.ready
+$(TF457)/.ready: | $(VENV)/.ready
 	rm -rf $(TF457)
 	$(VENV)/bin/pip install --quiet --target $(TF457) -r requirements/transformers-4.57.txt
 	touch $@

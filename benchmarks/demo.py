@@ -120,7 +120,42 @@ def main():
     ]
     print(f"2) per-forward cost at B{batch} S{seq}, head_dim 128, bf16 ({'CUDA events' if gpu else 'CPU wall clock'}, median):")
     print(format_table(["path", "transformers us", "ropekit us", "speed-up", "numbers"], rows))
+    plot = write_plot(rows, f"{device_name(device)}, B{batch} S{seq}, bf16")
+    print(f"\n3) plot: {plot}" if plot else "\n3) plot skipped (matplotlib not installed)")
     print("\nropekit.unpatch() restored the original transformers functions.")
+
+
+def write_plot(rows, subtitle):
+    """Horizontal bars, transformers vs ropekit per path (log scale), saved next to this script."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import os
+
+    labels = [r[0] for r in rows]
+    hf = [float(r[1].replace(",", "")) for r in rows]
+    rk = [float(r[2].replace(",", "")) for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.9 * len(rows) + 1.5))
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], hf, height=0.4, label="transformers eager", color="#999999")
+    ax.barh([i - 0.2 for i in y], rk, height=0.4, label="ropekit", color="#1f77b4")
+    for i, (a, b) in enumerate(zip(hf, rk)):
+        ax.text(b, i - 0.2, f"  {a / b:.1f}x faster", va="center", fontsize=8)
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("microseconds per call (median, log scale)")
+    ax.set_title(f"ropekit vs transformers\n{subtitle}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":
