@@ -10,7 +10,6 @@ Appends the table to benchmarks/RESULTS.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from ropekit import ops
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import append_results, format_table, measure_copy_bandwidth, time_us  # noqa: E402
+from common import append_results, attention_case_args, format_table, measure_copy_bandwidth, time_us  # noqa: E402
 
 EPS = 1e-6
 
@@ -67,22 +66,8 @@ def liger_impl():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--no-record", action="store_true")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    args, device, batch, seq, dtype, elt = attention_case_args(__doc__)
     gpu = device.type == "cuda"
-    batch, seq = args.batch or (4 if gpu else 1), args.seq or (4096 if gpu else 1024)
-    dtype = getattr(torch, args.dtype)
-    elt = torch.tensor([], dtype=dtype).element_size()
     H, Hk, D = args.heads, args.kv_heads, args.head_dim
     bandwidth = measure_copy_bandwidth(device)
     rows = []

@@ -9,7 +9,6 @@ importable), with the byte floor of each case. Appends the table to benchmarks/R
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 
@@ -19,7 +18,7 @@ import ropekit
 from ropekit import ops
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import H100_COPY_BW, append_results, format_table, measure_copy_bandwidth, time_us  # noqa: E402
+from common import H100_COPY_BW, append_results, attention_case_args, format_table, measure_copy_bandwidth, time_us  # noqa: E402
 
 
 def qwen3_8b_rotary():
@@ -51,23 +50,8 @@ def liger_rope():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--seq", type=int, default=None)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
-    parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+    args, device, batch, seq, dtype, elt = attention_case_args(__doc__)
     gpu = device.type == "cuda"
-    batch = args.batch or (4 if gpu else 1)
-    seq = args.seq or (4096 if gpu else 1024)
-    dtype = getattr(torch, args.dtype)
-    elt = torch.tensor([], dtype=dtype).element_size()
     H, Hk, D = args.heads, args.kv_heads, args.head_dim
 
     bandwidth = measure_copy_bandwidth(device)

@@ -17,6 +17,29 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 H100_COPY_BW = 3.0e12
 
 
+def attention_case_args(doc):
+    """The CLI shared by the attention benchmarks; returns (args, device, batch, seq, dtype, element size).
+    Defaults: the DESIGN reference case on a GPU (B4 S4096, Qwen3-8B heads, bf16), B1 S1024 on CPU."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    batch, seq = args.batch or (4 if gpu else 1), args.seq or (4096 if gpu else 1024)
+    dtype = getattr(torch, args.dtype)
+    return args, device, batch, seq, dtype, torch.tensor([], dtype=dtype).element_size()
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
