@@ -6,6 +6,7 @@ Methods and module functions are patched, never classes, so models built before 
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 from ._patching import import_optional, patch, unpatch_all
@@ -53,11 +54,66 @@ _FAMILIES = {
 }
 
 
+# family -> the config.model_type values it covers (MoE siblings and the VL/3.5 text sub-configs included)
+_FAMILY_MODEL_TYPES = {
+    "Qwen3": ("qwen3", "qwen3_moe"),
+    "Qwen3-VL": ("qwen3_vl", "qwen3_vl_text", "qwen3_vl_moe", "qwen3_vl_moe_text"),
+    "Qwen3.5": ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"),
+}
+# The transformers lines whose modeling code the patches are written against (CI tests 4.57.6 and 5.18.0).
+_TRANSFORMERS_LINES = "4.57.x and 5.x"
+
+
 def _unwrapped(obj):
     return getattr(obj, "__ropekit_original__", obj)
 
 
-def _apply(family: str, rope: bool, rope_index: bool, qk_norm_rope: bool) -> list[str]:
+def _check_transformers_version() -> None:
+    """The patches replace methods whose signatures moved between releases: refuse lines they were not written for
+    rather than misroute arguments."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    if not ((major, minor) >= (4, 57) and major < 6):
+        raise RuntimeError(
+            f"ropekit: transformers {transformers.__version__} is not supported; ropekit patches transformers "
+            f"{_TRANSFORMERS_LINES} (tested: 4.57.6, 5.17.0, 5.18.0)"
+        )
+
+
+def _model_type(model) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)  # PeftModel forwards .config
+
+
+def _check_model(family: str, model) -> None:
+    model_type = _model_type(model)
+    if model_type not in _FAMILY_MODEL_TYPES[family]:
+        raise ValueError(
+            f"ropekit: apply_to_{family.lower().replace('-', '_').replace('.', '_')} patches model types "
+            f"{', '.join(_FAMILY_MODEL_TYPES[family])}; the model given has model_type {model_type!r} "
+            "(ropekit.apply_to_model picks the right family)"
+        )
+
+
+def _patch_instance_forwards(model) -> None:
+    """Reach modules whose forward was bound on the instance before patching, so a class patch cannot reach them:
+    accelerate's hooks (``from_pretrained(device_map=...)``) keep the forward they wrapped in ``_old_forward``,
+    and ``remove_hook_from_module`` leaves that bound method behind as the instance's ``forward``."""
+    for module in model.modules():
+        patched = getattr(type(module), "forward", None)
+        original = getattr(patched, "__ropekit_original__", None)
+        if original is None:
+            continue
+        for name in ("forward", "_old_forward"):
+            bound = vars(module).get(name)
+            if getattr(bound, "__func__", None) is original and getattr(bound, "__self__", None) is module:
+                patch(module, name, types.MethodType(patched, module))
+
+
+def _apply(family: str, model, rope: bool, rope_index: bool, qk_norm_rope: bool) -> list[str]:
+    _check_transformers_version()
+    if model is not None:
+        _check_model(family, model)
     patched = []
     for spec in _FAMILIES[family]:
         module = import_optional(spec.name)
@@ -81,9 +137,11 @@ def _apply(family: str, rope: bool, rope_index: bool, qk_norm_rope: bool) -> lis
 
         raise RuntimeError(
             f"ropekit: transformers {transformers.__version__} has no {family} modeling module; ropekit supports "
-            f"{family} on transformers 4.57.x and 5.x"
+            f"{family} on transformers {_TRANSFORMERS_LINES}"
             + (" (Qwen3.5 needs transformers 5.x)" if family == "Qwen3.5" else "")
         )
+    if model is not None:
+        _patch_instance_forwards(model)
     return patched
 
 
@@ -94,9 +152,11 @@ def apply_to_qwen3(model=None, *, rope: bool = True, qk_norm_rope: bool = True) 
     static rope types) and ``apply_rotary_pos_emb`` runs as one native op.
     ``qk_norm_rope``: the attention forward runs ``q_norm`` / ``k_norm`` and RoPE as one fused op
     (``ropekit.qk_norm_rope``), keeping the KV cache, attention interface and sliding window as they were.
-    ``model`` is accepted for symmetry: patched methods already reach instances built before this call.
+    ``model`` (optional, also a PEFT-wrapped model): checked to be a Qwen3 / Qwen3-MoE model, and its modules whose
+    forward accelerate bound on the instance (``device_map`` loading) are patched too. Instances built before this
+    call are reached either way: the patches are on the classes.
     """
-    _apply("Qwen3", rope, rope_index=False, qk_norm_rope=qk_norm_rope)
+    _apply("Qwen3", model, rope, rope_index=False, qk_norm_rope=qk_norm_rope)
 
 
 def apply_to_qwen3_vl(model=None, *, rope: bool = True, rope_index: bool = True, qk_norm_rope: bool = True) -> None:
@@ -106,36 +166,28 @@ def apply_to_qwen3_vl(model=None, *, rope: bool = True, rope_index: bool = True,
     ``rope_index``: ``get_rope_index`` computed by ``ropekit.rope_index`` (host loop for CPU inputs, sync-free
     device algorithm for GPU inputs), element-wise identical to transformers.
     ``qk_norm_rope``: the text attention's q_norm / k_norm + RoPE as one fused op.
+    ``model``: as for ``apply_to_qwen3``.
     """
-    _apply("Qwen3-VL", rope, rope_index, qk_norm_rope)
+    _apply("Qwen3-VL", model, rope, rope_index, qk_norm_rope)
 
 
 def apply_to_qwen3_5(model=None, *, rope: bool = True, rope_index: bool = True, qk_norm_rope: bool = True) -> None:
     """Route Qwen3.5 (and Qwen3.5-MoE, transformers 5.x) through ropekit: partial-rotary mRoPE cos/sin with
     sections [11, 11, 10], the native ``apply_rotary_pos_emb`` (partial pass-through), ``get_rope_index``, and the
-    full-attention layers' zero-centred q/k norm + RoPE fused (the output gate is kept)."""
-    _apply("Qwen3.5", rope, rope_index, qk_norm_rope)
+    full-attention layers' zero-centred q/k norm + RoPE fused (the output gate is kept). ``model``: as for
+    ``apply_to_qwen3``."""
+    _apply("Qwen3.5", model, rope, rope_index, qk_norm_rope)
 
 
-# config.model_type -> the apply_to_* that covers it (MoE siblings live in the same family)
-_MODEL_TYPES = {
-    "qwen3": apply_to_qwen3,
-    "qwen3_moe": apply_to_qwen3,
-    "qwen3_vl": apply_to_qwen3_vl,
-    "qwen3_vl_text": apply_to_qwen3_vl,
-    "qwen3_vl_moe": apply_to_qwen3_vl,
-    "qwen3_vl_moe_text": apply_to_qwen3_vl,
-    "qwen3_5": apply_to_qwen3_5,
-    "qwen3_5_text": apply_to_qwen3_5,
-    "qwen3_5_moe": apply_to_qwen3_5,
-    "qwen3_5_moe_text": apply_to_qwen3_5,
-}
+_APPLY = {"Qwen3": apply_to_qwen3, "Qwen3-VL": apply_to_qwen3_vl, "Qwen3.5": apply_to_qwen3_5}
+# config.model_type -> the apply_to_* that covers it
+_MODEL_TYPES = {model_type: _APPLY[family] for family, types_ in _FAMILY_MODEL_TYPES.items() for model_type in types_}
 
 
 def apply_to_model(model, **switches) -> None:
     """Patch whatever family ``model`` belongs to, chosen from ``model.config.model_type``. Keyword switches are
     passed on (``rope``, ``qk_norm_rope``, ``rope_index`` where the family has it)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = _model_type(model)
     apply = _MODEL_TYPES.get(model_type)
     if apply is None:
         raise ValueError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 
 import torch
 
@@ -24,6 +25,35 @@ def _global_module_hooks() -> bool:
     return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 
+def _accelerate_placement_only(norm) -> bool:
+    """accelerate's ``AlignDevicesHook`` without offload (``device_map`` placement) only moves inputs to the device
+    the weights already live on; once the caller checks they live beside the activations, skipping it is exact."""
+    hooks_module = sys.modules.get("accelerate.hooks")
+    hook = vars(norm).get("_hf_hook")
+    if hooks_module is None or hook is None:
+        return False
+    hooks = hook.hooks if type(hook) is hooks_module.SequentialHook else (hook,)
+    return all(type(h) is hooks_module.AlignDevicesHook and not h.offload for h in hooks)
+
+
+def _peft_active_module(norm):
+    """The module PEFT's ``modules_to_save`` wrapper would run for ``norm`` (the trained copy of the active adapter,
+    or the original when adapters are disabled), mirroring its forward; ``norm`` itself when it is not such a
+    wrapper or when the wrapper would do anything else (hooks, e.g. mixed-adapter batches), so the caller falls
+    back to calling it."""
+    other = sys.modules.get("peft.utils.other")
+    wrapper_cls = getattr(other, "ModulesToSaveWrapper", None)
+    if wrapper_cls is None or type(norm) is not wrapper_cls or norm._forward_hooks or norm._forward_pre_hooks:
+        return norm
+    try:
+        active = norm.active_adapters
+        if norm.disable_adapters or not active or any(name not in norm._adapters for name in active):
+            return norm.original_module
+        return norm.modules_to_save[active[0]]
+    except (AttributeError, KeyError):  # another PEFT release: let its own forward decide
+        return norm
+
+
 def make_attention_forward(original, module, norm_cls_name: str, zero_centered: bool, gated: bool,
                            sliding_window: bool):
     """original: the unpatched ``<Family>Attention.forward``; module: its modeling module."""
@@ -36,20 +66,31 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
     def norm_eps(norm):
         return norm.eps if zero_centered else norm.variance_epsilon
 
+    def stock_forward(norm) -> bool:
+        """No instance-level forward, or one that changes nothing: the class's own bound method (left behind by
+        accelerate's remove_hook_from_module) or a placement-only accelerate hook."""
+        forward = vars(norm).get("forward")
+        return (
+            forward is None
+            or getattr(forward, "__func__", None) is norm_forward
+            or _accelerate_placement_only(norm)
+        )
+
     def stock_norm(norm, query) -> bool:
-        """The transformers RMSNorm as shipped: no instance-level forward (accelerate offload hooks), no forward
-        hooks that would expect to run, and its weight already where the activations are."""
+        """The transformers RMSNorm as shipped: no hook or instance-level forward that would expect to run (hooks,
+        accelerate offload), and its weight already where the activations are."""
         return (
             type(norm) is norm_cls
-            and "forward" not in vars(norm)
+            and stock_forward(norm)
             and not norm._forward_hooks
             and not norm._forward_pre_hooks
             and norm.weight.device == query.device
         )
 
-    def fusable(self, query, cos) -> bool:
-        q_norm, k_norm = self.q_norm, self.k_norm
-        return (
+    def fusable_norms(self, query, cos):
+        """(q_norm, k_norm) modules whose weights the fused op can use in their place, or None."""
+        q_norm, k_norm = _peft_active_module(self.q_norm), _peft_active_module(self.k_norm)
+        fusable = (
             norm_cls.forward is norm_forward
             and not _global_module_hooks()
             and stock_norm(q_norm, query)
@@ -62,6 +103,7 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
             and cos.dim() == 3
             and cos.dtype in (query.dtype, torch.float32)
         )
+        return (q_norm, k_norm) if fusable else None
 
     def attention_interface(self):
         impl = self.config._attn_implementation
@@ -89,9 +131,11 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
         else:
             query = self.q_proj(hidden_states).view(hidden_shape)
         key = self.k_proj(hidden_states).view(hidden_shape)
-        if fusable(self, query, cos):
+        norms = fusable_norms(self, query, cos)
+        if norms is not None:
+            q_norm, k_norm = norms
             query_states, key_states = ops.qk_norm_rope(
-                query, key, self.q_norm.weight, self.k_norm.weight, cos, sin, norm_eps(self.q_norm), zero_centered
+                query, key, q_norm.weight, k_norm.weight, cos, sin, norm_eps(q_norm), zero_centered
             )
         else:  # exactly the original's steps (e.g. a q_norm replaced by another library)
             query_states = self.q_norm(query).transpose(1, 2)
