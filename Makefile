@@ -63,6 +63,8 @@ demo: build
 
 bench: build
 	$(PY) benchmarks/bench_rope.py
+	$(PY) benchmarks/bench_qk_norm_rope.py
+	$(PY) benchmarks/bench_rope_index.py
 
 clean:
 	rm -rf build python/ropekit/*.so
