@@ -1,7 +1,10 @@
 """Shared fixtures: devices, tiny Qwen3-family configs built from their config classes (random weights, no
-downloads), and patch/unpatch around each test that patches transformers."""
+downloads), model/input builders, and patch/unpatch around each test that patches transformers."""
 
 from __future__ import annotations
+
+import importlib
+import inspect
 
 import pytest
 import torch
@@ -73,17 +76,128 @@ def tiny_qwen3_vl_text_config(mrope_section=(6, 5, 5), rope_type: str = "default
     return config
 
 
-def tiny_qwen3_vl_config():
-    """A tiny Qwen3-VL (text + vision tower) whose vision tokens use the real special token ids."""
-    from transformers import Qwen3VLConfig
+TINY_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+VISION = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TINY["hidden_size"],
+              spatial_merge_size=2, patch_size=4, temporal_patch_size=2, in_channels=3, num_position_embeddings=64)
 
-    text = dict(TINY, vocab_size=160000, max_position_embeddings=256)
+
+def tiny_qwen3_moe_config():
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(**TINY, **TINY_MOE, **rope_kwargs())
+    config._attn_implementation = "eager"
+    return config
+
+
+def tiny_qwen3_vl_config(moe: bool = False):
+    """A tiny Qwen3-VL (text + vision tower; moe=True: Qwen3-VL-MoE) whose vision tokens use the real special
+    token ids."""
+    from transformers import Qwen3VLConfig, Qwen3VLMoeConfig
+
+    text = dict(TINY, vocab_size=160000, max_position_embeddings=256, **(TINY_MOE if moe else {}))
     text.update(rope_kwargs("default", theta=5e6, mrope_section=[6, 5, 5], mrope_interleaved=True))
     if not uses_rope_parameters():
         text["rope_scaling"] = {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True}
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TINY["hidden_size"],
-                  spatial_merge_size=2, patch_size=4, temporal_patch_size=2, in_channels=3,
-                  num_position_embeddings=64, deepstack_visual_indexes=[0])
-    config = Qwen3VLConfig(text_config=text, vision_config=vision)
+    vision = dict(VISION, deepstack_visual_indexes=[0])
+    config = (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(text_config=text, vision_config=vision)
     config._attn_implementation = "eager"
     return config
+
+
+def has_qwen3_5() -> bool:
+    try:
+        importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
+    except ImportError:
+        return False
+    return True
+
+
+def tiny_qwen3_5_text_config(moe: bool = False, **overrides):
+    """A tiny Qwen3.5 (or Qwen3.5-MoE) text config: a linear-attention layer then a gated full-attention layer,
+    partial rotary 0.25 of head_dim 64: 8 frequencies in interleaved mRoPE sections [3, 3, 2], with rope_theta 1e4
+    so that all 8 turn by a visible angle at the few dozen positions a tiny test uses."""
+    from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig
+
+    kwargs = dict(
+        TINY, head_dim=64, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.25,
+                         "mrope_section": [3, 3, 2], "mrope_interleaved": True},
+    )
+    if moe:
+        del kwargs["intermediate_size"]  # every Qwen3.5-MoE layer is sparse
+        kwargs.update(TINY_MOE, shared_expert_intermediate_size=32)
+    kwargs.update(overrides)
+    config = (Qwen3_5MoeTextConfig if moe else Qwen3_5TextConfig)(**kwargs)
+    config._attn_implementation = "eager"
+    return config
+
+
+def tiny_qwen3_5_config(moe: bool = False):
+    """A tiny Qwen3.5 (or Qwen3.5-MoE) conditional-generation config with the real special token ids."""
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
+
+    text = tiny_qwen3_5_text_config(moe, vocab_size=248320, max_position_embeddings=256)
+    config = (Qwen3_5MoeConfig if moe else Qwen3_5Config)(text_config=text.to_dict(), vision_config=dict(VISION))
+    config._attn_implementation = "eager"
+    return config
+
+
+def build(cls, config, device, seed=0):
+    """A model with random weights, norm weights included (their init of ones/zeros would hide weight mistakes)."""
+    torch.manual_seed(seed)
+    model = cls(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0 if "qwen3_5" in type(model).__module__ else 1.0, 0.2)
+    return model.to(device).eval()
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    """Counts calls of the fused q/k norm + RoPE op made by the patched attention."""
+    from ropekit.transformers import attention
+
+    calls = []
+    real = attention.ops.qk_norm_rope
+    monkeypatch.setattr(attention.ops, "qk_norm_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.fixture
+def count_rope_index(monkeypatch):
+    """Counts calls of ropekit.rope_index made by the patched get_rope_index."""
+    from ropekit.transformers import rope_index
+
+    calls = []
+    real = rope_index.ops.rope_index
+    monkeypatch.setattr(rope_index.ops, "rope_index", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def multimodal_batch(config, generator):
+    """Two rows: an image + a 2-frame video (timestamps between frames), and a left-padded row with one image."""
+    image, video, start, end = (config.image_token_id, config.video_token_id, config.vision_start_token_id,
+                                config.vision_end_token_id)
+    merge = config.vision_config.spatial_merge_size
+    image_grid = torch.tensor([[1, 4, 6], [1, 4, 4]])
+    video_grid = torch.tensor([[2, 4, 4]])
+    tokens = lambda t, h, w: t * h * w // merge**2  # noqa: E731
+    row0 = [11, 12, start] + [image] * tokens(1, 4, 6) + [end, 13, 14, start] + [video] * tokens(1, 4, 4) + [end, 15]
+    row0 += [start] + [video] * tokens(1, 4, 4) + [end, 16]
+    row1 = [21, start] + [image] * tokens(1, 4, 4) + [end, 22, 23]
+    seq = len(row0)
+    ids = torch.tensor([row0, [0] * (seq - len(row1)) + row1])
+    mask = torch.tensor([[1] * seq, [0] * (seq - len(row1)) + [1] * len(row1)])
+    patch_dim = 3 * config.vision_config.temporal_patch_size * config.vision_config.patch_size**2
+    inputs = dict(
+        input_ids=ids, attention_mask=mask, image_grid_thw=image_grid, video_grid_thw=video_grid,
+        pixel_values=torch.randn(int(image_grid.prod(-1).sum()), patch_dim, generator=generator),
+        pixel_values_videos=torch.randn(int(video_grid.prod(-1).sum()), patch_dim, generator=generator),
+    )
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+    if "mm_token_type_ids" in inspect.signature(Qwen3VLModel.get_rope_index).parameters:
+        inputs["mm_token_type_ids"] = torch.where(ids == image, 1, torch.where(ids == video, 2, 0))
+    return inputs

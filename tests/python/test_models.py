@@ -10,31 +10,10 @@ import torch
 
 import ropekit
 
-from conftest import tiny_qwen3_config, tiny_qwen3_vl_config, tiny_qwen3_vl_text_config
+from conftest import (build, has_qwen3_5, multimodal_batch, tiny_qwen3_5_text_config, tiny_qwen3_config,
+                      tiny_qwen3_vl_config, tiny_qwen3_vl_text_config)
 
 pytestmark = pytest.mark.transformers
-
-
-def build(cls, config, device, seed=0):
-    """A model with random weights, norm weights included (their init of ones/zeros would hide weight mistakes)."""
-    torch.manual_seed(seed)
-    model = cls(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.normal_(0.0 if "qwen3_5" in type(model).__module__ else 1.0, 0.2)
-    return model.to(device).eval()
-
-
-@pytest.fixture
-def count_fused(monkeypatch):
-    """Counts calls of the fused q/k norm + RoPE op made by the patched attention."""
-    from ropekit.transformers import attention
-
-    calls = []
-    real = attention.ops.qk_norm_rope
-    monkeypatch.setattr(attention.ops, "qk_norm_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
 
 
 @pytest.mark.parametrize("rope_type,params", [("default", {}), ("yarn", {"factor": 4.0, "original_max_position_embeddings": 32})])
@@ -201,35 +180,6 @@ def test_table_is_not_in_state_dict(unpatch_after):
     assert set(model.state_dict()) == keys
 
 
-def multimodal_batch(config, generator):
-    """Two rows: an image + a 2-frame video (timestamps between frames), and a left-padded row with one image."""
-    import inspect
-
-    image, video, start, end = (config.image_token_id, config.video_token_id, config.vision_start_token_id,
-                                config.vision_end_token_id)
-    merge = config.vision_config.spatial_merge_size
-    image_grid = torch.tensor([[1, 4, 6], [1, 4, 4]])
-    video_grid = torch.tensor([[2, 4, 4]])
-    tokens = lambda t, h, w: t * h * w // merge**2  # noqa: E731
-    row0 = [11, 12, start] + [image] * tokens(1, 4, 6) + [end, 13, 14, start] + [video] * tokens(1, 4, 4) + [end, 15]
-    row0 += [start] + [video] * tokens(1, 4, 4) + [end, 16]
-    row1 = [21, start] + [image] * tokens(1, 4, 4) + [end, 22, 23]
-    seq = len(row0)
-    ids = torch.tensor([row0, [0] * (seq - len(row1)) + row1])
-    mask = torch.tensor([[1] * seq, [0] * (seq - len(row1)) + [1] * len(row1)])
-    patch_dim = 3 * config.vision_config.temporal_patch_size * config.vision_config.patch_size**2
-    inputs = dict(
-        input_ids=ids, attention_mask=mask, image_grid_thw=image_grid, video_grid_thw=video_grid,
-        pixel_values=torch.randn(int(image_grid.prod(-1).sum()), patch_dim, generator=generator),
-        pixel_values_videos=torch.randn(int(video_grid.prod(-1).sum()), patch_dim, generator=generator),
-    )
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
-
-    if "mm_token_type_ids" in inspect.signature(Qwen3VLModel.get_rope_index).parameters:
-        inputs["mm_token_type_ids"] = torch.where(ids == image, 1, torch.where(ids == video, 2, 0))
-    return inputs
-
-
 def test_qwen3_vl_generate_multimodal_same_tokens(unpatch_after, monkeypatch):
     """Greedy generate of a tiny Qwen3-VL with images, a multi-frame video and left padding: same tokens patched,
     and the patched get_rope_index / rotary really ran."""
@@ -264,14 +214,6 @@ def test_qwen3_vl_multimodal_logits_match(unpatch_after, count_fused):
         ours = model(**inputs).logits
     assert count_fused
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
-
-
-def has_qwen3_5() -> bool:
-    try:
-        importlib.import_module("transformers.models.qwen3_5.modeling_qwen3_5")
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(has_qwen3_5(), reason="checks the error on a transformers without Qwen3.5 (4.57)")
@@ -322,15 +264,9 @@ def test_qwen3_5_rotary_and_rope_index(unpatch_after):
 @pytest.mark.skipif(not has_qwen3_5(), reason="Qwen3.5 exists from transformers 5.x")
 def test_qwen3_5_logits_and_grads_match(unpatch_after, count_fused):
     """Tiny Qwen3.5 (a linear-attention layer and a gated full-attention layer, zero-centred q/k norms)."""
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    from transformers import Qwen3_5ForCausalLM
 
-    config = Qwen3_5TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=2,
-        linear_key_head_dim=16, linear_value_head_dim=16,
-    )
-    config._attn_implementation = "eager"
+    config = tiny_qwen3_5_text_config(max_position_embeddings=256)
     ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(10))
 
     def run():
