@@ -1,0 +1,256 @@
+"""The stacks ropekit is patched into: PEFT (LoRA on q_proj/k_proj, trainable q_norm/k_norm copies), accelerate's
+instance-level hooks (device_map loading), a CUDA-graph captured decode step, and the guards on unsupported model
+types and transformers releases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ropekit
+from conftest import build, requires_cuda, tiny_qwen3_config, tiny_qwen3_vl_config
+
+pytestmark = pytest.mark.transformers
+
+
+def tiny_qwen3(seed=0):
+    from transformers import Qwen3ForCausalLM
+
+    return build(Qwen3ForCausalLM, tiny_qwen3_config(), "cpu", seed=seed)
+
+
+def token_batch(seed, shape=(2, 14)):
+    return torch.randint(0, 128, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def lora_model(modules_to_save=None):
+    """Tiny Qwen3 with LoRA on q_proj/k_proj; lora_B is randomised (PEFT initialises it to zero, which would make
+    the adapters invisible) and so are the trainable norm copies."""
+    peft = pytest.importorskip("peft", reason="PEFT integration: peft is in requirements/dev.txt")
+    model = peft.get_peft_model(
+        tiny_qwen3(seed=1),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], modules_to_save=modules_to_save),
+    )
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3 + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+def loss_and_trainable_grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_peft_lora_on_q_k_proj(unpatch_after, count_fused):
+    """LoRA wraps q_proj / k_proj; the patched attention calls them as modules, so the adapters run and train."""
+    model = lora_model().train()
+    ids = token_batch(3)
+    ref_loss, ref_grads = loss_and_trainable_grads(model, ids)
+    ropekit.apply_to_qwen3(model)
+    loss, grads = loss_and_trainable_grads(model, ids)
+    assert len(count_fused) == model.config.num_hidden_layers
+    assert any("lora_A" in name for name in grads) and len(grads) == len(ref_grads)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_peft_trainable_norm_copies_are_fused(unpatch_after, count_fused):
+    """modules_to_save=[q_norm, k_norm] wraps the norms; the fused op uses the active adapter's trained copy (and the
+    original norm under disable_adapter()), and the copies' gradients match the unfused model's."""
+    model = lora_model(modules_to_save=["q_norm", "k_norm"]).train()
+    ids = token_batch(4)
+    ref_loss, ref_grads = loss_and_trainable_grads(model, ids)
+    with torch.no_grad(), model.disable_adapter():
+        ref_disabled = model(input_ids=ids).logits
+    ropekit.apply_to_qwen3(model)
+    loss, grads = loss_and_trainable_grads(model, ids)
+    layers = model.config.num_hidden_layers
+    assert len(count_fused) == layers, "the wrapped norms took the fused path"
+    assert any("modules_to_save" in name and "q_norm" in name for name in grads)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad(), model.disable_adapter():
+        disabled = model(input_ids=ids).logits
+    assert len(count_fused) == 2 * layers
+    torch.testing.assert_close(disabled, ref_disabled, rtol=0, atol=1e-5)
+    assert not torch.allclose(disabled, model(input_ids=ids).logits, atol=1e-3), "the adapters change the logits"
+
+
+def hook_like_device_map(model):
+    """What from_pretrained(device_map=...) leaves behind: accelerate hooks that captured each module's bound
+    forward (placement only, no offload), on the attention and rotary modules as well as on those with weights."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_align_device_hook
+
+    attach_align_device_hook(model, execution_device=torch.device("cpu"))
+    for module in model.modules():
+        if type(module).__name__ in ("Qwen3Attention", "Qwen3RotaryEmbedding"):
+            add_hook_to_module(module, AlignDevicesHook(execution_device=torch.device("cpu")))
+
+
+def test_accelerate_hooked_instances_are_patched_when_the_model_is_given(unpatch_after, count_fused):
+    pytest.importorskip("accelerate", reason="accelerate comes with peft from requirements/dev.txt")
+    model = tiny_qwen3()
+    hook_like_device_map(model)
+    attention = model.model.layers[0].self_attn
+    captured = attention._old_forward
+    ids = token_batch(5)
+    with torch.no_grad():
+        ref = model(ids).logits
+        ropekit.apply_to_qwen3()
+        model(ids)
+        assert not count_fused, "a class patch cannot reach a forward accelerate bound before patching"
+        ropekit.apply_to_qwen3(model)
+        ours = model(ids).logits
+    assert len(count_fused) == model.config.num_hidden_layers, "placement-only hooks on q_norm/k_norm allow fusion"
+    assert "_ropekit_table" in vars(model.model.rotary_emb)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    ropekit.unpatch()
+    assert attention._old_forward is captured, "unpatch restores the instance attribute exactly"
+
+
+def test_forward_left_bound_by_remove_hook_is_patched(unpatch_after, count_fused):
+    """accelerate's remove_hook_from_module leaves the old bound forward on the instance."""
+    from accelerate.hooks import remove_hook_from_module
+
+    model = tiny_qwen3()
+    hook_like_device_map(model)
+    remove_hook_from_module(model, recurse=True)
+    assert "forward" in vars(model.model.layers[0].self_attn)
+    ids = token_batch(6)
+    with torch.no_grad():
+        ref = model(ids).logits
+        ropekit.apply_to_qwen3(model)
+        ours = model(ids).logits
+    assert len(count_fused) == model.config.num_hidden_layers
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_offloaded_norm_weights_fall_back(unpatch_after, count_fused):
+    """An offloading hook loads the weights inside its pre-forward: the fused op must not run on meta weights."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_qwen3()
+    ids = token_batch(7)
+    with torch.no_grad():
+        ref = model(ids).logits
+    norm = model.model.layers[0].self_attn.q_norm
+    weights = {"weight": norm.weight.detach().clone()}
+    add_hook_to_module(norm, AlignDevicesHook(execution_device=torch.device("cpu"), offload=True, weights_map=weights))
+    assert norm.weight.device.type == "meta"
+    ropekit.apply_to_qwen3(model)
+    with torch.no_grad():
+        ours = model(ids).logits
+    assert len(count_fused) == model.config.num_hidden_layers - 1
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_norm_forward_replaced_on_the_instance_is_respected(unpatch_after, count_fused):
+    """kernelize / use_kernels swap a hub kernel in as the norm instance's forward: that forward must run (the
+    layer falls back to the unfused steps) while the other layers stay fused."""
+    import types
+
+    model = tiny_qwen3()
+    ids = token_batch(10)
+    norm = model.model.layers[1].self_attn.k_norm
+    calls = []
+    stock = type(norm).forward
+    norm.forward = types.MethodType(lambda self, x: calls.append(1) or stock(self, x), norm)
+    with torch.no_grad():
+        ref = model(ids).logits
+        ropekit.apply_to_qwen3(model)
+        ours = model(ids).logits
+    assert len(calls) == 2 and len(count_fused) == model.config.num_hidden_layers - 1
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_model_of_another_family_is_refused(unpatch_after):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    vl_model = build(Qwen3VLForConditionalGeneration, tiny_qwen3_vl_config(), "cpu")
+    with pytest.raises(ValueError, match="apply_to_qwen3 patches model types qwen3, qwen3_moe; .* 'qwen3_vl'"):
+        ropekit.apply_to_qwen3(vl_model)
+    with pytest.raises(ValueError, match="apply_to_qwen3_5 patches model types qwen3_5, .*'qwen3'"):
+        ropekit.apply_to_qwen3_5(tiny_qwen3())
+    ropekit.apply_to_qwen3_vl(vl_model)
+    ropekit.apply_to_qwen3_vl(vl_model.model.language_model)  # the text model's own type is covered too
+
+
+@pytest.mark.parametrize("version", ["4.56.2", "6.0.0"])
+def test_unsupported_transformers_release_is_refused(unpatch_after, monkeypatch, version):
+    import transformers
+
+    from ropekit.transformers import _patching
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    for apply in (ropekit.apply_to_qwen3, ropekit.apply_to_qwen3_vl, ropekit.apply_to_qwen3_5):
+        with pytest.raises(RuntimeError, match=rf"transformers {version} is not supported; .* 4\.57\.x and 5\.x"):
+            apply()
+    assert not _patching._ORIGINALS, "nothing was patched"
+
+
+@requires_cuda
+def test_cuda_graph_captures_a_patched_decode_step(unpatch_after, count_fused):
+    """A decode step of the patched model (static KV cache, fused q/k norm + RoPE, table gather) is captured in a
+    CUDA graph and replays to the eager step's logits, with new tokens and positions each replay."""
+    from transformers import StaticCache
+
+    model = tiny_qwen3(seed=8).cuda()
+    ropekit.apply_to_qwen3(model)
+    prompt = token_batch(9, (2, 10)).cuda()
+    max_len = 24
+
+    def fresh_cache():
+        try:
+            return StaticCache(config=model.config, max_cache_len=max_len)
+        except TypeError:  # 4.57 wants the batch size and device up front
+            return StaticCache(config=model.config, max_batch_size=2, max_cache_len=max_len, device="cuda",
+                               dtype=torch.float32)
+
+    def prefill(cache):
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True,
+                    cache_position=torch.arange(prompt.shape[1], device="cuda"))
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    static_token = torch.zeros(2, 1, dtype=torch.long, device="cuda")
+    static_position = torch.zeros(1, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        graph_cache = fresh_cache()
+        static_token.copy_(prefill(graph_cache))
+        static_position.fill_(prompt.shape[1])
+
+        def step():
+            return model(input_ids=static_token, past_key_values=graph_cache, use_cache=True,
+                         cache_position=static_position, position_ids=static_position.expand(2, 1)).logits
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm-up: the table and workspaces are allocated outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = step()
+
+        eager_cache = fresh_cache()
+        token = prefill(eager_cache)
+        static_token.copy_(token)
+        graph_cache.reset()
+        prefill(graph_cache)
+        fused_before = len(count_fused)
+        for offset in range(4):
+            position = prompt.shape[1] + offset
+            static_position.fill_(position)
+            graph.replay()
+            eager = model(input_ids=token, past_key_values=eager_cache, use_cache=True,
+                          cache_position=torch.tensor([position], device="cuda")).logits
+            torch.testing.assert_close(static_logits, eager, rtol=0, atol=1e-5)
+            token = eager[:, -1].argmax(-1, keepdim=True)
+            static_token.copy_(token)
+    assert len(count_fused) > fused_before, "the eager decode steps used the fused op (the graph replays it)"
