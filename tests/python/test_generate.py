@@ -1,6 +1,6 @@
 """End to end, for every Qwen3-family model the patcher supports: tiny models built from transformers' config
-classes (random weights, no downloads) give the same fp32 logits and the same greedy generate() tokens patched and
-unpatched, text-only with a left-padded ragged batch and, for the VL families, with images, a 2-frame video and
+classes (random weights, no downloads) give the same fp32 logits, the same greedy generate() tokens and the same
+training-step gradients (gradient checkpointing on and off) patched and unpatched, text-only with a left-padded ragged batch and, for the VL families, with images, a 2-frame video and
 left padding. Each test also checks the patch really ran: the rotary table was built, every full-attention layer
 of every forward ran the fused q/k norm + RoPE, and every get_rope_index call went through ropekit.rope_index."""
 
@@ -174,3 +174,34 @@ def test_generate_multimodal_same_tokens(unpatch_after, count_fused, count_rope_
     assert torch.equal(ours, ref)
     assert torch.equal(model.model.rope_deltas, ref_deltas)  # 5.x's generate continues positions without them
     assert_patch_ran(model, count_fused, NEW_TOKENS, count_rope_index, calls, multimodal=True)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_step_matches(unpatch_after, count_fused, family, checkpointing):
+    """One training step, with and without gradient checkpointing: the same loss and the same gradient for every
+    parameter (vision tower included; the VL models train on images, a video and a left-padded row)."""
+    if family.vl:
+        inputs = multimodal_batch(family.config(), torch.Generator().manual_seed(3))
+    else:
+        inputs = text_batch()
+    inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+    def step():
+        model = family.build().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = model(**inputs).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return model, loss.detach(), grads
+
+    _, ref_loss, ref_grads = step()
+    family.apply()
+    model, loss, grads = step()
+    assert set(grads) == set(ref_grads) and any("q_norm" in name for name in grads)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    attention_layers = sum(hasattr(layer, "self_attn") for layer in language_model(model).layers)
+    assert len(count_fused) == (2 if checkpointing else 1) * attention_layers, "checkpointing recomputes the fused op"
