@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ropekit
-from conftest import build, requires_cuda, tiny_qwen3_config, tiny_qwen3_vl_config
+from conftest import build, multimodal_batch, requires_cuda, tiny_qwen3_config, tiny_qwen3_vl_config
 
 pytestmark = pytest.mark.transformers
 
@@ -81,6 +81,37 @@ def test_peft_trainable_norm_copies_are_fused(unpatch_after, count_fused):
     assert len(count_fused) == 2 * layers
     torch.testing.assert_close(disabled, ref_disabled, rtol=0, atol=1e-5)
     assert not torch.allclose(disabled, model(input_ids=ids).logits, atol=1e-3), "the adapters change the logits"
+
+
+def test_peft_lora_on_a_qwen3_vl_model(unpatch_after, count_fused, count_rope_index):
+    """A LoRA-wrapped Qwen3-VL is recognised through PeftModel's config and trains on images + video unchanged."""
+    peft = pytest.importorskip("peft", reason="PEFT integration: peft is in requirements/dev.txt")
+    from transformers import Qwen3VLForConditionalGeneration
+
+    config = tiny_qwen3_vl_config()
+    model = peft.get_peft_model(build(Qwen3VLForConditionalGeneration, config, "cpu", seed=5),
+                                peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.3)
+    inputs = multimodal_batch(config, torch.Generator().manual_seed(6))
+    inputs["labels"] = inputs["input_ids"]
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = loss_and_grads()
+    ropekit.apply_to_qwen3_vl(model)
+    loss, grads = loss_and_grads()
+    assert count_fused and count_rope_index, "the fused attention and the native rope_index ran"
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def hook_like_device_map(model):
