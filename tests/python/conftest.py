@@ -154,26 +154,24 @@ def build(cls, config, device, seed=0):
     return model.to(device).eval()
 
 
+def _count_calls(monkeypatch, op_name: str) -> list:
+    """Wraps ropekit.ops.<op_name> (what the patched transformers code calls) to record each call."""
+    calls = []
+    real = getattr(ropekit.ops, op_name)
+    monkeypatch.setattr(ropekit.ops, op_name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 @pytest.fixture
 def count_fused(monkeypatch):
     """Counts calls of the fused q/k norm + RoPE op made by the patched attention."""
-    from ropekit.transformers import attention
-
-    calls = []
-    real = attention.ops.qk_norm_rope
-    monkeypatch.setattr(attention.ops, "qk_norm_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
+    return _count_calls(monkeypatch, "qk_norm_rope")
 
 
 @pytest.fixture
 def count_rope_index(monkeypatch):
     """Counts calls of ropekit.rope_index made by the patched get_rope_index."""
-    from ropekit.transformers import rope_index
-
-    calls = []
-    real = rope_index.ops.rope_index
-    monkeypatch.setattr(rope_index.ops, "rope_index", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
+    return _count_calls(monkeypatch, "rope_index")
 
 
 def multimodal_batch(config, generator):
