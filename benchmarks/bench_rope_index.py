@@ -73,6 +73,8 @@ def tiny_vl_model():
 
     text = dict(vocab_size=160000, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    if not hasattr(Qwen3VLConfig().text_config, "rope_parameters"):  # 4.57 reads mrope_section from rope_scaling
+        text["rope_scaling"] = {"rope_type": "default", "mrope_section": [4, 2, 2]}
     vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=1, out_hidden_size=32,
                   spatial_merge_size=MERGE, deepstack_visual_indexes=[0])
     return Qwen3VLModel(Qwen3VLConfig(text_config=text, vision_config=vision))

@@ -147,12 +147,12 @@ def liger_functions():
     return liger_rotary_pos_emb, LigerRMSNormFunction
 
 
-def timings(device, compile_baseline: bool):
+def timings(device, compile_baseline: bool, quick: bool = False):
     """Per-call medians (us) of each replaced path: {path: {"transformers eager": t, ..., "ropekit": t}}."""
     from transformers.models.qwen3 import modeling_qwen3
 
     gpu = device.type == "cuda"
-    batch, seq = (4, 4096) if gpu else (1, 2048)
+    batch, seq = (4, 4096) if gpu else (1, 256 if quick else 2048)
     dtype = torch.bfloat16
     torch.manual_seed(3)
     rotary = modeling_qwen3.Qwen3RotaryEmbedding(qwen3_config()).to(device)
@@ -246,6 +246,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.png"))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
+    parser.add_argument("--quick", action="store_true", help="a short CPU run (S256, no compile): the test suite's")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -256,7 +257,7 @@ def main():
     print("1) Does patching change any number? Same tiny models, unpatched vs ropekit.apply_to_*(model):")
     print(format_table(["check", "max |difference|", "result"], rows))
 
-    results, same_table, shape = timings(device, compile_baseline=not args.no_compile)
+    results, same_table, shape = timings(device, compile_baseline=not (args.no_compile or args.quick), quick=args.quick)
     ropekit.unpatch()
     baselines = [name for name in ("transformers eager", "torch.compile", "Liger-Kernel")
                  if any(name in r for r in results.values())]
