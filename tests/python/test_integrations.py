@@ -114,21 +114,16 @@ def test_peft_lora_on_a_qwen3_vl_model(unpatch_after, count_fused, count_rope_in
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def hook_like_device_map(model):
-    """What from_pretrained(device_map=...) leaves behind: accelerate hooks that captured each module's bound
-    forward (placement only, no offload), on the attention and rotary modules as well as on those with weights."""
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, attach_align_device_hook
+def dispatched(model):
+    """What from_pretrained(device_map=...) does: accelerate's dispatch_model hooks every module (placement only,
+    no offload), each hook keeping the bound forward it wrapped in _old_forward."""
+    from accelerate import dispatch_model
 
-    attach_align_device_hook(model, execution_device=torch.device("cpu"))
-    for module in model.modules():
-        if type(module).__name__ in ("Qwen3Attention", "Qwen3RotaryEmbedding"):
-            add_hook_to_module(module, AlignDevicesHook(execution_device=torch.device("cpu")))
+    return dispatch_model(model, device_map={"": "cpu"}, main_device="cpu", force_hooks=True)
 
 
 def test_accelerate_hooked_instances_are_patched_when_the_model_is_given(unpatch_after, count_fused):
-    pytest.importorskip("accelerate", reason="accelerate comes with peft from requirements/dev.txt")
-    model = tiny_qwen3()
-    hook_like_device_map(model)
+    model = dispatched(tiny_qwen3())
     attention = model.model.layers[0].self_attn
     captured = attention._old_forward
     ids = token_batch(5)
@@ -143,15 +138,15 @@ def test_accelerate_hooked_instances_are_patched_when_the_model_is_given(unpatch
     assert "_ropekit_table" in vars(model.model.rotary_emb)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     ropekit.unpatch()
-    assert attention._old_forward is captured, "unpatch restores the instance attribute exactly"
+    restored = attention._old_forward  # unpatch re-binds the original function: an equal bound method
+    assert restored == captured and restored.__func__ is captured.__func__, "unpatch restores the instance attribute"
 
 
 def test_forward_left_bound_by_remove_hook_is_patched(unpatch_after, count_fused):
     """accelerate's remove_hook_from_module leaves the old bound forward on the instance."""
     from accelerate.hooks import remove_hook_from_module
 
-    model = tiny_qwen3()
-    hook_like_device_map(model)
+    model = dispatched(tiny_qwen3())
     remove_hook_from_module(model, recurse=True)
     assert "forward" in vars(model.model.layers[0].self_attn)
     ids = token_batch(6)
@@ -161,6 +156,74 @@ def test_forward_left_bound_by_remove_hook_is_patched(unpatch_after, count_fused
         ours = model(ids).logits
     assert len(count_fused) == model.config.num_hidden_layers
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_unpatch_reaches_forwards_captured_while_patched(unpatch_after, count_fused):
+    """Patching before loading (accelerate then wraps the patched forward), or remove_hook_from_module after
+    apply_to_qwen3(model): after unpatch() those leftover references run transformers' own code again."""
+    from accelerate.hooks import remove_hook_from_module
+
+    ids = token_batch(11)
+    ropekit.apply_to_qwen3()
+    early = dispatched(tiny_qwen3())
+    late = dispatched(tiny_qwen3())
+    ropekit.apply_to_qwen3(late)
+    remove_hook_from_module(late, recurse=True)
+    with torch.no_grad():
+        early_patched, late_patched = early(ids).logits, late(ids).logits
+    assert len(count_fused) == 2 * early.config.num_hidden_layers
+    ropekit.unpatch()
+    with torch.no_grad():
+        early_after, late_after = early(ids).logits, late(ids).logits
+    assert len(count_fused) == 2 * early.config.num_hidden_layers, "nothing ran ropekit after unpatch()"
+    assert "forward" in vars(late.model.layers[0].self_attn)
+    torch.testing.assert_close(early_after, early_patched, rtol=0, atol=1e-5)
+    torch.testing.assert_close(late_after, late_patched, rtol=0, atol=1e-5)
+    ropekit.apply_to_qwen3(early)  # a retired replacement in _old_forward is replaced by the live one
+    with torch.no_grad():
+        early(ids)
+    assert len(count_fused) == 3 * early.config.num_hidden_layers
+
+
+def test_patching_holds_no_reference_to_the_model(unpatch_after):
+    import gc
+    import weakref
+
+    model = dispatched(tiny_qwen3())
+    ropekit.apply_to_qwen3(model)
+    attention = weakref.ref(model.model.layers[0].self_attn)
+    del model
+    gc.collect()
+    assert attention() is None, "an instance patch kept the model alive"
+
+
+def test_replaced_norm_forward_under_a_placement_hook_runs(unpatch_after, count_fused):
+    """A kernelize-style forward wrapped by accelerate's placement hook is not the stock norm: it must run."""
+    import types
+
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = tiny_qwen3()
+    norm = model.model.layers[0].self_attn.q_norm
+    stock = type(norm).forward
+    norm.forward = types.MethodType(lambda self, x: stock(self, x) * 2, norm)
+    add_hook_to_module(norm, AlignDevicesHook(execution_device=torch.device("cpu")))
+    ids = token_batch(12)
+    with torch.no_grad():
+        ref = model(ids).logits
+        ropekit.apply_to_qwen3(model)
+        ours = model(ids).logits
+    assert len(count_fused) == model.config.num_hidden_layers - 1
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def test_wrapped_models_are_recognised(unpatch_after):
+    """DataParallel / DDP (.module) and torch.compile (._orig_mod) wrappers are looked through."""
+    model = tiny_qwen3()
+    ropekit.apply_to_model(torch.nn.DataParallel(model))
+    ropekit.apply_to_qwen3(torch.compile(model))
+    with pytest.raises(ValueError, match="model_type None"):
+        ropekit.apply_to_qwen3(torch.nn.Linear(2, 2))
 
 
 def test_offloaded_norm_weights_fall_back(unpatch_after, count_fused):
@@ -213,7 +276,7 @@ def test_model_of_another_family_is_refused(unpatch_after):
     ropekit.apply_to_qwen3_vl(vl_model.model.language_model)  # the text model's own type is covered too
 
 
-@pytest.mark.parametrize("version", ["4.56.2", "6.0.0"])
+@pytest.mark.parametrize("version", ["4.56.2", "6.0.0", "not-a-version"])
 def test_unsupported_transformers_release_is_refused(unpatch_after, monkeypatch, version):
     import transformers
 
@@ -224,6 +287,14 @@ def test_unsupported_transformers_release_is_refused(unpatch_after, monkeypatch,
         with pytest.raises(RuntimeError, match=rf"transformers {version} is not supported; .* 4\.57\.x and 5\.x"):
             apply()
     assert not _patching._ORIGINALS, "nothing was patched"
+
+
+@pytest.mark.parametrize("version", ["4.57.0.dev0", "5.0.0rc1", "5.99.1"])
+def test_supported_transformers_releases_are_accepted(unpatch_after, monkeypatch, version):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    ropekit.apply_to_qwen3()
 
 
 @requires_cuda

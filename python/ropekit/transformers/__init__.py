@@ -72,8 +72,12 @@ def _check_transformers_version() -> None:
     """The patches replace methods whose signatures moved between releases: refuse lines they were not written for
     rather than misroute arguments."""
     import transformers
+    from packaging.version import InvalidVersion, Version  # a transformers dependency
 
-    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    try:
+        major, minor = (Version(transformers.__version__).release + (0, 0))[:2]
+    except InvalidVersion:
+        major, minor = 0, 0
     if not ((major, minor) >= (4, 57) and major < 6):
         raise RuntimeError(
             f"ropekit: transformers {transformers.__version__} is not supported; ropekit patches transformers "
@@ -81,24 +85,35 @@ def _check_transformers_version() -> None:
         )
 
 
+def _unwrap_model(model):
+    """The transformers model inside DDP / DataParallel (``.module``) or torch.compile (``._orig_mod``) wrappers;
+    PeftModel needs no unwrapping (it forwards ``.config``)."""
+    while getattr(model, "config", None) is None:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            break
+        model = inner
+    return model
+
+
 def _model_type(model) -> str | None:
-    return getattr(getattr(model, "config", None), "model_type", None)  # PeftModel forwards .config
+    return getattr(getattr(_unwrap_model(model), "config", None), "model_type", None)
 
 
 def _check_model(family: str, model) -> None:
     model_type = _model_type(model)
     if model_type not in _FAMILY_MODEL_TYPES[family]:
         raise ValueError(
-            f"ropekit: apply_to_{family.lower().replace('-', '_').replace('.', '_')} patches model types "
-            f"{', '.join(_FAMILY_MODEL_TYPES[family])}; the model given has model_type {model_type!r} "
-            "(ropekit.apply_to_model picks the right family)"
+            f"ropekit: {_APPLY[family].__name__} patches model types {', '.join(_FAMILY_MODEL_TYPES[family])}; the "
+            f"model given has model_type {model_type!r} (ropekit.apply_to_model picks the right family)"
         )
 
 
 def _patch_instance_forwards(model) -> None:
-    """Reach modules whose forward was bound on the instance before patching, so a class patch cannot reach them:
-    accelerate's hooks (``from_pretrained(device_map=...)``) keep the forward they wrapped in ``_old_forward``,
-    and ``remove_hook_from_module`` leaves that bound method behind as the instance's ``forward``."""
+    """Reach modules whose forward was bound on the instance, where a class patch cannot reach it: accelerate's
+    hooks (``from_pretrained(device_map=...)``) keep the forward they wrapped in ``_old_forward``, and
+    ``remove_hook_from_module`` leaves that bound method behind as the instance's ``forward``. The bound function
+    is the original, or a replacement from an earlier patch that ``unpatch()`` retired."""
     for module in model.modules():
         patched = getattr(type(module), "forward", None)
         original = getattr(patched, "__ropekit_original__", None)
@@ -106,7 +121,12 @@ def _patch_instance_forwards(model) -> None:
             continue
         for name in ("forward", "_old_forward"):
             bound = vars(module).get(name)
-            if getattr(bound, "__func__", None) is original and getattr(bound, "__self__", None) is module:
+            function = getattr(bound, "__func__", None)
+            if (
+                getattr(bound, "__self__", None) is module
+                and function is not patched
+                and _unwrapped(function) is original
+            ):
                 patch(module, name, types.MethodType(patched, module))
 
 

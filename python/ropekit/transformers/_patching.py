@@ -1,13 +1,26 @@
-"""Bookkeeping for monkeypatches: every original is recorded once and can be restored exactly."""
+"""Bookkeeping for monkeypatches: every original is recorded once and can be restored exactly.
+
+Replacements carry a ``__ropekit_live__`` flag that ``unpatch_all`` clears: a reference to a replacement that
+outlives its patch (accelerate keeps the forward it wrapped in ``_old_forward``; ``from x import f`` keeps ``f``)
+then behaves as the original instead of running ropekit after ``unpatch()``.
+"""
 
 from __future__ import annotations
 
 import importlib
+import types
+import weakref
 from typing import Any
 
 _MISSING = object()
-# (owner, attribute name) -> the object found in owner.__dict__ before ropekit touched it
+# (class or module, attribute name) -> the object found in owner.__dict__ before ropekit touched it
 _ORIGINALS: dict[tuple[Any, str], Any] = {}
+# model instances (weakly held, so patching never keeps a model alive) -> {attribute name: (original function,
+# replacement function)}; instance attributes are methods bound to the instance, stored unbound so that the entry
+# holds no reference to its key
+_INSTANCE_ORIGINALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# every replacement installed since the last unpatch_all, to be marked dead by it
+_INSTALLED: list[Any] = []
 
 
 def import_optional(module_name: str):
@@ -26,11 +39,24 @@ def original(owner: Any, name: str) -> Any:
     return raw.__get__(None, owner) if isinstance(raw, (staticmethod, classmethod)) else raw
 
 
+def is_live(replacement: Any) -> bool:
+    """Whether a replacement's patch is still in force (False once unpatch_all ran)."""
+    return getattr(getattr(replacement, "__func__", replacement), "__ropekit_live__", False)
+
+
 def patch(owner: Any, name: str, replacement: Any) -> None:
-    """Set owner.name = replacement, remembering the original the first time. Idempotent."""
-    key = (owner, name)
-    if key not in _ORIGINALS:
-        _ORIGINALS[key] = vars(owner).get(name, _MISSING)
+    """Set owner.name = replacement, remembering the original the first time. Idempotent. ``owner`` is a class, a
+    module, or a model instance (held weakly), whose attribute and replacement are methods bound to it."""
+    if isinstance(owner, (type, types.ModuleType)):
+        if (owner, name) not in _ORIGINALS:
+            _ORIGINALS[(owner, name)] = vars(owner).get(name, _MISSING)
+    else:
+        names = _INSTANCE_ORIGINALS.setdefault(owner, {})
+        first = names[name][0] if name in names else vars(owner)[name].__func__
+        names[name] = (first, replacement.__func__)
+    function = getattr(replacement, "__func__", replacement)
+    function.__ropekit_live__ = True
+    _INSTALLED.append(function)
     setattr(owner, name, replacement)
 
 
@@ -39,10 +65,23 @@ def is_patched(owner: Any, name: str) -> bool:
 
 
 def unpatch_all() -> None:
-    """Restore every patched attribute to the exact object it was before patching."""
+    """Restore every patched attribute to the exact object it was before patching, and mark every replacement
+    dead so that references to it kept elsewhere run the original."""
     for (owner, name), raw in reversed(list(_ORIGINALS.items())):
-        if raw is _MISSING:
-            delattr(owner, name)
-        else:
-            setattr(owner, name, raw)
+        _restore(owner, name, raw)
+    for owner, names in list(_INSTANCE_ORIGINALS.items()):
+        for name, (function, replacement) in names.items():
+            if getattr(vars(owner).get(name), "__func__", None) is replacement:  # not moved since (remove_hook does)
+                setattr(owner, name, types.MethodType(function, owner))
+    for function in _INSTALLED:
+        function.__ropekit_live__ = False
     _ORIGINALS.clear()
+    _INSTANCE_ORIGINALS.clear()
+    _INSTALLED.clear()
+
+
+def _restore(owner: Any, name: str, raw: Any) -> None:
+    if raw is not _MISSING:
+        setattr(owner, name, raw)
+    else:
+        delattr(owner, name)

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from .. import ops
+from ._patching import is_live
 
 _FUSABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -25,12 +26,20 @@ def _global_module_hooks() -> bool:
     return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
 
 
-def _accelerate_placement_only(norm) -> bool:
-    """accelerate's ``AlignDevicesHook`` without offload (``device_map`` placement) only moves inputs to the device
-    the weights already live on; once the caller checks they live beside the activations, skipping it is exact."""
+def _accelerate_placement_only(norm, stock_forward) -> bool:
+    """accelerate's ``AlignDevicesHook`` without offload (``device_map`` placement) around the stock forward only
+    moves inputs to the device the weights already live on; once the caller checks they live beside the
+    activations, skipping it is exact. Any other hook, or a hook around a replaced forward, must run."""
     hooks_module = sys.modules.get("accelerate.hooks")
     hook = vars(norm).get("_hf_hook")
     if hooks_module is None or hook is None:
+        return False
+    wrapper, wrapped = vars(norm).get("forward"), vars(norm).get("_old_forward")
+    if not (
+        getattr(getattr(wrapper, "func", None), "__module__", None) == hooks_module.__name__  # accelerate's partial
+        and getattr(wrapped, "__func__", None) is stock_forward
+        and getattr(wrapped, "__self__", None) is norm
+    ):
         return False
     hooks = hook.hooks if type(hook) is hooks_module.SequentialHook else (hook,)
     return all(type(h) is hooks_module.AlignDevicesHook and not h.offload for h in hooks)
@@ -72,8 +81,8 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
         forward = vars(norm).get("forward")
         return (
             forward is None
-            or getattr(forward, "__func__", None) is norm_forward
-            or _accelerate_placement_only(norm)
+            or (getattr(forward, "__func__", None) is norm_forward and getattr(forward, "__self__", None) is norm)
+            or _accelerate_placement_only(norm, norm_forward)
         )
 
     def stock_norm(norm, query) -> bool:
@@ -113,6 +122,9 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
 
     @functools.wraps(original)
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, *args, **kwargs):
+        if not is_live(forward):  # a reference that outlived unpatch() (e.g. accelerate's _old_forward)
+            return original(self, hidden_states, position_embeddings, attention_mask, past_key_values, *args,
+                            **kwargs)
         cache_position = None
         if takes_cache_position and args:
             cache_position, args = args[0], args[1:]

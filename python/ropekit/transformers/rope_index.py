@@ -11,6 +11,7 @@ import functools
 import inspect
 
 from .. import ops
+from ._patching import is_live
 
 
 def _on_host(input_ids) -> bool:
@@ -30,7 +31,7 @@ def make_get_rope_index(original):
         @functools.wraps(original)
         def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
                            attention_mask=None, **kwargs):
-            if input_ids is None or mm_token_type_ids is None or input_ids.dim() != 2:
+            if not is_live(get_rope_index) or input_ids is None or mm_token_type_ids is None or input_ids.dim() != 2:
                 return original(self, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask,
                                 **kwargs)
             device = input_ids.device
@@ -45,7 +46,12 @@ def make_get_rope_index(original):
 
         @functools.wraps(original)
         def get_rope_index(self, input_ids=None, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
-            if input_ids is None or input_ids.dim() != 2 or (attention_mask is not None and attention_mask.dim() != 2):
+            if (
+                not is_live(get_rope_index)
+                or input_ids is None
+                or input_ids.dim() != 2
+                or (attention_mask is not None and attention_mask.dim() != 2)
+            ):
                 return original(self, input_ids, image_grid_thw, video_grid_thw, attention_mask)
             device = input_ids.device
             config = self.config

@@ -12,6 +12,7 @@ import torch
 
 from .. import ops
 from ..modules import RopeTable
+from ._patching import is_live
 
 _TABLE_ATTR = "_ropekit_table"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -38,7 +39,7 @@ def make_rotary_forward(original, mrope: bool):
 
     Falls back to the original forward, whose numbers are the reference, where a table cannot serve the call:
     dynamic/longrope rope types, a per-layer-type call, or tracing under torch.compile (the table cache is
-    Python state).
+    Python state); and once unpatched.
     """
 
     @torch.no_grad()
@@ -47,6 +48,7 @@ def make_rotary_forward(original, mrope: bool):
         if (
             args
             or kwargs
+            or not is_live(forward)  # a reference that outlived unpatch()
             or is_dynamic_rope(self)
             or torch.compiler.is_compiling()
             or x.dtype not in _SUPPORTED_DTYPES
@@ -67,7 +69,8 @@ def make_apply_rotary_pos_emb(original):
 
     def rotate(q, k, cos, sin, unsqueeze_dim):
         if (
-            q.dim() != 4
+            not is_live(apply_rotary_pos_emb)
+            or q.dim() != 4
             or k.dim() != 4
             or cos.dim() != 3
             or q.dtype != k.dtype
