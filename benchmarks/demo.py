@@ -124,6 +124,9 @@ def parity(device):
         vl_logits = vl(**inputs).logits
         tokens = vl.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False)
     same_tokens = torch.equal(tokens, ref_tokens)
+    # the ropekit paths really ran (a silent fallback would also give equal numbers)
+    took_ropekit_paths = all("_ropekit_table" in vars(rotary) for rotary in
+                             (model.model.rotary_emb, vl.model.language_model.rotary_emb))
     new = tokens.shape[1] - inputs["input_ids"].shape[1]
     checks = [
         ("Qwen3, fp32 logits (B2 S256)", max_diff(logits, ref_logits), 1e-5),
@@ -133,7 +136,9 @@ def parity(device):
     rows = [[name, f"{diff:.2g}", verdict(diff, tol)] for name, diff, tol in checks]
     rows.append([f"Qwen3-VL, greedy generate ({new} new tokens x 2 rows)", "-",
                  "same tokens" if same_tokens else "DIFFERENT TOKENS"])
-    ok = same_tokens and all(diff <= tol for _, diff, tol in checks)
+    rows.append(["the patched models served cos/sin from ropekit's cached tables", "-",
+                 "yes" if took_ropekit_paths else "NO (fell back)"])
+    ok = same_tokens and took_ropekit_paths and all(diff <= tol for _, diff, tol in checks)
     return rows, ok
 
 

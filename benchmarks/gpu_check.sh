@@ -42,7 +42,9 @@ fi
 
 case $stage in
 test)
-    run pytest $PY -m pytest tests/python -q -x -p no:cacheprovider -n 8
+    parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")  # pytest-xdist, when the image has it
+    # shellcheck disable=SC2086
+    run pytest $PY -m pytest tests/python -q -x -p no:cacheprovider $parallel
     ;;
 sanitize)
     ops="tests/python/test_apply_rope.py tests/python/test_rope_table.py tests/python/test_qk_norm_rope.py \

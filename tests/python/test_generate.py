@@ -1,8 +1,9 @@
 """End to end, for every Qwen3-family model the patcher supports: tiny models built from transformers' config
 classes (random weights, no downloads) give the same fp32 logits, the same greedy generate() tokens and the same
 training-step gradients (gradient checkpointing on and off) patched and unpatched, text-only with a left-padded
-ragged batch and, for the VL families, with images, a 2-frame video and left padding. Each test also checks the patch really ran: the rotary table was built, every full-attention layer
-of every forward ran the fused q/k norm + RoPE, and every get_rope_index call went through ropekit.rope_index."""
+ragged batch and, for the VL families, with images, a 2-frame video and left padding. Each test also checks the
+patch really ran: the rotary table was built, every full-attention layer of every forward ran the fused q/k norm +
+RoPE, and every get_rope_index call went through ropekit.rope_index."""
 
 from __future__ import annotations
 
