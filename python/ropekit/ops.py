@@ -39,16 +39,24 @@ def rope_cos_sin(
     dtype: torch.dtype,
     inv_freq: torch.Tensor | None = None,
     attention_scaling: float = 1.0,
+    table_inv_freq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather transformers-layout cos/sin ``(B, S, 2*half)`` of ``dtype`` for ``position_ids`` ``(B, S)``.
 
     A position outside the table (past its end, or negative: transformers produces negative positions for padding
-    slots after adding negative mRoPE deltas) is an error unless ``inv_freq`` (and the ``attention_scaling`` the
-    table was built with) is given; then its row is computed exactly as transformers computes it. On CUDA that
-    happens in the kernel with no host sync; without ``inv_freq`` such a position raises a device-side assert.
-    Not differentiable.
+    slots after adding negative mRoPE deltas) is an error unless ``inv_freq`` (any float dtype, read as float32
+    like transformers' ``.float()``, with the ``attention_scaling`` the table was built with) is given; then its
+    row is computed exactly as transformers computes it. On CUDA that happens in the kernel with no host sync;
+    without ``inv_freq`` such a position raises a device-side assert.
+
+    ``table_inv_freq`` (float32 ``[half]``): the frequencies the table was built from. Where the current
+    ``inv_freq[j]`` differs from it bitwise, frequency ``j`` is computed from ``inv_freq`` for every position
+    instead of read from the table, so a table is never served stale after an in-place change of ``inv_freq`` that
+    left no trace (``.data``, inference tensors, numpy views). On CUDA the comparison runs inside the kernel (no
+    host sync). Not differentiable.
     """
-    return _ops.rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, float(attention_scaling))
+    return _ops.rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, float(attention_scaling),
+                             table_inv_freq)
 
 
 def mrope_cos_sin(
@@ -59,6 +67,7 @@ def mrope_cos_sin(
     dtype: torch.dtype,
     inv_freq: torch.Tensor | None = None,
     attention_scaling: float = 1.0,
+    table_inv_freq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3-VL interleaved mRoPE cos/sin ``(B, S, 2*half)``.
 
@@ -68,7 +77,7 @@ def mrope_cos_sin(
     """
     return _ops.mrope_cos_sin(
         cos_cache, sin_cache, position_ids, [int(s) for s in mrope_section], dtype, inv_freq,
-        float(attention_scaling),
+        float(attention_scaling), table_inv_freq,
     )
 
 
@@ -177,13 +186,15 @@ def _gather_fake(cos_cache, batch, seq, dtype):
     return cos_cache.new_empty(shape, dtype=dtype), cos_cache.new_empty(shape, dtype=dtype)
 
 
-def _rope_cos_sin_fake(cos_cache, sin_cache, position_ids, dtype, inv_freq=None, attention_scaling=1.0):
+def _rope_cos_sin_fake(cos_cache, sin_cache, position_ids, dtype, inv_freq=None, attention_scaling=1.0,
+                       table_inv_freq=None):
     torch._check(position_ids.dim() == 2, lambda: "position_ids: expected a 2-D (batch, seq) tensor")
     return _gather_fake(cos_cache, position_ids.shape[0], position_ids.shape[1], dtype)
 
 
 def _mrope_cos_sin_fake(
-    cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq=None, attention_scaling=1.0
+    cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq=None, attention_scaling=1.0,
+    table_inv_freq=None,
 ):
     batch, seq = position_ids.shape[-2], position_ids.shape[-1]
     return _gather_fake(cos_cache, batch, seq, dtype)
