@@ -158,7 +158,10 @@ TORCH_LIBRARY(ropekit, m) {
   m.def(
       "rope_index(Tensor input_ids, Tensor? image_grid_thw, Tensor? video_grid_thw, Tensor? attention_mask, "
       "Tensor? mm_token_type_ids, int spatial_merge_size, int image_token_id, int video_token_id, "
-      "int vision_start_token_id, str convention, bool on_host=True) -> (Tensor position_ids, Tensor deltas)");
+      "int vision_start_token_id, str convention, bool on_host=True, *, bool video_frames=True, "
+      "Tensor? second_per_grid_ts=None, Scalar? tokens_per_second=None, int video_start_token_id=-1, "
+      "int video_end_token_id=-1, bool packed=False, Tensor? cu_seqlens=None, bool strict=False) -> "
+      "(Tensor position_ids, Tensor deltas)");
   m.def(
       "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
       "bool zero_centered=False) -> (Tensor q_out, Tensor k_out)");
