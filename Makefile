@@ -16,7 +16,7 @@ export PATH := $(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 export MAX_JOBS ?= $(shell nproc)
 
-.PHONY: test demo bench build venv tf457 gtest-deps cmake-build test-python test-tf457 test-cpp clean
+.PHONY: test demo bench build venv tf457 gtest-deps cmake-build test-python test-tf457 test-cpp test-sanitize clean
 
 # The folders are named by the requirement files' hashes, so a stamp is valid for as long as it exists; no file-time
 # prerequisites (a fresh clone's files are all newer than the cache and would force a reinstall every run).
@@ -56,7 +56,28 @@ test-tf457: build tf457
 test-cpp: cmake-build
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
-test: test-python test-tf457 test-cpp
+# The CPU kernels under AddressSanitizer + UndefinedBehaviorSanitizer: the GoogleTest suite (its own CMake build), then
+# the Python op tests against an instrumented copy of the extension with the sanitizer runtimes preloaded.
+ASAN_BUILD := build/sanitize
+SANITIZER_RUNTIME = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)
+SANITIZER_ENV = ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1
+test-sanitize: venv gtest-deps
+	cmake -S . -B $(ASAN_BUILD)/cmake -G Ninja -DPython3_EXECUTABLE=$(PY) -DROPEKIT_SANITIZE=ON \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo > /dev/null
+	cmake --build $(ASAN_BUILD)/cmake
+	$(SANITIZER_ENV) ctest --test-dir $(ASAN_BUILD)/cmake --output-on-failure
+	ROPEKIT_SANITIZE=1 $(PY) setup.py --quiet build_ext --build-lib $(ASAN_BUILD)/lib --build-temp $(ASAN_BUILD)/temp
+	rm -rf $(ASAN_BUILD)/python && mkdir -p $(ASAN_BUILD)/python
+	cp -r python/ropekit $(ASAN_BUILD)/python/ && rm -f $(ASAN_BUILD)/python/ropekit/*.so
+	cp $(ASAN_BUILD)/lib/ropekit/_C*.so $(ASAN_BUILD)/python/ropekit/
+	LD_PRELOAD="$(SANITIZER_RUNTIME)" $(SANITIZER_ENV) PYTHONPATH=$(CURDIR)/$(ASAN_BUILD)/python $(PY) -c \
+	  "import ropekit._C as c; assert '$(ASAN_BUILD)' in c.__file__, c.__file__; print('sanitized:', c.__file__)"
+	LD_PRELOAD="$(SANITIZER_RUNTIME)" $(SANITIZER_ENV) PYTHONPATH=$(CURDIR)/$(ASAN_BUILD)/python \
+	  ROPEKIT_RI_CASES=300 ROPEKIT_RI_WILD_CASES=300 $(PY) -m pytest -q -p no:cacheprovider \
+	  tests/python/test_apply_rope.py tests/python/test_rope_table.py tests/python/test_qk_norm_rope.py \
+	  tests/python/test_rope_index.py tests/python/test_table_fidelity.py tests/python/test_opcheck_compile.py
+
+test: test-python test-tf457 test-cpp test-sanitize
 
 demo: build
 	$(PY) benchmarks/demo.py

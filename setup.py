@@ -27,6 +27,8 @@ CSRC = os.path.join("csrc")
 def want_cuda():
     if os.environ.get("ROPEKIT_FORCE_CPU") == "1":
         return False, "ROPEKIT_FORCE_CPU=1"
+    if os.environ.get("ROPEKIT_SANITIZE") == "1":
+        return False, "ROPEKIT_SANITIZE=1 instruments the CPU kernels"
     import torch
 
     if torch.version.cuda is None:
@@ -42,6 +44,12 @@ def extension():
     # -fopenmp: at::parallel_for is an OpenMP pragma in ATen's headers; without it the CPU kernels run on one thread.
     cxx = ["-O3", "-ffp-contract=off", "-fopenmp", "-DPy_LIMITED_API=0x030A0000"]
     link = ["-fopenmp"]
+    if os.environ.get("ROPEKIT_SANITIZE") == "1":
+        # AddressSanitizer + UndefinedBehaviorSanitizer for the CPU kernels (`make test-sanitize`); load the runtime
+        # first: LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)".
+        flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        cxx = [f for f in cxx if f != "-O3"] + ["-O1", "-g"] + flags
+        link += flags
     if not with_cuda:
         print(f"ropekit: building CPU-only ({why})", file=sys.stderr)
         return cpp_extension.CppExtension(
