@@ -199,8 +199,9 @@ def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def test_huge_position_keeps_host_memory_bounded(unpatch_after):
-    """One position of 5,000,000 used to grow the CPU table to cover it (6.2 GB at head_dim 128)."""
+def test_huge_position_keeps_memory_bounded(unpatch_after, device):
+    """One position of 5,000,000 used to grow the CPU table to cover it (6.2 GB at head_dim 128). On CPU host memory,
+    on CUDA device memory, stays within the table's bound, and the rows past it are bit-identical."""
     from transformers import Qwen3Config
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
@@ -208,22 +209,25 @@ def test_huge_position_keeps_host_memory_bounded(unpatch_after):
 
     config = Qwen3Config(hidden_size=256, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
                          max_position_embeddings=4096, **rope_kwargs())
-    module = Qwen3RotaryEmbedding(config)
+    module = Qwen3RotaryEmbedding(config).to(device)
     ropekit.apply_to_qwen3()
-    x = torch.randn(1, 4, 8)
-    pos = torch.tensor([[0, 17, 4_999_999, 5_000_000]])
+    x = torch.randn(1, 4, 8, device=device)
+    pos = torch.tensor([[0, 17, 4_999_999, 5_000_000]], device=device)
     rss_before = _max_rss_bytes()
+    cuda_before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     assert_matches_transformers(module, x, pos)
     table = table_of(module)
     assert table.rows <= MAX_TABLE_ROWS
     # the table's own bytes, and the process's peak, both far below what covering 5e6 rows would take (2.56 GB)
     assert table.cos.numel() * 4 * 2 <= 64 * 2**20
     assert _max_rss_bytes() - rss_before < 256 * 2**20
+    if device.type == "cuda":
+        assert torch.cuda.memory_allocated() - cuda_before <= 64 * 2**20 + 2**20
     # and the rows past the table are exact
     cos, sin = module(x, pos)
     half = 64
     inv = module.inv_freq
-    freqs = inv[None, :] * torch.tensor([4_999_999.0, 5_000_000.0])[:, None]
+    freqs = inv[None, :] * torch.tensor([4_999_999.0, 5_000_000.0], device=device)[:, None]
     assert torch.equal(cos[0, 2:, :half], freqs.cos())
     assert torch.equal(sin[0, 2:, half:], freqs.sin())
 
