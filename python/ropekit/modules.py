@@ -21,6 +21,11 @@ MAX_TABLE_ROWS = 1 << 17
 _MAX_EXACT_POSITION = 1 << 24  # float32 represents every integer position below it
 
 
+# the ops' overload handles, looked up once (the rotary forward runs once per model forward, decode included)
+_rope_cos_sin = torch.ops.ropekit.rope_cos_sin.default
+_mrope_cos_sin = torch.ops.ropekit.mrope_cos_sin.default
+
+
 def _round_rows(rows: int, max_rows: int) -> int:
     return min(max(256, 1 << max(rows - 1, 0).bit_length()), max_rows)
 
@@ -51,42 +56,51 @@ class RopeTable:
         self.max_rows = int(min(max_rows, _MAX_EXACT_POSITION))
         self.initial_rows = int(min(initial_rows, self.max_rows))
         self.expected_rows = int(min(expected_rows, self.max_rows))
-        self._key = None
-        self._inv_freq: torch.Tensor | None = None  # kept alive so its address cannot be reused by another tensor
-        self._table_inv_freq: torch.Tensor | None = None  # float32 snapshot the table was built from
+        # what the table was built from: the inv_freq tensor (kept alive, so its address cannot be reused by another
+        # tensor), its version, storage and dtype, the device and the scaling; and the float32 snapshot of its values
+        self._inv_freq: torch.Tensor | None = None
+        self._version = self._data_ptr = self._dtype = self._device = self._scaling = None
+        self._table_inv_freq: torch.Tensor | None = None
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
-
-    @staticmethod
-    def _key_of(inv_freq: torch.Tensor, device: torch.device, attention_scaling: float):
-        # Inference tensors (made under torch.inference_mode) track no version; the value check covers them.
-        version = None if inv_freq.is_inference() else inv_freq._version
-        return (id(inv_freq), version, inv_freq.data_ptr(), inv_freq.dtype, device, float(attention_scaling))
 
     @property
     def rows(self) -> int:
         return 0 if self.cos is None else self.cos.shape[0]
+
+    def _current(self, inv_freq: torch.Tensor, attention_scaling: float, device: torch.device) -> bool:
+        """Whether the table was built from exactly this inv_freq and scaling on this device. The cheap checks come
+        first; on CPU the values are compared too (on CUDA the gather kernel compares them, with no sync)."""
+        if (
+            inv_freq is not self._inv_freq
+            or attention_scaling != self._scaling
+            or device != self._device
+            or inv_freq.dtype != self._dtype
+            or inv_freq.data_ptr() != self._data_ptr
+        ):
+            return False
+        # inference tensors (made under torch.inference_mode) track no version; the value check covers them
+        if not inv_freq.is_inference() and inv_freq._version != self._version:
+            return False
+        return device.type != "cpu" or inv_freq.device.type != "cpu" or torch.equal(
+            inv_freq.float(), self._table_inv_freq)
 
     def tables(
         self, inv_freq: torch.Tensor, attention_scaling: float, device: torch.device, min_rows: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(cos_table, sin_table, table_inv_freq)`` on ``device``, covering at least
         ``min(min_rows, max_rows)`` rows; ``table_inv_freq`` is the float32 snapshot they were built from."""
-        key = self._key_of(inv_freq, device, attention_scaling)
-        if (
-            key != self._key
-            or self._inv_freq is not inv_freq
-            or (device.type == "cpu" == inv_freq.device.type
-                and not torch.equal(inv_freq.detach().float(), self._table_inv_freq))
-        ):
+        if not self._current(inv_freq, attention_scaling, device):
             self.cos = self.sin = None
             self._inv_freq = inv_freq
+            self._version = None if inv_freq.is_inference() else inv_freq._version
+            self._data_ptr, self._dtype, self._device = inv_freq.data_ptr(), inv_freq.dtype, device
+            self._scaling = float(attention_scaling)
             self._table_inv_freq = inv_freq.detach().to(device=device, dtype=torch.float32, copy=True)
-            self._key = key
-        min_rows = min(min_rows, self.max_rows)
-        if self.cos is None or self.rows < min_rows:
+        rows = self.rows
+        if rows < min_rows and rows < self.max_rows or self.cos is None:
             first = max(self.initial_rows, self.expected_rows if device.type != "cpu" else 0)
-            rows = _round_rows(max(min_rows, first if self.cos is None else 2 * self.rows), self.max_rows)
+            rows = _round_rows(max(min_rows, first if self.cos is None else 2 * rows), self.max_rows)
             self.cos, self.sin = ops.rope_cache(self._table_inv_freq, rows, attention_scaling)
         return self.cos, self.sin, self._table_inv_freq
 
@@ -109,13 +123,12 @@ class RopeTable:
         as transformers computes them from the current ``inv_freq`` and ``attention_scaling``."""
         device = position_ids.device
         cos_t, sin_t, table_inv = self.tables(inv_freq, attention_scaling, device, self.min_rows_for(position_ids))
-        current = inv_freq.detach()
-        if current.device != device:
-            current = current.to(device)
+        if inv_freq.device != device:
+            inv_freq = inv_freq.to(device)
         if mrope_section is None:
-            return ops.rope_cos_sin(cos_t, sin_t, position_ids, dtype, current, attention_scaling, table_inv)
-        return ops.mrope_cos_sin(cos_t, sin_t, position_ids, mrope_section, dtype, current, attention_scaling,
-                                 table_inv)
+            return _rope_cos_sin(cos_t, sin_t, position_ids, dtype, inv_freq, attention_scaling, table_inv)
+        return _mrope_cos_sin(cos_t, sin_t, position_ids, mrope_section, dtype, inv_freq, attention_scaling,
+                              table_inv)
 
 
 class CachedRotaryEmbedding(nn.Module):

@@ -42,24 +42,27 @@ def make_rotary_forward(original, mrope: bool):
     Python state); and once unpatched.
     """
 
-    @torch.no_grad()
+    ranks = (2, 3) if mrope else (2,)
+
+    # No torch.no_grad() here: the table ops take no gradient and make none, and `original` carries its own.
     @functools.wraps(original)
     def forward(self, x, position_ids, *args, **kwargs):
         if (
             args
             or kwargs
-            or not is_live(forward)  # a reference that outlived unpatch()
+            or not forward.__ropekit_live__  # a reference that outlived unpatch()
             or is_dynamic_rope(self)
             or torch.compiler.is_compiling()
             or x.dtype not in _SUPPORTED_DTYPES
-            or position_ids.dim() not in ((2, 3) if mrope else (2,))
+            or position_ids.dim() not in ranks
         ):
             return original(self, x, position_ids, *args, **kwargs)
-        table = table_of(self)
-        section = list(self.mrope_section) if mrope else None
-        return table.cos_sin(self.inv_freq, self.attention_scaling, position_ids, x.dtype, section)
+        table = self.__dict__.get(_TABLE_ATTR) or table_of(self)
+        return table.cos_sin(self.inv_freq, self.attention_scaling, position_ids, x.dtype,
+                             self.mrope_section if mrope else None)
 
     forward.__ropekit_original__ = original
+    forward.__ropekit_live__ = False  # set by patch(), cleared by unpatch()
     return forward
 
 
