@@ -166,15 +166,8 @@ const char* grid_name(int64_t kind) { return kind == 1 ? "image_grid_thw" : "vid
 class HostIndexer {
  public:
   HostIndexer(const RopeIndexArgs& a, const int64_t* att, const int64_t* tok, const int64_t* cu, int64_t n_cu,
-              std::vector<Grid> images, std::vector<Grid> videos, std::vector<TimeScale> scales, Rules rules)
-      : a_(a), att_(att), tok_(tok), cu_(cu), n_cu_(n_cu), images_(std::move(images)), videos_(std::move(videos)),
-        scales_(std::move(scales)), r_(rules) {
-    g_.images = images_.data();
-    g_.n_images = static_cast<int64_t>(images_.size());
-    g_.videos = videos_.data();
-    g_.n_videos = static_cast<int64_t>(videos_.size());
-    g_.video_scales = scales_.data();
-  }
+              GridLists grids, Rules rules)
+      : a_(a), att_(att), tok_(tok), cu_(cu), n_cu_(n_cu), r_(rules), g_(grids) {}
 
   // Fills pos (3, B, S) and deltas (B) as int64.
   void run(int64_t* pos, int64_t* deltas) {
@@ -389,7 +382,7 @@ class HostIndexer {
   void check_all_grids_used() const {
     TORCH_CHECK_VALUE(cursor_.image == g_.n_images, "image_grid_thw: ", g_.n_images, " grids but the input has only ",
                       cursor_.image, " image spans (strict=True)");
-    TORCH_CHECK_VALUE(cursor_.video == g_.n_videos, "video_grid_thw: ", g_.n_videos,
+    TORCH_CHECK_VALUE(cursor_.video == g_.n_entries(), "video_grid_thw: ", g_.n_entries(),
                       a_.video_frames ? " video frames" : " videos", " but the input has only ", cursor_.video,
                       a_.video_frames ? " video frame spans" : " video spans", " (strict=True)");
   }
@@ -397,8 +390,6 @@ class HostIndexer {
   const RopeIndexArgs& a_;
   const int64_t *att_, *tok_, *cu_;
   int64_t n_cu_;
-  std::vector<Grid> images_, videos_;
-  std::vector<TimeScale> scales_;
   Rules r_;
   GridLists g_;
   Cursor cursor_;
@@ -423,27 +414,14 @@ Rules rules_of(const RopeIndexArgs& a) {
   return r;
 }
 
-// The video list transformers iterates: whole videos, or one (1, h, w) frame per frame. 5.x and 4.57 Qwen-VL split
-// with repeat_interleave (a negative t fails, t = 0 drops the video); 4.57 GLM-4V moves to the next video once t
-// frames were seen (so a video with t < 1 still has one frame).
-std::vector<Grid> video_entries(const RopeIndexArgs& a, const int64_t* grids, int64_t n) {
-  std::vector<Grid> out;
-  for (int64_t v = 0; v < n; ++v) {
-    const int64_t t = grids[3 * v], h = grids[3 * v + 1], w = grids[3 * v + 2];
-    if (!a.video_frames) {
-      out.push_back({t, h, w, v});
-      continue;
-    }
-    int64_t frames = t;
-    if (a.convention == kVideoBrackets) {
-      frames = std::max<int64_t>(t, 1);
-    } else {
-      TORCH_CHECK_VALUE(t >= 0, "video_grid_thw: video ", v, " has t = ", t, " frames (transformers' "
-                        "repeat_interleave fails on a negative count)");
-    }
-    for (int64_t f = 0; f < frames; ++f) out.push_back({1, h, w, v});
-  }
-  return out;
+// Entries per video of the list transformers iterates: 1 (whole videos), or one (1, h, w) frame per frame. 5.x and
+// 4.57 Qwen-VL split with repeat_interleave (a negative t fails up front, t = 0 drops the video); 4.57 GLM-4V moves
+// on once t frames were seen (so a video with t < 1 still has one). As a tensor op, for either side.
+at::Tensor video_frames_end(const RopeIndexArgs& a, const at::Tensor& videos) {
+  const at::Tensor t = videos.select(1, 0);
+  if (!a.video_frames) return at::arange(1, videos.size(0) + 1, t.options());
+  if (a.convention == kVideoBrackets) return t.clamp_min(1).cumsum(0);
+  return t.clamp_min(0).cumsum(0);
 }
 
 }  // namespace
@@ -559,21 +537,13 @@ std::tuple<at::Tensor, at::Tensor> rope_index_host(const RopeIndexArgs& a) {
   }
   const at::Tensor cu = a.cu_seqlens.defined() ? a.cu_seqlens.to(at::kLong) : none;
   const HostInputs host({att.reshape(-1), tok.reshape(-1), images.reshape(-1), videos.reshape(-1), time_pre,
-                         time_interval, cu});
+                         time_interval, cu, video_frames_end(a, videos)});
 
-  std::vector<Grid> image_list(images.size(0));
-  for (int64_t i = 0; i < images.size(0); ++i) image_list[i] = {host[2][3 * i], host[2][3 * i + 1], host[2][3 * i + 2], -1};
-  std::vector<TimeScale> scales;
-  for (int64_t v = 0; v < host.size(4); ++v) {
-    TimeScale s;
-    s.pre = host[4][v];
-    s.code = time.code;
-    if (s.code == kTimeInt) {
-      s.interval_int = host[5][v];
-    } else {
-      std::memcpy(&s.interval, host[5] + v, sizeof(double));
+  if (a.video_frames && a.convention != kVideoBrackets) {
+    for (int64_t v = 0; v < n_videos; ++v) {
+      TORCH_CHECK_VALUE(host[3][3 * v] >= 0, "video_grid_thw: video ", v, " has t = ", host[3][3 * v], " frames "
+                        "(transformers' repeat_interleave fails on a negative count)");
     }
-    scales.push_back(s);
   }
   if (a.cu_seqlens.defined()) {
     const int64_t* c = host[6];
@@ -588,8 +558,17 @@ std::tuple<at::Tensor, at::Tensor> rope_index_host(const RopeIndexArgs& a) {
   const Rules rules = rules_of(a);
   at::Tensor pos = at::empty({3, B, S}, at::TensorOptions().dtype(at::kLong));
   at::Tensor deltas = at::empty({B, 1}, at::TensorOptions().dtype(at::kLong));
-  HostIndexer indexer(a, host[0], host[1], host[6], host.size(6), std::move(image_list),
-                      video_entries(a, host[3], n_videos), std::move(scales), rules);
+  GridLists grids;
+  grids.images = host[2];
+  grids.n_images = images.size(0);
+  grids.videos = host[3];
+  grids.frames_end = host[7];
+  grids.n_videos = n_videos;
+  grids.frames = a.video_frames;
+  grids.time_pre = host[4];
+  grids.time_interval = host[5];
+  grids.time_code = time.code;
+  HostIndexer indexer(a, host[0], host[1], host[6], host.size(6), grids, rules);
   indexer.run(pos.data_ptr<int64_t>(), deltas.data_ptr<int64_t>());
   if (a.strict && a.second_per_grid_ts.defined()) {
     TORCH_CHECK_VALUE(a.second_per_grid_ts.size(0) == n_videos, "second_per_grid_ts: ", a.second_per_grid_ts.size(0),
@@ -722,21 +701,15 @@ std::tuple<at::Tensor, at::Tensor> rope_index_reference(const RopeIndexArgs& a) 
   const at::Tensor image_grid =
       at::cat({images, dummy}).index_select(0, image_rank.clamp(0, n_images).reshape(-1)).view({B, S, 3});
   ok.push_back((is_image.logical_not() | (image_rank < n_images)).all());
-  at::Tensor video_of_entry, entry_t, n_entries;
   const at::Tensor video_t = videos.select(1, 0);
-  if (a.video_frames) {
-    const at::Tensor frames = a.convention == kVideoBrackets ? video_t.clamp_min(1) : video_t;
-    if (a.convention != kVideoBrackets) ok.push_back((video_t >= 0).all());
-    video_of_entry = at::searchsorted(frames.clamp_min(0).cumsum(0), entry_rank.clamp_min(0), /*out_int32=*/false,
-                                      /*right=*/true)
-                         .clamp_max(n_videos);
-    n_entries = frames.clamp_min(0).sum();
-    entry_t = at::ones({B, S}, L);
-  } else {
-    video_of_entry = entry_rank.clamp(0, n_videos);
-    n_entries = at::full({}, n_videos, L);
-    entry_t = at::cat({video_t, at::ones({1}, L)}).index_select(0, video_of_entry.reshape(-1)).view({B, S});
-  }
+  if (a.video_frames && a.convention != kVideoBrackets) ok.push_back((video_t >= 0).all());  // repeat_interleave
+  const at::Tensor frames_end = video_frames_end(a, videos);
+  const at::Tensor n_entries = n_videos > 0 ? frames_end.select(0, n_videos - 1) : at::zeros({}, L);
+  const at::Tensor video_of_entry =
+      at::searchsorted(frames_end, entry_rank.clamp_min(0), /*out_int32=*/false, /*right=*/true).clamp_max(n_videos);
+  const at::Tensor entry_t =
+      a.video_frames ? at::ones({B, S}, L)
+                     : at::cat({video_t, at::ones({1}, L)}).index_select(0, video_of_entry.reshape(-1)).view({B, S});
   ok.push_back((is_video.logical_not() | (entry_rank < n_entries)).all());
   const at::Tensor video_grid = at::cat({videos, dummy}).index_select(0, video_of_entry.reshape(-1)).view({B, S, 3});
   const at::Tensor gt = at::where(is_image, image_grid.select(2, 0), at::where(is_video, entry_t, 0));

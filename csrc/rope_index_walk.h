@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace ropekit {
 namespace rope_index_detail {
@@ -46,6 +47,7 @@ struct Part {
   int64_t len = 0;
   int64_t cur = 0;
   int64_t t = 0, hg = 0, wg = 0;
+  int64_t h = 0, w = 0;  // the grid's raw h and w (5.x resumes text at cur + max(h, w) // m)
   int64_t video = -1;
   int32_t kind = 0;
 };
@@ -85,12 +87,70 @@ struct Rules {
   int64_t second_per_grid_count = -1;
 };
 
+// The grids transformers iterates, read from the raw (N, 3) int64 arrays on either side: images in order; videos
+// as "entries", whole videos or single (1, h, w) frames. frames_end[v] = entries of videos 0..v (an inclusive
+// cumulative sum of each video's entry count), so entry e belongs to the first video v with frames_end[v] > e.
 struct GridLists {
-  const Grid* images = nullptr;
+  const int64_t* images = nullptr;  // (n_images, 3)
   int64_t n_images = 0;
-  const Grid* videos = nullptr;  // whole videos, or single frames (t = 1) in the per-frame families
+  const int64_t* videos = nullptr;  // (n_videos, 3)
+  const int64_t* frames_end = nullptr;  // (n_videos,)
   int64_t n_videos = 0;
-  const TimeScale* video_scales = nullptr;  // per source video when Rules::scale_time
+  bool frames = true;  // entries are single frames (t = 1)
+  // time scales per source video (Rules::scale_time): pre (int64) and the interval's bits (int64, or a double's)
+  const int64_t* time_pre = nullptr;
+  const int64_t* time_interval = nullptr;
+  int32_t time_code = kTimeInt;
+
+  C10_HOST_DEVICE int64_t n_entries() const { return n_videos > 0 ? frames_end[n_videos - 1] : 0; }
+
+  C10_HOST_DEVICE Grid image(int64_t i) const {
+    Grid g;
+    g.t = images[3 * i];
+    g.h = images[3 * i + 1];
+    g.w = images[3 * i + 2];
+    return g;
+  }
+
+  C10_HOST_DEVICE Grid entry(int64_t e) const {
+    int64_t lo = 0, hi = n_videos - 1;  // the first v with frames_end[v] > e
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (frames_end[mid] > e) {
+        hi = mid;
+      } else {
+        lo = mid + 1;
+      }
+    }
+    Grid g;
+    g.video = lo;
+    g.t = frames ? 1 : videos[3 * lo];
+    g.h = videos[3 * lo + 1];
+    g.w = videos[3 * lo + 2];
+    return g;
+  }
+
+  C10_HOST_DEVICE TimeScale scale(int64_t v) const {
+    TimeScale s;
+    s.pre = time_pre[v];
+    s.code = time_code;
+    if (time_code == kTimeInt) {
+      s.interval_int = time_interval[v];
+    } else {
+      s.interval = bits_to_double(time_interval[v]);
+    }
+    return s;
+  }
+
+  C10_HOST_DEVICE static double bits_to_double(int64_t bits) {
+#ifdef __CUDA_ARCH__
+    return __longlong_as_double(bits);
+#else
+    double d;
+    std::memcpy(&d, &bits, sizeof(double));
+    return d;
+#endif
+  }
 };
 
 struct Cursor {  // grids are consumed in order across the whole batch
@@ -132,7 +192,7 @@ C10_HOST_DEVICE inline int64_t time_position(const TimeScale& s, int64_t t) {
 C10_HOST_DEVICE inline TimeScale scale_of(const Rules& r, const GridLists& g, const Part& p) {
   TimeScale s;
   if (!r.scale_time) return s;
-  if (p.video >= 0) return g.video_scales[p.video];
+  if (p.video >= 0) return g.scale(p.video);
   // images: 5.x time_interval = 1; 4.57 Qwen2.5-VL multiplies by second_per_grid_t = 0
   s.pre = r.convention == kTokenTypes ? 1 : 0;
   return s;
@@ -196,17 +256,20 @@ C10_HOST_DEVICE inline bool take_grid(const Rules& r, const GridLists& g, Cursor
   if (kind == 1) {
     if (c.image >= g.n_images) return fail(e, kNoImageGrid, token, c.image, g.n_images);
     index = c.image++;
-    grid = g.images[index];
+    grid = g.image(index);
   } else {
-    if (c.video >= g.n_videos) return fail(e, kNoVideoGrid, token, c.video, g.n_videos);
+    const int64_t n_entries = g.n_entries();
+    if (c.video >= n_entries) return fail(e, kNoVideoGrid, token, c.video, n_entries);
     index = c.video++;
-    grid = g.videos[index];
+    grid = g.entry(index);
     if (r.scale_time && r.second_per_grid_count >= 0 && grid.video >= r.second_per_grid_count) {
       return fail(e, kNoSecondPerGrid, token, grid.video, r.second_per_grid_count);
     }
   }
   p.kind = kind;
   p.video = grid.video;
+  p.h = grid.h;
+  p.w = grid.w;
   p.t = grid.t;
   p.hg = floor_div(grid.h, r.merge);
   p.wg = floor_div(grid.w, r.merge);
@@ -258,8 +321,7 @@ C10_HOST_DEVICE inline bool walk_runs(const Rules& r, const GridLists& g, Cursor
         empty_before = true;
       }
     } else {
-      const Grid& grid = kind == 1 ? g.images[c.image - 1] : g.videos[c.video - 1];
-      cur += floor_div(grid.h > grid.w ? grid.h : grid.w, r.merge);
+      cur += floor_div(p.h > p.w ? p.h : p.w, r.merge);  // current_pos += max(h, w) // m, the raw h and w
     }
   }
   return true;
