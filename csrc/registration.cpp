@@ -162,6 +162,15 @@ TORCH_LIBRARY(ropekit, m) {
       "Tensor? second_per_grid_ts=None, Scalar? tokens_per_second=None, int video_start_token_id=-1, "
       "int video_end_token_id=-1, bool packed=False, Tensor? cu_seqlens=None, bool strict=False) -> "
       "(Tensor position_ids, Tensor deltas)");
+  // For tests: one of rope_index's algorithms by name ("host", "reference": the ATen device algorithm, "kernel":
+  // the fused device algorithm, serially on the CPU), on any device, so that they can be compared there.
+  m.def(
+      "_rope_index_algorithm(Tensor input_ids, Tensor? image_grid_thw, Tensor? video_grid_thw, "
+      "Tensor? attention_mask, Tensor? mm_token_type_ids, int spatial_merge_size, int image_token_id, "
+      "int video_token_id, int vision_start_token_id, str convention, *, bool video_frames=True, "
+      "Tensor? second_per_grid_ts=None, Scalar? tokens_per_second=None, int video_start_token_id=-1, "
+      "int video_end_token_id=-1, bool packed=False, Tensor? cu_seqlens=None, bool strict=False, "
+      "str algorithm) -> (Tensor position_ids, Tensor deltas)");
   m.def(
       "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
       "bool zero_centered=False) -> (Tensor q_out, Tensor k_out)");
@@ -181,6 +190,7 @@ TORCH_LIBRARY_IMPL(ropekit, CPU, m) {
   m.impl("apply_rope", &ropekit::apply_rope_cpu);
   m.impl("apply_rope_backward", &ropekit::apply_rope_backward_cpu);
   m.impl("rope_index", &ropekit::rope_index);
+  m.impl("_rope_index_algorithm", &ropekit::rope_index_algorithm_op);
   m.impl("qk_norm_rope", &ropekit::qk_norm_rope_cpu);
   m.impl("qk_norm_rope_backward", &ropekit::qk_norm_rope_backward_cpu);
   m.impl("qk_norm_rope_qkv_", &ropekit::qk_norm_rope_qkv_cpu);
@@ -194,8 +204,9 @@ TORCH_LIBRARY_IMPL(ropekit, CUDA, m) {
   m.impl("mrope_cos_sin", &ropekit::mrope_cos_sin_impl<&ropekit::gather_cos_sin_cuda>);
   m.impl("apply_rope", &ropekit::apply_rope_cuda);
   m.impl("apply_rope_backward", &ropekit::apply_rope_backward_cuda);
-  // Device-generic tensor code: zero host syncs with on_host=false; one pull with on_host=true.
+  // on_host=false: the fused kernel, zero host syncs; on_host=true: one pull, the host loop.
   m.impl("rope_index", &ropekit::rope_index);
+  m.impl("_rope_index_algorithm", &ropekit::rope_index_algorithm_op);
   m.impl("qk_norm_rope", &ropekit::qk_norm_rope_cuda);
   m.impl("qk_norm_rope_backward", &ropekit::qk_norm_rope_backward_cuda);
   m.impl("qk_norm_rope_qkv_", &ropekit::qk_norm_rope_qkv_cuda);

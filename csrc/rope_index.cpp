@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/DefaultDtype.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/core/Stream.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
@@ -45,7 +46,10 @@ void check_per_token(const at::Tensor& t, const char* name, const at::Tensor& in
 
 bool four_fifty_seven(const RopeIndexArgs& a) { return !a.token_types(); }
 
-// Which tokens count: 5.x attends where mask.bool(), 4.57 where mask == 1; packed rows where the segment id != 0.
+}  // namespace
+
+namespace rope_index_detail {
+
 at::Tensor attended(const RopeIndexArgs& a) {
   const auto B = a.input_ids.size(0), S = a.input_ids.size(1);
   if (a.cu_seqlens.defined()) {
@@ -59,7 +63,6 @@ at::Tensor attended(const RopeIndexArgs& a) {
   return a.attention_mask == 1;
 }
 
-// transformers 4.57 without any grid: positions from the mask's cumulative sum, no vision at all.
 std::tuple<at::Tensor, at::Tensor> text_only_branch(const RopeIndexArgs& a) {
   const int64_t B = a.input_ids.size(0), S = a.input_ids.size(1);
   if (!a.attention_mask.defined()) {
@@ -90,17 +93,6 @@ int32_t time_code(at::ScalarType t) {
   }
 }
 
-// The time interval as transformers computes it, per video, as tensors on the inputs' device (no sync):
-// `pre` (int64) and `interval` (of the dtype the product runs in). 5.x: interval = tokens_per_second *
-// second_per_grid_ts[v], pre = 1 (or tokens_per_second alone without second_per_grid_ts); 4.57: pre =
-// int(second_per_grid_ts[v]) (or 1), interval = tokens_per_second.
-struct TimeTensors {
-  at::Tensor pre;       // (N_vid,) int64
-  at::Tensor interval;  // (N_vid,) of `dtype`
-  at::ScalarType dtype = at::kLong;
-  int32_t code = kTimeInt;
-};
-
 TimeTensors time_tensors(const RopeIndexArgs& a, int64_t n_videos) {
   TimeTensors out;
   const auto L = a.input_ids.options().dtype(at::kLong);
@@ -111,15 +103,23 @@ TimeTensors time_tensors(const RopeIndexArgs& a, int64_t n_videos) {
     out.interval = at::mul(a.second_per_grid_ts, tps);  // `tokens_per_second * next(second_per_grid_ts)`
     out.pre = at::ones({out.interval.size(0)}, L);
   } else {
-    // tokens_per_second alone: a Python number times an int64 arange (int64, or the default float dtype)
-    out.interval = at::full({n_videos}, tps, L.dtype(scalar_dtype));
-    out.pre = a.token_types() || !a.second_per_grid_ts.defined() ? at::ones({n_videos}, L)
-                                                                  : a.second_per_grid_ts.to(at::kLong);
+    // tokens_per_second alone: a Python number times an int64 arange (int64, or the default float dtype); 4.57
+    // first multiplies by int(second_per_grid_ts[v])
+    const bool truncated = !a.token_types() && a.second_per_grid_ts.defined();
+    const int64_t n = truncated ? a.second_per_grid_ts.size(0) : n_videos;
+    out.interval = at::full({n}, tps, L.dtype(scalar_dtype));
+    out.pre = truncated ? a.second_per_grid_ts.to(at::kLong) : at::ones({n}, L);
   }
   out.dtype = out.interval.scalar_type();
   out.code = time_code(out.dtype);
+  // the interval's exact value as int64: the bits of a float64 (every float dtype widens exactly), or the integer
+  out.interval_bits = out.code == kTimeInt ? out.interval.to(at::kLong) : out.interval.to(at::kDouble).view(at::kLong);
   return out;
 }
+
+}  // namespace rope_index_detail
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Host algorithm
@@ -392,11 +392,15 @@ class HostIndexer {
   int64_t n_cu_;
   Rules r_;
   GridLists g_;
-  Cursor cursor_;
+  Cursor cursor_{};
   std::vector<int64_t> sample_;  // the current sample's columns
   std::vector<Part> parts_;
   std::vector<int64_t> run_start_, run_len_, run_kind_, next_img_, next_vid_, run_len_at_;
 };
+
+}  // namespace
+
+namespace rope_index_detail {
 
 Rules rules_of(const RopeIndexArgs& a) {
   Rules r;
@@ -414,9 +418,6 @@ Rules rules_of(const RopeIndexArgs& a) {
   return r;
 }
 
-// Entries per video of the list transformers iterates: 1 (whole videos), or one (1, h, w) frame per frame. 5.x and
-// 4.57 Qwen-VL split with repeat_interleave (a negative t fails up front, t = 0 drops the video); 4.57 GLM-4V moves
-// on once t frames were seen (so a video with t < 1 still has one). As a tensor op, for either side.
 at::Tensor video_frames_end(const RopeIndexArgs& a, const at::Tensor& videos) {
   const at::Tensor t = videos.select(1, 0);
   if (!a.video_frames) return at::arange(1, videos.size(0) + 1, t.options());
@@ -424,7 +425,7 @@ at::Tensor video_frames_end(const RopeIndexArgs& a, const at::Tensor& videos) {
   return t.clamp_min(0).cumsum(0);
 }
 
-}  // namespace
+}  // namespace rope_index_detail
 
 RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<at::Tensor>& image_grid_thw,
                                const std::optional<at::Tensor>& video_grid_thw,
@@ -532,8 +533,7 @@ std::tuple<at::Tensor, at::Tensor> rope_index_host(const RopeIndexArgs& a) {
   if (a.tokens_per_second.has_value()) {
     time = time_tensors(a, n_videos);
     time_pre = time.pre;
-    // the interval's exact value travels as the bits of a float64 (every float dtype widens exactly), or as int64
-    time_interval = time.code == kTimeInt ? time.interval.to(at::kLong) : time.interval.to(at::kDouble).view(at::kLong);
+    time_interval = time.interval_bits;
   }
   const at::Tensor cu = a.cu_seqlens.defined() ? a.cu_seqlens.to(at::kLong) : none;
   const HostInputs host({att.reshape(-1), tok.reshape(-1), images.reshape(-1), videos.reshape(-1), time_pre,
@@ -839,7 +839,184 @@ std::tuple<at::Tensor, at::Tensor> rope_index(
       input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, spatial_merge_size, image_token_id,
       video_token_id, vision_start_token_id, std::string_view(convention.data(), convention.size()), video_frames,
       second_per_grid_ts, tokens_per_second, video_start_token_id, video_end_token_id, packed, cu_seqlens, strict);
-  return on_host ? rope_index_host(a) : rope_index_reference(a);
+  if (on_host) return rope_index_host(a);
+  return input_ids.is_cuda() ? rope_index_kernel(a) : rope_index_reference(a);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The fused device algorithm (rope_index_kernel.h): inputs prepared with tensor ops on the inputs' device (no sync),
+// then the row code, on CUDA as a kernel, on the CPU serially.
+
+namespace {
+
+// One "thread" per row: trivial scans. The row code's strided loops then cover every index in order.
+struct SerialExec {
+  static constexpr int kThreads = 1;
+  int64_t tid() const { return 0; }
+  void sync() const {}
+  int64_t exclusive_sum(int64_t v, int64_t& aggregate) const {
+    aggregate = v;
+    return 0;
+  }
+  int64_t inclusive_max(int64_t v, int64_t& aggregate) const {
+    aggregate = v;
+    return v;
+  }
+  int64_t inclusive_min(int64_t v, int64_t& aggregate) const {
+    aggregate = v;
+    return v;
+  }
+  int64_t sum(int64_t v) const { return v; }
+};
+
+const char* error_name(int32_t code) {
+  switch (code) {
+    case kEmptySample: return "a row or packed sample without tokens";
+    case kBadTokenType: return "an mm_token_type_ids value other than 0, 1, 2";
+    case kNoImageGrid: return "more image spans than image grids";
+    case kNoVideoGrid: return "more video spans than video grids / frames";
+    case kNegativeGrid: return "a negative grid extent";
+    case kEmptyBeforeMore: return "an empty grid followed by more tokens (4.57)";
+    case kLengthMismatch: return "vision span lengths that do not match their grids";
+    case kVisionStartAtEnd: return "a trailing vision_start_token_id (4.57)";
+    case kNotFound: return "no image / video token after a vision_start pair (4.57)";
+    case kNoSecondPerGrid: return "no second_per_grid_ts entry for a video";
+    case kStrictSpanLength: return "a span whose length is not t * (h / m) * (w / m) (strict=True)";
+    case kStrictNotDivisible: return "a grid with t < 1 or h, w not multiples of the merge size (strict=True)";
+    case kStrictSpansVsStarts: return "vision_start pairs that do not match the vision runs (strict=True)";
+    default: return "no result";
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
+  if (text_only_branch_applies(a)) return text_only_branch(a);
+  const int64_t B = a.input_ids.size(0), S = a.input_ids.size(1);
+  const auto L = a.input_ids.options().dtype(at::kLong);
+  if (B == 0 || S == 0) {
+    if (B > 0) at::_assert_async(at::zeros({}, L.dtype(at::kBool)), "ropekit.rope_index: rows of no token");
+    return {at::empty({3, B, S}, a.input_ids.options()),
+            at::empty({B, 1}, L.dtype(a.is_packed() ? at::kLong : at::kFloat))};
+  }
+  const at::Tensor att = (a.packed ? a.attention_mask : attended(a)).to(at::kLong).contiguous();
+  const at::Tensor tok = (a.token_types() ? a.mm_token_type_ids : a.input_ids).to(at::kLong).contiguous();
+  const at::Tensor images =
+      (a.image_grid_thw.defined() ? a.image_grid_thw.to(at::kLong) : at::empty({0, 3}, L)).contiguous();
+  const at::Tensor videos =
+      (a.video_grid_thw.defined() ? a.video_grid_thw.to(at::kLong) : at::empty({0, 3}, L)).contiguous();
+  const int64_t n_videos = videos.size(0);
+  const at::Tensor frames_end = video_frames_end(a, videos).contiguous();
+  std::vector<at::Tensor> ok;  // conditions checked by an asynchronous assert (no sync)
+  if (a.video_frames && a.convention != kVideoBrackets && n_videos > 0) {
+    ok.push_back((videos.select(1, 0) >= 0).all());  // repeat_interleave by t
+  }
+  at::Tensor cu;
+  if (a.cu_seqlens.defined()) {
+    cu = a.cu_seqlens.to(at::kLong).contiguous();
+    const int64_t n = cu.size(0);
+    ok.push_back((cu.select(0, 0) == 0) & (cu.select(0, n - 1) <= B * S) &
+                 (cu.narrow(0, 1, n - 1) >= cu.narrow(0, 0, n - 1)).all());
+  }
+  TimeTensors time;
+  if (a.tokens_per_second.has_value()) time = time_tensors(a, n_videos);
+  if (a.strict && a.second_per_grid_ts.defined()) {
+    TORCH_CHECK_VALUE(a.second_per_grid_ts.size(0) == n_videos, "second_per_grid_ts: ", a.second_per_grid_ts.size(0),
+                      " entries for ", n_videos, " videos (strict=True)");
+  }
+
+  KernelParams p;
+  p.B = B;
+  p.S = S;
+  p.att = att.data_ptr<int64_t>();
+  p.tok = tok.data_ptr<int64_t>();
+  p.cu = cu.defined() ? cu.data_ptr<int64_t>() : nullptr;
+  p.n_cu = cu.defined() ? cu.size(0) : 0;
+  p.packed_mask = a.packed;
+  p.rules = rules_of(a);
+  p.grids.images = images.data_ptr<int64_t>();
+  p.grids.n_images = images.size(0);
+  p.grids.videos = videos.data_ptr<int64_t>();
+  p.grids.frames_end = frames_end.data_ptr<int64_t>();
+  p.grids.n_videos = n_videos;
+  p.grids.frames = a.video_frames;
+  if (time.pre.defined()) {
+    p.grids.time_pre = time.pre.data_ptr<int64_t>();
+    p.grids.time_interval = time.interval_bits.data_ptr<int64_t>();
+    p.grids.time_code = time.code;
+  }
+  p.image_id = a.image_token_id;
+  p.video_id = a.video_token_id;
+  p.vision_start_id = a.vision_start_token_id;
+  p.video_start_id = a.video_start_token_id;
+  p.video_end_id = a.video_end_token_id;
+  p.pad = a.token_types() ? 0 : 1;
+  p.delta_vs_attended = a.token_types();
+  const at::Tensor scratch = at::empty({10, B * (S + 1)}, L);
+  int64_t* base = scratch.data_ptr<int64_t>();
+  int64_t** slots[] = {&p.cols, &p.vals, &p.kinds, &p.run_start, &p.run_len, &p.run_kind, &p.next_img, &p.next_vid,
+                       &p.run_len_at, &p.sample_start};
+  for (int i = 0; i < 10; ++i) *slots[i] = base + i * B * (S + 1);
+  const at::Tensor parts = at::empty({B * (2 * S + 1) * static_cast<int64_t>(sizeof(Part))}, L.dtype(at::kByte));
+  p.parts = reinterpret_cast<Part*>(parts.data_ptr());
+  const at::Tensor counts = at::empty({B, 2}, L);
+  const at::Tensor error = at::empty({B}, L.dtype(at::kInt));
+  at::Tensor pos = at::empty({3, B, S}, L);
+  at::Tensor deltas = at::empty({B, 1}, L);
+  p.counts = counts.data_ptr<int64_t>();
+  p.error = error.data_ptr<int32_t>();
+  p.pos = pos.data_ptr<int64_t>();
+  p.deltas = deltas.data_ptr<int64_t>();
+
+  if (a.input_ids.is_cuda()) {
+#ifdef ROPEKIT_WITH_CUDA
+    const c10::DeviceGuard guard(a.input_ids.device());
+    launch_rope_index_kernel(p);
+#else
+    TORCH_CHECK(false, "ropekit.rope_index: this build has no CUDA kernels");
+#endif
+  } else {
+    TORCH_CHECK(a.input_ids.is_cpu(), "ropekit.rope_index: the fused algorithm runs on CUDA or (serially) the CPU");
+    SerialExec x;
+    RowState state;
+    for (int64_t b = 0; b < B; ++b) index_row(x, state, p, b, /*count=*/true);
+    for (int64_t b = 0; b < B; ++b) index_row(x, state, p, b, /*count=*/false);
+    for (int64_t b = 0; b < B; ++b) {
+      const int32_t code = error.data_ptr<int32_t>()[b];
+      TORCH_CHECK_VALUE(code == kOk, "ropekit.rope_index (fused algorithm): no result for row ", b, ": ",
+                        error_name(code));
+    }
+  }
+  ok.push_back((error == kOk).all());
+  if (a.strict) {
+    const at::Tensor used = counts.sum(0);
+    const at::Tensor n_entries = n_videos > 0 ? frames_end.select(0, n_videos - 1) : at::zeros({}, L);
+    ok.push_back((used.select(0, 0) == images.size(0)) & (used.select(0, 1) == n_entries));
+  }
+  at::_assert_async(at::stack(ok).all(),
+                    "ropekit.rope_index: no result for these inputs (transformers fails on them too, e.g. more vision "
+                    "spans than grids or span lengths that do not match their grids), or grids left over with "
+                    "strict=True; run with on_host=True for a precise error");
+  return {pos.to(a.input_ids.scalar_type()), deltas};
+}
+
+std::tuple<at::Tensor, at::Tensor> rope_index_algorithm_op(
+    const at::Tensor& input_ids, const std::optional<at::Tensor>& image_grid_thw,
+    const std::optional<at::Tensor>& video_grid_thw, const std::optional<at::Tensor>& attention_mask,
+    const std::optional<at::Tensor>& mm_token_type_ids, int64_t spatial_merge_size, int64_t image_token_id,
+    int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool video_frames,
+    const std::optional<at::Tensor>& second_per_grid_ts, const std::optional<c10::Scalar>& tokens_per_second,
+    int64_t video_start_token_id, int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
+    bool strict, c10::string_view algorithm) {
+  const RopeIndexArgs a = check_rope_index(
+      input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, spatial_merge_size, image_token_id,
+      video_token_id, vision_start_token_id, std::string_view(convention.data(), convention.size()), video_frames,
+      second_per_grid_ts, tokens_per_second, video_start_token_id, video_end_token_id, packed, cu_seqlens, strict);
+  const std::string_view which(algorithm.data(), algorithm.size());
+  if (which == "host") return rope_index_host(a);
+  if (which == "reference") return rope_index_reference(a);
+  TORCH_CHECK_VALUE(which == "kernel", "algorithm: expected 'host', 'reference' or 'kernel', got '", which, "'");
+  return rope_index_kernel(a);
 }
 
 }  // namespace ropekit

@@ -3,6 +3,7 @@
 // with ATen tensor ops (no host sync; the CPU-tested reference), and a fused CUDA kernel.
 #pragma once
 
+#include "rope_index_kernel.h"
 #include "rope_index_walk.h"
 
 #include <ATen/core/Tensor.h>
@@ -57,7 +58,47 @@ std::tuple<at::Tensor, at::Tensor> rope_index_host(const RopeIndexArgs& args);
 // then does); other vision_start inputs trip the assert, and on_host=True computes them.
 std::tuple<at::Tensor, at::Tensor> rope_index_reference(const RopeIndexArgs& args);
 
-// The op: on_host selects the host algorithm, otherwise the device algorithm.
+// The fused device algorithm (rope_index_kernel.h): on CUDA two launches with no host sync; on the CPU the same row
+// code run serially (what the tests compare, as no GPU runs the CI). Inputs without a result: a device-side assert
+// on CUDA, a ValueError naming the row on the CPU.
+std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& args);
+#ifdef ROPEKIT_WITH_CUDA
+void launch_rope_index_kernel(const rope_index_detail::KernelParams& params);  // cuda/rope_index.cu
+#endif
+
+// Pieces the algorithms share (rope_index.cpp).
+namespace rope_index_detail {
+
+// Which tokens count: 5.x attends where mask.bool(), 4.57 where mask == 1, packed rows where the segment id != 0,
+// and with cu_seqlens the tokens inside [cu_seqlens[0], cu_seqlens[-1]). (B, S) bool, on the inputs' device.
+at::Tensor attended(const RopeIndexArgs& a);
+
+// transformers 4.57 without any grid (unpacked): positions from the mask's cumulative sum, no vision at all.
+bool text_only_branch_applies(const RopeIndexArgs& a);
+std::tuple<at::Tensor, at::Tensor> text_only_branch(const RopeIndexArgs& a);
+
+// The time interval as transformers computes it, per video, as tensors on the inputs' device (no sync): `pre`
+// (int64) and `interval` (of the dtype the product runs in). 5.x: interval = tokens_per_second *
+// second_per_grid_ts[v], pre = 1 (or tokens_per_second alone without second_per_grid_ts); 4.57: pre =
+// int(second_per_grid_ts[v]) (or 1), interval = tokens_per_second.
+struct TimeTensors {
+  at::Tensor pre;            // (N,) int64
+  at::Tensor interval;       // (N,) of `dtype`
+  at::Tensor interval_bits;  // (N,) int64: the integer, or a float64's bits (GridLists::time_interval)
+  at::ScalarType dtype = at::kLong;
+  int32_t code = kTimeInt;
+};
+TimeTensors time_tensors(const RopeIndexArgs& a, int64_t n_videos);
+
+// frames_end (GridLists) of the (N_vid, 3) int64 video grids: entries per video are 1 (whole videos), or its frames
+// (5.x and 4.57 Qwen-VL: repeat_interleave by t, t = 0 drops it; 4.57 GLM-4V: max(t, 1)), summed inclusively.
+at::Tensor video_frames_end(const RopeIndexArgs& a, const at::Tensor& videos);
+
+Rules rules_of(const RopeIndexArgs& a);
+
+}  // namespace rope_index_detail
+
+// The op: on_host selects the host algorithm, otherwise the device algorithm (the fused kernel on CUDA).
 std::tuple<at::Tensor, at::Tensor> rope_index(
     const at::Tensor& input_ids, const std::optional<at::Tensor>& image_grid_thw,
     const std::optional<at::Tensor>& video_grid_thw, const std::optional<at::Tensor>& attention_mask,
@@ -66,5 +107,16 @@ std::tuple<at::Tensor, at::Tensor> rope_index(
     bool video_frames, const std::optional<at::Tensor>& second_per_grid_ts,
     const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id, int64_t video_end_token_id,
     bool packed, const std::optional<at::Tensor>& cu_seqlens, bool strict);
+
+// Any of the three algorithms as an op of its own (ropekit::_rope_index_algorithm, algorithm "host", "reference" or
+// "kernel"), so that tests compare them on the same device.
+std::tuple<at::Tensor, at::Tensor> rope_index_algorithm_op(
+    const at::Tensor& input_ids, const std::optional<at::Tensor>& image_grid_thw,
+    const std::optional<at::Tensor>& video_grid_thw, const std::optional<at::Tensor>& attention_mask,
+    const std::optional<at::Tensor>& mm_token_type_ids, int64_t spatial_merge_size, int64_t image_token_id,
+    int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool video_frames,
+    const std::optional<at::Tensor>& second_per_grid_ts, const std::optional<c10::Scalar>& tokens_per_second,
+    int64_t video_start_token_id, int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
+    bool strict, c10::string_view algorithm);
 
 }  // namespace ropekit

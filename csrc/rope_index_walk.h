@@ -153,8 +153,8 @@ struct GridLists {
   }
 };
 
-struct Cursor {  // grids are consumed in order across the whole batch
-  int64_t image = 0, video = 0;
+struct Cursor {  // grids are consumed in order across the whole batch; value-initialise (Cursor{}) to start
+  int64_t image, video;  // no member initialisers: it lives in CUDA __shared__ memory
 };
 
 C10_HOST_DEVICE inline int64_t floor_div(int64_t a, int64_t b) {

@@ -301,6 +301,8 @@ torch.library.register_fake("ropekit::mrope_cos_sin")(_mrope_cos_sin_fake)
 torch.library.register_fake("ropekit::apply_rope")(_apply_rope_fake)
 torch.library.register_fake("ropekit::apply_rope_backward")(_apply_rope_backward_fake)
 torch.library.register_fake("ropekit::rope_index")(_rope_index_fake)
+torch.library.register_fake("ropekit::_rope_index_algorithm")(
+    lambda *args, algorithm, **kwargs: _rope_index_fake(*args[:10], True, **kwargs))
 torch.library.register_fake("ropekit::qk_norm_rope")(_qk_norm_rope_fake)
 torch.library.register_fake("ropekit::qk_norm_rope_backward")(_qk_norm_rope_backward_fake)
 torch.library.register_fake("ropekit::qk_norm_rope_qkv_")(_qk_norm_rope_qkv_fake)

@@ -690,3 +690,111 @@ def test_on_device_captures_in_cuda_graph(hf_model, convention, name):
     torch.cuda.synchronize()
     problem = compare(tuple(out), expected_second)
     assert problem is None, f"graph replay on new inputs differs:\n{second.describe()}\n  {problem}"
+
+
+def call_algorithm(case, convention: str, algorithm: str, **overrides):
+    """One of the op's algorithms by name, on the case's device: "host" (the host loop), "reference" (the ATen
+    device algorithm) or "kernel" (the fused device algorithm: the CUDA kernel, or on the CPU the same row code run
+    serially)."""
+    kwargs = dict(
+        image_grid_thw=case.image_grid_thw, video_grid_thw=case.video_grid_thw, attention_mask=case.attention_mask,
+        mm_token_type_ids=case.mm_token_type_ids if convention == "token_types" else None,
+    )
+    kwargs.update(overrides)
+    return torch.ops.ropekit._rope_index_algorithm(
+        case.input_ids, kwargs.pop("image_grid_thw"), kwargs.pop("video_grid_thw"), kwargs.pop("attention_mask"),
+        kwargs.pop("mm_token_type_ids"), case.spatial_merge_size, case.ids["image"], case.ids["video"],
+        case.ids["vision_start"], convention, algorithm=algorithm, **kwargs,
+    )
+
+
+def call_reference(case, convention: str, **overrides):
+    return call_algorithm(case, convention, "reference", **overrides)
+
+
+@pytest.mark.parametrize("which", ["fuzz", "wild"])
+def test_fused_kernel_row_code_matches_transformers_cpu(fuzz_cases, wild_cases, which):
+    """The fused kernel's row code (rope_index_kernel.h), run serially on the CPU, against transformers: the same
+    positions wherever transformers returns (clean fuzz cases and wild ones), and an error where it raises. The GPU
+    runs the same code with block scans (test_fused_kernel_matches_reference_and_transformers_cuda)."""
+    cases = [(c, e, None) for c, e in fuzz_cases] if which == "fuzz" else wild_cases
+    failures = []
+    for case, expected, error in cases:
+        try:
+            got = call_algorithm(case, INSTALLED, "kernel")
+        except (ValueError, RuntimeError) as e:
+            if expected is not None:
+                failures.append((case, f"raised {type(e).__name__} ({e}) where transformers returns positions"))
+            continue
+        if expected is None:
+            failures.append((case, f"returned positions where transformers raises {error}"))
+            continue
+        problem = compare(got, expected)
+        if problem:
+            failures.append((case, problem))
+    if failures:
+        shown = "\n\n".join(f"{case.describe(with_tensors=True)}\n  {problem}" for case, problem in failures[:3])
+        pytest.fail(f"{len(failures)}/{len(cases)} cases differ (fused kernel row code, CPU):\n{shown}", pytrace=False)
+
+
+def test_fused_kernel_row_code_strict_cpu():
+    for name, (conventions, overrides, pattern, _) in sorted(MALFORMED.items()):
+        if name in ARGUMENT_ERRORS:
+            continue
+        case = _base_case()
+        for convention in conventions:
+            with pytest.raises((ValueError, RuntimeError)):
+                call_algorithm(case, convention, "kernel", strict=True, **overrides(case))
+            assert compare(call_algorithm(case, convention, "kernel", strict=True),
+                           call_op(case, convention, True)) is None
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_fused_kernel_matches_reference_and_transformers_cuda(fuzz_cases, wild_cases):
+    """On the GPU, the fused kernel (on_host=False) equals transformers on the clean fuzz cases and on every wild
+    case transformers returns positions for, and equals the ATen reference wherever that one has a result. (Cases
+    transformers fails on are not run here: their device-side assert would end the process's CUDA context; see
+    test_device_assert_fires_cuda.)"""
+    failures = []
+    compared_with_reference = 0
+    cases = [(c, e) for c, e in fuzz_cases] + [(c, e) for c, e, _ in wild_cases if e is not None]
+    for case, expected in cases:
+        cuda_case = case.to("cuda")
+        expected = tuple(t.to("cuda") for t in expected)
+        problem = compare(call_op(cuda_case, INSTALLED, False), expected)  # on_host=False: the fused kernel
+        if problem:
+            failures.append((case, problem))
+            continue
+        if INSTALLED == "token_types" or in_vision_start_device_domain(case):
+            compared_with_reference += 1
+            problem = compare(call_reference(cuda_case, INSTALLED), expected)
+            if problem:
+                failures.append((case, "the ATen reference on CUDA: " + problem))
+    if failures:
+        shown = "\n\n".join(f"{case.describe(with_tensors=True)}\n  {problem}" for case, problem in failures[:3])
+        pytest.fail(f"{len(failures)}/{len(cases)} cases differ on CUDA:\n{shown}", pytrace=False)
+    assert compared_with_reference >= len(fuzz_cases)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_device_assert_fires_cuda(tmp_path):
+    """More image spans than grids on the device path: a device-side assert (in a child process, since it ends the
+    CUDA context), never positions read out of bounds."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "assert.py"
+    script.write_text(
+        "import torch, ropekit\n"
+        "ids = torch.tensor([[1, 7, 9, 9, 9, 9, 6]], device='cuda')\n"
+        "types = (ids == 9).long()\n"
+        "pos, deltas = ropekit.rope_index(ids, image_grid_thw=torch.zeros(0, 3, dtype=torch.long, device='cuda'),\n"
+        "    mm_token_type_ids=types, spatial_merge_size=2, convention='token_types', on_host=False)\n"
+        "torch.cuda.synchronize()\n"
+        "print('no assert')\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "no assert" not in run.stdout, run.stdout + run.stderr
+    assert "assert" in (run.stdout + run.stderr).lower(), run.stderr

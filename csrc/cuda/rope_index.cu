@@ -1,0 +1,82 @@
+// rope_index on CUDA: the fused device algorithm of rope_index_kernel.h, one block per row and cub block scans, in
+// two launches (count, then index) with no host sync. The same row code runs serially on the CPU in the tests.
+#include "../rope_index.h"
+#include "../rope_index_kernel.h"
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+namespace ropekit {
+
+using namespace rope_index_detail;
+
+namespace {
+
+struct MaxOp {
+  __device__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
+};
+struct MinOp {
+  __device__ int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
+};
+
+// One block of kThreads threads per row; every scan ends with a barrier, so its temp storage can be reused.
+struct BlockExec {
+  static constexpr int kThreads = 512;
+  using Scan = cub::BlockScan<int64_t, kThreads>;
+  using Reduce = cub::BlockReduce<int64_t, kThreads>;
+  union Temp {
+    typename Scan::TempStorage scan;
+    typename Reduce::TempStorage reduce;
+  };
+  Temp& temp;
+
+  __device__ int64_t tid() const { return threadIdx.x; }
+  __device__ void sync() const { __syncthreads(); }
+  __device__ int64_t exclusive_sum(int64_t v, int64_t& aggregate) {
+    int64_t out;
+    Scan(temp.scan).ExclusiveSum(v, out, aggregate);
+    __syncthreads();
+    return out;
+  }
+  __device__ int64_t inclusive_max(int64_t v, int64_t& aggregate) {
+    int64_t out;
+    Scan(temp.scan).InclusiveScan(v, out, MaxOp(), aggregate);
+    __syncthreads();
+    return out;
+  }
+  __device__ int64_t inclusive_min(int64_t v, int64_t& aggregate) {
+    int64_t out;
+    Scan(temp.scan).InclusiveScan(v, out, MinOp(), aggregate);
+    __syncthreads();
+    return out;
+  }
+  __device__ int64_t sum(int64_t v) {  // valid in thread 0
+    const int64_t out = Reduce(temp.reduce).Sum(v);
+    __syncthreads();
+    return out;
+  }
+};
+
+__global__ void __launch_bounds__(BlockExec::kThreads) rope_index_kernel(KernelParams p, bool count) {
+  __shared__ BlockExec::Temp temp;
+  __shared__ RowState state;
+  BlockExec x{temp};
+  index_row(x, state, p, blockIdx.x, count);
+}
+
+}  // namespace
+
+void launch_rope_index_kernel(const KernelParams& p) {
+  auto stream = at::cuda::getCurrentCUDAStream();
+  rope_index_kernel<<<p.B, BlockExec::kThreads, 0, stream>>>(p, /*count=*/true);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  rope_index_kernel<<<p.B, BlockExec::kThreads, 0, stream>>>(p, /*count=*/false);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace ropekit

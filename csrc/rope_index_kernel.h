@@ -1,0 +1,316 @@
+// rope_index's fused device algorithm, written once over an execution policy X: CUDA instantiates it with one
+// block per row and cub block scans (cuda/rope_index.cu); the CPU instantiates it serially (one "thread", trivial
+// scans), which is how the tests run this very code without a GPU. Per row:
+//   1. the row's attended tokens are compacted, padding slots written, samples delimited;
+//   2. per sample, runs of equal kind (or, for 4.57 Qwen-VL, next-token lookups and vision_start pairs) are found
+//      with scans; thread 0 walks them into parts exactly as the host loop does (rope_index_walk.h);
+//   3. every thread writes the positions of its tokens from the parts (binary search).
+// A first pass (count) only counts the images and video entries each row consumes; the second starts each row's grid
+// cursor at the sum over the rows before it (grids are consumed in order across the batch).
+#pragma once
+
+#include "rope_index_walk.h"
+
+#include <cstdint>
+#include <limits>
+
+#ifdef __CUDACC__
+#define ROPEKIT_ROW_FN __device__ __forceinline__
+#else
+#define ROPEKIT_ROW_FN inline
+#endif
+
+namespace ropekit {
+namespace rope_index_detail {
+
+struct KernelParams {
+  int64_t B = 0, S = 0;
+  const int64_t* att = nullptr;  // (B, S): attended flag, or the segment id (packed mask)
+  const int64_t* tok = nullptr;  // (B, S): mm_token_type_ids (5.x) or input_ids (4.57)
+  const int64_t* cu = nullptr;   // cu_seqlens, or nullptr
+  int64_t n_cu = 0;
+  bool packed_mask = false;      // samples are runs of equal segment id
+  Rules rules;
+  GridLists grids;
+  int64_t image_id = -1, video_id = -1, vision_start_id = -1, video_start_id = -1, video_end_id = -1;
+  int64_t pad = 0;                 // padding slots: 0 (5.x) or 1 (4.57)
+  bool delta_vs_attended = true;   // 5.x: deltas against the attended tokens; 4.57: against S (unpacked rows)
+  // per-row scratch: (B, S + 1) int64 each, and (B, 2S + 1) parts
+  int64_t *cols = nullptr, *vals = nullptr, *kinds = nullptr, *run_start = nullptr, *run_len = nullptr,
+          *run_kind = nullptr, *next_img = nullptr, *next_vid = nullptr, *run_len_at = nullptr,
+          *sample_start = nullptr;
+  Part* parts = nullptr;
+  int64_t* counts = nullptr;  // (B, 2): images and video entries each row consumes
+  int64_t* pos = nullptr;     // (3, B, S) int64
+  int64_t* deltas = nullptr;  // (B,)
+  int32_t* error = nullptr;   // (B,): each row's ErrorCode (0 when it has a result)
+};
+
+// What a row's threads share (CUDA: __shared__).
+struct RowState {
+  int64_t n_runs, n_img, n_vid, vision_runs;
+  int64_t n_parts, total, top;
+  Cursor cursor;
+  int32_t error;
+};
+
+// --- scans over index ranges, in tiles of X::kThreads -------------------------------------------------------
+
+// Calls emit(i, k) for the k-th index i in [0, n) (in order) whose flag is set; returns how many (every thread).
+template <class X, typename Flag, typename Emit>
+ROPEKIT_ROW_FN int64_t compact(X& x, int64_t n, Flag flag, Emit emit) {
+  int64_t total = 0;
+  for (int64_t tile = 0; tile < n; tile += X::kThreads) {
+    const int64_t i = tile + x.tid();
+    const int64_t f = (i < n && flag(i)) ? 1 : 0;
+    int64_t aggregate;
+    const int64_t offset = x.exclusive_sum(f, aggregate);
+    if (f) emit(i, total + offset);
+    total += aggregate;
+  }
+  x.sync();  // what emit wrote is visible to every thread
+  return total;
+}
+
+// out[i] = max(init, value(0), ..., value(i)) for i in [0, n).
+template <class X, typename Value>
+ROPEKIT_ROW_FN void running_max(X& x, int64_t n, int64_t init, Value value, int64_t* out) {
+  int64_t carry = init;
+  for (int64_t tile = 0; tile < n; tile += X::kThreads) {
+    const int64_t i = tile + x.tid();
+    int64_t aggregate;
+    const int64_t r = x.inclusive_max(i < n ? value(i) : std::numeric_limits<int64_t>::min(), aggregate);
+    if (i < n) out[i] = r > carry ? r : carry;
+    carry = aggregate > carry ? aggregate : carry;
+  }
+  x.sync();
+}
+
+// out[i] = the first j >= i in [0, n) with pred(j), or n, for i in [0, n]: tiles from the end, lanes reversed.
+template <class X, typename Pred>
+ROPEKIT_ROW_FN void next_index(X& x, int64_t n, Pred pred, int64_t* out) {
+  constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+  int64_t carry = n;
+  for (int64_t end = n; end > 0; end -= X::kThreads) {
+    const int64_t i = end - 1 - x.tid();
+    int64_t aggregate;
+    const int64_t r = x.inclusive_min(i >= 0 && pred(i) ? i : kNone, aggregate);
+    if (i >= 0) out[i] = r < carry ? r : carry;
+    carry = aggregate < carry ? aggregate : carry;
+  }
+  if (x.tid() == 0) out[n] = n;
+  x.sync();
+}
+
+// The sum of value(i) over [0, n); valid in thread 0.
+template <class X, typename Value>
+ROPEKIT_ROW_FN int64_t sum_over(X& x, int64_t n, Value value) {
+  int64_t total = 0;
+  for (int64_t tile = 0; tile < n; tile += X::kThreads) {
+    const int64_t i = tile + x.tid();
+    total += x.sum(i < n ? value(i) : 0);
+  }
+  return total;
+}
+
+ROPEKIT_ROW_FN void set_error(RowState& st, int32_t code) {
+  if (st.error == kOk) st.error = code;
+}
+
+// Runs of equal kind among kind[0..n) (sample-local): run_start / run_len / run_kind, st.n_runs.
+template <class X>
+ROPEKIT_ROW_FN void find_runs(X& x, RowState& st, int64_t* kind, int64_t* start, int64_t* len, int64_t* run_kind,
+                              int64_t n) {
+  const int64_t runs = compact(
+      x, n, [&](int64_t i) { return i == 0 || kind[i] != kind[i - 1]; }, [&](int64_t i, int64_t k) { start[k] = i; });
+  for (int64_t r = x.tid(); r < runs; r += X::kThreads) {
+    len[r] = (r + 1 < runs ? start[r + 1] : n) - start[r];
+    run_kind[r] = kind[start[r]];
+  }
+  if (x.tid() == 0) st.n_runs = runs;
+  x.sync();
+}
+
+// Whether a cumulative length of cu (sorted) equals `flat`.
+ROPEKIT_ROW_FN bool in_sorted(const int64_t* cu, int64_t n, int64_t flat) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (cu[mid] < flat) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo < n && cu[lo] == flat;
+}
+
+// One row b. count: only record what the row consumes (p.counts); otherwise positions, deltas and p.error[b].
+template <class X>
+ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t b, bool count) {
+  const int64_t S = p.S, B = p.B;
+  const int64_t row = b * S, row1 = b * (S + 1);
+  const int64_t* att = p.att + row;
+  const int64_t* tok = p.tok + row;
+  int64_t* cols = p.cols + row1;
+  int64_t* vals = p.vals + row1;
+  int64_t* kind = p.kinds + row1;
+  int64_t* run_start = p.run_start + row1;
+  int64_t* run_len = p.run_len + row1;
+  int64_t* run_kind = p.run_kind + row1;
+  int64_t* sample_start = p.sample_start + row1;
+  Part* parts = p.parts + b * (2 * S + 1);
+  if (x.tid() == 0) {
+    st.error = kOk;
+    st.vision_runs = 0;
+    st.cursor = Cursor{};
+    if (!count) {
+      for (int64_t r = 0; r < b; ++r) {  // grids the rows before this one consume
+        st.cursor.image += p.counts[2 * r];
+        st.cursor.video += p.counts[2 * r + 1];
+      }
+    }
+  }
+  x.sync();
+
+  // 1. attended tokens, in order; padding slots; samples (the row's attended tokens, or each packed segment)
+  const int64_t L = compact(
+      x, S, [&](int64_t s) { return att[s] != 0; },
+      [&](int64_t s, int64_t k) {
+        cols[k] = s;
+        vals[k] = tok[s];
+      });
+  if (!count) {
+    for (int64_t s = x.tid(); s < S; s += X::kThreads) {
+      if (att[s] == 0) p.pos[row + s] = p.pos[B * S + row + s] = p.pos[2 * B * S + row + s] = p.pad;
+    }
+  }
+  const int64_t n_samples = compact(
+      x, L,
+      [&](int64_t i) {
+        if (i == 0) return true;
+        if (p.packed_mask) return att[cols[i]] != att[cols[i - 1]] || cols[i] != cols[i - 1] + 1;
+        if (p.cu != nullptr) return in_sorted(p.cu, p.n_cu, row + cols[i]);  // a cumulative length points here
+        return false;
+      },
+      [&](int64_t i, int64_t k) { sample_start[k] = i; });
+  if (x.tid() == 0) {
+    if (n_samples == 0) set_error(st, kEmptySample);
+    // a packed sample must not run on from the previous row
+    if (p.cu != nullptr && L > 0 && cols[0] == 0 && !in_sorted(p.cu, p.n_cu, row)) set_error(st, kEmptySample);
+  }
+  x.sync();
+
+  const Rules& r = p.rules;
+  int64_t counted_images = 0, counted_videos = 0;  // thread 0
+  for (int64_t q = 0; q < n_samples && st.error == kOk; ++q) {
+    const int64_t lo = sample_start[q], hi = q + 1 < n_samples ? sample_start[q + 1] : L, n = hi - lo;
+    const int64_t* v = vals + lo;
+    // 2. the sample's runs (or the 4.57 scan's lookups)
+    if (r.convention == kVisionStart) {
+      next_index(x, n, [&](int64_t i) { return v[i] == p.image_id; }, p.next_img + row1);
+      next_index(x, n, [&](int64_t i) { return v[i] == p.video_id; }, p.next_vid + row1);
+      for (int64_t i = x.tid(); i < n; i += X::kThreads) {
+        kind[i] = v[i] == p.video_id ? 2 : v[i] == p.image_id ? 1 : 0;
+        if (v[i] == p.vision_start_id && i + 1 >= n) set_error(st, kVisionStartAtEnd);
+      }
+      x.sync();
+      const int64_t n_img = sum_over(x, n, [&](int64_t i) {
+        return v[i] == p.vision_start_id && i + 1 < n && v[i + 1] == p.image_id ? 1 : 0;
+      });
+      const int64_t n_vid = sum_over(x, n, [&](int64_t i) {
+        return v[i] == p.vision_start_id && i + 1 < n && v[i + 1] == p.video_id ? 1 : 0;
+      });
+      if (x.tid() == 0) {
+        st.n_img = n_img;
+        st.n_vid = n_vid;
+      }
+      if (r.strict) {  // vision runs, for the comparison with the scan's blocks
+        find_runs(x, st, kind, run_start, run_len, run_kind, n);
+        for (int64_t i = x.tid(); i <= n; i += X::kThreads) p.run_len_at[row1 + i] = 0;
+        x.sync();
+        for (int64_t k = x.tid(); k < st.n_runs; k += X::kThreads) {
+          if (run_kind[k] != 0) p.run_len_at[row1 + run_start[k]] = run_len[k];
+        }
+        const int64_t vision_runs = sum_over(x, st.n_runs, [&](int64_t k) { return run_kind[k] != 0 ? 1 : 0; });
+        if (x.tid() == 0) st.vision_runs = vision_runs;
+      }
+    } else {
+      if (r.convention == kVideoBrackets) {  // inside [video_start, video_end], start winning a tie
+        running_max(x, n, int64_t{-1}, [&](int64_t i) { return v[i] == p.video_start_id ? i : int64_t{-1}; },
+                    run_len);
+        running_max(x, n, int64_t{-1}, [&](int64_t i) { return v[i] == p.video_end_id ? i : int64_t{-1}; },
+                    run_kind);
+        for (int64_t i = x.tid(); i < n; i += X::kThreads) {
+          const bool in_video = run_len[i] >= 0 && run_len[i] >= run_kind[i];
+          kind[i] = v[i] == p.image_id ? (in_video ? 2 : 1) : 0;
+        }
+      } else {
+        for (int64_t i = x.tid(); i < n; i += X::kThreads) kind[i] = v[i];
+      }
+      x.sync();
+      find_runs(x, st, kind, run_start, run_len, run_kind, n);
+      const int64_t runs = st.n_runs;
+      const int64_t n_img = sum_over(x, runs, [&](int64_t k) { return run_kind[k] == 1 ? 1 : 0; });
+      const int64_t n_vid = sum_over(x, runs, [&](int64_t k) { return run_kind[k] == 2 ? 1 : 0; });
+      if (x.tid() == 0) {
+        st.n_img = n_img;
+        st.n_vid = n_vid;
+      }
+    }
+    x.sync();
+    if (count) {
+      if (x.tid() == 0) {
+        counted_images += st.n_img;
+        counted_videos += st.n_vid;
+      }
+      continue;
+    }
+
+    // 3. thread 0 walks the sample into parts, as the host loop does
+    if (x.tid() == 0) {
+      ErrorInfo e;
+      st.n_parts = st.total = st.top = 0;
+      bool ok;
+      if (r.convention == kVisionStart) {
+        ok = walk_vision_start(r, p.grids, st.cursor, n, p.next_img + row1, p.next_vid + row1, p.run_len_at + row1,
+                               st.vision_runs, st.n_img, st.n_vid, parts, st.n_parts, st.total, e);
+      } else {
+        ok = walk_runs(r, p.grids, st.cursor, run_start, run_len, run_kind, st.n_runs, parts, st.n_parts, st.total,
+                       e);
+      }
+      if (ok) ok = finish_sample(r, p.grids, parts, st.n_parts, st.total, n, st.top, e);
+      if (!ok) {
+        set_error(st, e.code);
+      } else if (p.cu != nullptr || p.packed_mask) {
+        p.deltas[b] = st.top + 1 - n;  // the row's last sample's
+      } else {
+        p.deltas[b] = st.top + 1 - (p.delta_vs_attended ? n : S);
+      }
+    }
+    x.sync();
+    if (st.error != kOk) break;
+    // 4. positions of the sample's tokens
+    for (int64_t i = x.tid(); i < n; i += X::kThreads) {
+      const int64_t key = st.total == 1 ? 0 : i;
+      const Part& part = parts[find_part(parts, st.n_parts, key)];
+      int64_t pt, ph, pw;
+      part_position(r, p.grids, part, key - part.start, pt, ph, pw);
+      const int64_t s = cols[lo + i];
+      p.pos[row + s] = pt;
+      p.pos[B * S + row + s] = ph;
+      p.pos[2 * B * S + row + s] = pw;
+    }
+    x.sync();
+  }
+  if (x.tid() == 0) {
+    if (count) {
+      p.counts[2 * b] = counted_images;
+      p.counts[2 * b + 1] = counted_videos;
+    }
+    p.error[b] = st.error;
+  }
+}
+
+}  // namespace rope_index_detail
+}  // namespace ropekit
