@@ -459,7 +459,7 @@ def perturb(case: Case, seed: int, kind: str | None = None) -> Case:
                 notes=case.notes + [f"wild:{kind} (seed {seed}); rows describe the case before it"])
 
 
-def in_vision_start_device_domain(case: Case) -> bool:
+def in_vision_start_device_domain(case: Case, frames: bool = True) -> bool:
     """Whether the device algorithm covers this 4.57 ("vision_start") case: every attended vision run matches the
     grid it takes, and per row the vision_start pairs announce exactly those runs. Outside it, transformers' scan
     still turns the spans into positions (which the host algorithm reproduces), and the device algorithm asserts."""
@@ -467,10 +467,10 @@ def in_vision_start_device_domain(case: Case) -> bool:
     B, S = case.input_ids.shape
     mask = case.attention_mask
     images = [] if case.image_grid_thw is None else case.image_grid_thw.tolist()
-    frames = []
+    entries = []
     for t, h, w in ([] if case.video_grid_thw is None else case.video_grid_thw.tolist()):
-        frames += [[1, h, w]] * max(t, 0)
-    grids = {1: iter(images), 2: iter(frames)}
+        entries += [[1, h, w]] * max(t, 0) if frames else [[t, h, w]]
+    grids = {1: iter(images), 2: iter(entries)}
     for b in range(B):
         row = [int(v) for s, v in enumerate(case.input_ids[b].tolist()) if mask is None or mask[b, s] == 1]
         kinds = [2 if v == ids["video"] else 1 if v == ids["image"] else 0 for v in row]
