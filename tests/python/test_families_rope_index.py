@@ -122,3 +122,108 @@ def test_family_fuzz_on_cuda(family_cases):
         for algorithm in ("op", "kernel"):
             problem = compare(call(fc, algorithm, device="cuda"), want)
             assert problem is None, f"{algorithm}:\n{fc.describe()}\n  {problem}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# packed batches: several samples per row, positions restarting at each
+
+
+def _samples(family, config, seed, count, m=2, tps=4):
+    """`count` single-row, unpadded samples of the family (mask None), with one merge size and tokens_per_second
+    (one batch)."""
+    out = []
+    for k in range(count):
+        fc = random_family_case(family, config, seed=seed * 100 + k)
+        out.append(build_family_case(family, config, [fc.case.rows[0]], m=m, seed=seed * 100 + k, mask="never",
+                                     second_per_grid_ts=fc.second_per_grid_ts, tokens_per_second=tps))
+    return out
+
+
+def _cat_grids(samples, key):
+    grids = [getattr(s.case, key) for s in samples if getattr(s.case, key) is not None]
+    return torch.cat(grids) if grids else None
+
+
+def _packed_case(family, config, rows, S):
+    """A FamilyCase holding `rows` (lists of single-sample cases) back to back in rows of length S, with the grids
+    and second_per_grid_ts of all samples in order; attention_mask holds segment ids (1, 2, ... per row; 0 padding).
+    Returns it and the cu_seqlens of the same samples over the flattened tokens."""
+    flat = [smp for row in rows for smp in row]
+    ids = torch.full((len(rows), S), 151643, dtype=torch.int64)
+    mm = torch.zeros((len(rows), S), dtype=torch.int64)
+    seg = torch.zeros((len(rows), S), dtype=torch.int64)
+    cu = [0]
+    for b, row in enumerate(rows):
+        at = 0
+        for k, smp in enumerate(row):
+            n = smp.case.input_ids.shape[1]
+            ids[b, at:at + n] = smp.case.input_ids[0]
+            mm[b, at:at + n] = smp.case.mm_token_type_ids[0]
+            seg[b, at:at + n] = k + 1
+            at += n
+            cu.append(b * S + at)
+    packed = build_family_case(family, config, [[Text(1)]], m=flat[0].case.spatial_merge_size)
+    seconds = [smp.second_per_grid_ts for smp in flat if smp.second_per_grid_ts is not None]
+    packed.second_per_grid_ts = torch.cat(seconds) if seconds else None
+    packed.tokens_per_second = flat[0].tokens_per_second
+    tensors = dict(input_ids=ids, attention_mask=seg, mm_token_type_ids=mm,
+                   image_grid_thw=_cat_grids(flat, "image_grid_thw"), video_grid_thw=_cat_grids(flat, "video_grid_thw"))
+    packed.case = type(packed.case)(None, [], flat[0].case.spatial_merge_size, flat[0].case.ids, "right", **tensors)
+    return packed, torch.tensor(cu)
+
+
+def _check_packed(family, rows, pos, deltas):
+    pad = 0 if family.convention() == "token_types" else 1
+    for b, row in enumerate(rows):
+        at = 0
+        for smp in row:
+            alone_pos, alone_delta = call(smp, "op")  # the sample as its own unpadded row
+            n = smp.case.input_ids.shape[1]
+            assert torch.equal(pos[:, b, at:at + n], alone_pos[:, 0]), (family.name, b, at)
+            at += n
+        assert (pos[:, b, at:] == pad).all()
+        assert deltas[b, 0] == alone_delta[0, 0] and deltas.dtype == torch.int64
+
+
+@pytest.mark.parametrize("algorithm", ["op", "kernel", "reference"])
+def test_packed_rows_equal_the_samples_alone(family_cases, algorithm):
+    """A packed row (samples back to back, then padding) gets each sample's own positions, as if it were its own
+    unpadded row, with grids consumed in order; the row's delta is its last sample's. Segment ids in the mask
+    (packed=True), and cu_seqlens (samples over the flattened tokens; tokens past its last entry are padding)."""
+    family, _ = family_cases
+    config = tiny_config(family)
+    for seed in range(10):
+        rows = [_samples(family, config, seed * 7 + r, count=1 + (seed + r) % 3) for r in range(2)]
+        S = max(sum(smp.case.input_ids.shape[1] for smp in row) for row in rows) + 3
+        packed, _ = _packed_case(family, config, rows, S)
+        pos, deltas = call(packed, algorithm, packed=True)
+        _check_packed(family, rows, pos, deltas)
+        # cu_seqlens: one row with trailing padding, and two full rows
+        one = rows[:1]
+        packed, cu = _packed_case(family, config, one, S)
+        pos, deltas = call(packed, algorithm, attention_mask=None, cu_seqlens=cu)
+        _check_packed(family, one, pos, deltas)
+        full = [rows[0], rows[0]]
+        S_full = sum(smp.case.input_ids.shape[1] for smp in rows[0])
+        packed, cu = _packed_case(family, config, full, S_full)
+        pos, deltas = call(packed, algorithm, attention_mask=None, cu_seqlens=cu)
+        _check_packed(family, full, pos, deltas)
+
+
+def test_packed_input_errors():
+    ids = torch.tensor([[1, 2, 3, 4]])
+    types = torch.zeros_like(ids)
+    common = dict(mm_token_type_ids=types, spatial_merge_size=2)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        ropekit.rope_index(ids, attention_mask=torch.ones_like(ids), cu_seqlens=torch.tensor([0, 4]), **common)
+    with pytest.raises(ValueError, match="packed=True"):
+        ropekit.rope_index(ids, packed=True, **common)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        ropekit.rope_index(ids, cu_seqlens=torch.tensor([1, 4]), **common)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        ropekit.rope_index(torch.ones(2, 4, dtype=torch.long), mm_token_type_ids=torch.zeros(2, 4, dtype=torch.long),
+                           spatial_merge_size=2, cu_seqlens=torch.tensor([0, 2, 6, 8]))  # a sample across rows
+    with pytest.raises(ValueError, match="no packed sample"):
+        ropekit.rope_index(torch.ones(2, 4, dtype=torch.long), mm_token_type_ids=torch.zeros(2, 4, dtype=torch.long),
+                           spatial_merge_size=2, attention_mask=torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]),
+                           packed=True)
