@@ -1,6 +1,6 @@
 """ropekit: exact, fast and trainable rotary position embeddings for Qwen3-family models."""
 
-from . import ops
+from . import data, ops
 from .modules import CachedMRotaryEmbedding, CachedRotaryEmbedding, RopeTable
 from .ops import apply_rope, mrope_cos_sin, qk_norm_rope, qk_norm_rope_qkv_, rope_cache, rope_cos_sin, rope_index
 from .transformers import apply_to_model, apply_to_qwen3, apply_to_qwen3_5, apply_to_qwen3_vl, unpatch

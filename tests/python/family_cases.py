@@ -248,12 +248,13 @@ def _clone(t):
     return None if t is None else t.clone()
 
 
-def transformers_outcome(family_case: FamilyCase, model):
-    """(result, None) when the family's own unpatched get_rope_index returns, (None, error) when it raises."""
+def transformers_outcome(family_case: FamilyCase, model, fn=None):
+    """(result, None) when the family's own unpatched get_rope_index (or `fn`, called as it) returns, (None, error)
+    when it raises."""
     from ropekit.transformers._patching import original
 
     family, case = family_case.family, family_case.case
-    fn = original(family.model_class(), "get_rope_index")
+    fn = fn or original(family.model_class(), "get_rope_index")
     config = model.config
     config.vision_config.spatial_merge_size = case.spatial_merge_size
     if family.time_scaled:

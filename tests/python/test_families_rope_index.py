@@ -110,6 +110,26 @@ def test_family_fuzz_matches_transformers(family_cases, algorithm):
     assert declined <= len(cases) // 4
 
 
+def test_patched_get_rope_index_follows_transformers(family_cases):
+    """The replacement ropekit installs as <Family>Model.get_rope_index, called the way the model calls it (each
+    line's signature, Qwen2.5-VL's second_per_grid_ts included): transformers' result, or a ValueError where
+    transformers raises."""
+    from ropekit.transformers.rope_index import MROPE_RULES, make_get_rope_index
+
+    family, cases = family_cases
+    config = tiny_config(family)
+    model = rope_index_model(family, config)
+    patched = make_get_rope_index(family.model_class().__dict__["get_rope_index"], MROPE_RULES[family.name])
+    patched.__ropekit_live__ = True  # as ropekit.transformers._patching.patch() marks an installed replacement
+    for fc, expected, error in cases[:300] + cases[N_CASES:N_CASES + 300]:
+        got, raised = transformers_outcome(fc, model, fn=patched)
+        if expected is None:
+            assert got is None and raised.startswith("ValueError"), (fc.describe(), error, raised)
+        else:
+            assert raised is None, f"{fc.describe()}\n  {raised}"
+            assert compare(got, expected) is None, fc.describe()
+
+
 @requires_cuda
 @pytest.mark.cuda
 def test_family_fuzz_on_cuda(family_cases):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ._patching import import_optional, patch, unpatch_all
 from .attention import make_attention_forward
-from .rope_index import make_get_rope_index
+from .rope_index import MROPE_RULES, make_get_rope_index
 from .rotary import make_apply_rotary_pos_emb, make_rotary_forward
 
 __all__ = ["apply_to_qwen3", "apply_to_qwen3_vl", "apply_to_qwen3_5", "apply_to_model", "unpatch"]
@@ -28,6 +28,7 @@ class _ModelingModule:
     gated: bool = False  # Qwen3.5's output-gated attention
     sliding_window: bool = False  # Qwen3 passes sliding_window to the attention interface
     vl_model: str | None = None  # class defining get_rope_index
+    model_type: str | None = None  # its config.model_type (its rules in MROPE_RULES)
 
 
 _FAMILIES = {
@@ -39,17 +40,18 @@ _FAMILIES = {
     ),
     "Qwen3-VL": (
         _ModelingModule("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextRotaryEmbedding", True,
-                        "Qwen3VLTextAttention", "Qwen3VLTextRMSNorm", vl_model="Qwen3VLModel"),
+                        "Qwen3VLTextAttention", "Qwen3VLTextRMSNorm", vl_model="Qwen3VLModel", model_type="qwen3_vl"),
         _ModelingModule("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeTextRotaryEmbedding",
-                        True, "Qwen3VLMoeTextAttention", "Qwen3VLMoeTextRMSNorm", vl_model="Qwen3VLMoeModel"),
+                        True, "Qwen3VLMoeTextAttention", "Qwen3VLMoeTextRMSNorm", vl_model="Qwen3VLMoeModel",
+                        model_type="qwen3_vl_moe"),
     ),
     "Qwen3.5": (
         _ModelingModule("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5TextRotaryEmbedding", True,
                         "Qwen3_5Attention", "Qwen3_5RMSNorm", zero_centered=True, gated=True,
-                        vl_model="Qwen3_5Model"),
+                        vl_model="Qwen3_5Model", model_type="qwen3_5"),
         _ModelingModule("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeTextRotaryEmbedding",
                         True, "Qwen3_5MoeAttention", "Qwen3_5MoeRMSNorm", zero_centered=True, gated=True,
-                        vl_model="Qwen3_5MoeModel"),
+                        vl_model="Qwen3_5MoeModel", model_type="qwen3_5_moe"),
     ),
 }
 
@@ -150,7 +152,8 @@ def _apply(family: str, model, rope: bool, rope_index: bool, qk_norm_rope: bool)
                 original, module, spec.norm, spec.zero_centered, spec.gated, spec.sliding_window))
         if rope_index and spec.vl_model is not None:
             model_cls = getattr(module, spec.vl_model)
-            patch(model_cls, "get_rope_index", make_get_rope_index(_unwrapped(model_cls.__dict__["get_rope_index"])))
+            patch(model_cls, "get_rope_index",
+                  make_get_rope_index(_unwrapped(model_cls.__dict__["get_rope_index"]), MROPE_RULES[spec.model_type]))
         patched.append(spec.name)
     if not patched:
         import transformers

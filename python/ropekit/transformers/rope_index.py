@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 
@@ -51,45 +52,105 @@ def _in_op_domain(input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_
     return True
 
 
-def make_get_rope_index(original):
-    params = inspect.signature(original).parameters
+@dataclass(frozen=True)
+class MRopeRules:
+    """How one family's get_rope_index works, beyond what its signature tells (see ropekit.rope_index)."""
 
-    if "mm_token_type_ids" in params:  # transformers 5.x
+    module: str  # transformers.models.<module>.modeling_<module>
+    model: str  # the class that defines get_rope_index
+    video_frames: bool  # videos split into single frames (Qwen3-VL, Qwen3.5, Qwen4-Exp, GLM-4V)
+    time_scaled: bool = False  # Qwen2.5-VL: temporal positions scaled by tokens_per_second * second_per_grid_ts
+    glm: bool = False  # GLM-4V: 4.57 tells video frames by the video_start / video_end brackets
 
-        @functools.wraps(original)
-        def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
-                           attention_mask=None, **kwargs):
-            if (
-                not is_live(get_rope_index)
-                or mm_token_type_ids is None
-                or not _in_op_domain(input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids)
-            ):
-                return original(self, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask,
-                                **kwargs)
-            device = input_ids.device
-            return ops.rope_index(
-                input_ids, _to(image_grid_thw, device), _to(video_grid_thw, device), _to(attention_mask, device),
-                mm_token_type_ids=mm_token_type_ids.to(device),
-                spatial_merge_size=self.config.vision_config.spatial_merge_size,
-                convention="token_types", on_host=_on_host(input_ids),
-            )
+    def model_class(self):
+        """The class defining get_rope_index in the installed transformers (None where it has no such module)."""
+        import importlib
 
-    else:  # transformers 4.57: token-id based, called positionally
+        try:
+            module = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
+        except ImportError:
+            return None
+        return getattr(module, self.model, None)
 
-        @functools.wraps(original)
-        def get_rope_index(self, input_ids=None, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
-            if not is_live(get_rope_index) or not _in_op_domain(input_ids, image_grid_thw, video_grid_thw,
-                                                                 attention_mask):
-                return original(self, input_ids, image_grid_thw, video_grid_thw, attention_mask)
-            device = input_ids.device
-            config = self.config
-            return ops.rope_index(
-                input_ids, _to(image_grid_thw, device), _to(video_grid_thw, device), _to(attention_mask, device),
-                spatial_merge_size=config.vision_config.spatial_merge_size,
-                image_token_id=config.image_token_id, video_token_id=config.video_token_id,
-                vision_start_token_id=config.vision_start_token_id,
-                convention="vision_start", on_host=_on_host(input_ids),
-            )
+
+# config.model_type -> its family's rules (the MoE siblings and GLM-4.6V have get_rope_index copies of their own)
+MROPE_RULES = {
+    "qwen2_vl": MRopeRules("qwen2_vl", "Qwen2VLModel", video_frames=False),
+    "qwen2_5_vl": MRopeRules("qwen2_5_vl", "Qwen2_5_VLModel", video_frames=False, time_scaled=True),
+    "qwen3_vl": MRopeRules("qwen3_vl", "Qwen3VLModel", video_frames=True),
+    "qwen3_vl_moe": MRopeRules("qwen3_vl_moe", "Qwen3VLMoeModel", video_frames=True),
+    "qwen3_5": MRopeRules("qwen3_5", "Qwen3_5Model", video_frames=True),
+    "qwen3_5_moe": MRopeRules("qwen3_5_moe", "Qwen3_5MoeModel", video_frames=True),
+    "qwen4_exp": MRopeRules("qwen4_exp", "Qwen4ExpModel", video_frames=True),
+    "glm4v": MRopeRules("glm4v", "Glm4vModel", video_frames=True, glm=True),
+    "glm4v_moe": MRopeRules("glm4v_moe", "Glm4vMoeModel", video_frames=True, glm=True),
+    "glm46v": MRopeRules("glm46v", "Glm46VModel", video_frames=True, glm=True),
+}
+
+
+def convention_of(get_rope_index, rules: MRopeRules) -> str:
+    """The convention a get_rope_index implements, from its signature (never a version string): 5.x reads modality
+    from mm_token_type_ids; 4.57 scans token ids (after vision_start, or GLM's video brackets)."""
+    if "mm_token_type_ids" in inspect.signature(get_rope_index).parameters:
+        return "token_types"
+    return "video_brackets" if rules.glm else "vision_start"
+
+
+def rope_index_kwargs(config, rules: MRopeRules, convention: str) -> dict:
+    """ropekit.rope_index's keyword arguments for a model config of a family: merge size, special token ids, the
+    video rule and Qwen2.5-VL's tokens_per_second."""
+    get = lambda name: getattr(config, name, None)  # noqa: E731
+
+    def token(name):
+        value = get(name)
+        return -1 if value is None else int(value)
+
+    kwargs = dict(
+        spatial_merge_size=config.vision_config.spatial_merge_size, image_token_id=token("image_token_id"),
+        video_token_id=token("video_token_id"), vision_start_token_id=token("vision_start_token_id"),
+        convention=convention, video_frames=rules.video_frames,
+    )
+    if rules.glm and convention == "video_brackets":
+        kwargs.update(video_start_token_id=token("video_start_token_id"), video_end_token_id=token("video_end_token_id"))
+    if rules.time_scaled:
+        kwargs["tokens_per_second"] = config.vision_config.tokens_per_second
+    return kwargs
+
+
+def make_get_rope_index(original, rules: MRopeRules):
+    """A get_rope_index with the original's signature (bound by name, so positional and keyword calls both work)
+    that computes with ropekit.rope_index where the arguments are in its domain, and calls the original otherwise."""
+    signature = inspect.signature(original)
+    convention = convention_of(original, rules)
+
+    @functools.wraps(original)
+    def get_rope_index(self, *args, **kwargs):
+        if not is_live(get_rope_index):
+            return original(self, *args, **kwargs)
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return original(self, *args, **kwargs)  # let the original raise its own error
+        named = bound.arguments
+        input_ids, attention_mask = named.get("input_ids"), named.get("attention_mask")
+        image_grid_thw, video_grid_thw = named.get("image_grid_thw"), named.get("video_grid_thw")
+        mm_token_type_ids = named.get("mm_token_type_ids")
+        seconds = named.get("second_per_grid_ts")
+        if (
+            (convention == "token_types" and mm_token_type_ids is None)
+            or not _in_op_domain(input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids)
+            or not (seconds is None or (isinstance(seconds, torch.Tensor) and seconds.dim() == 1
+                                        and not seconds.is_complex()))
+        ):
+            return original(self, *args, **kwargs)
+        device = input_ids.device
+        options = rope_index_kwargs(self.config, rules, convention)
+        if rules.time_scaled:
+            options["second_per_grid_ts"] = _to(seconds, device)
+        return ops.rope_index(
+            input_ids, _to(image_grid_thw, device), _to(video_grid_thw, device), _to(attention_mask, device),
+            mm_token_type_ids=_to(mm_token_type_ids, device), on_host=_on_host(input_ids), **options,
+        )
 
     get_rope_index.__ropekit_original__ = original
     return get_rope_index

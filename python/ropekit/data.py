@@ -1,0 +1,132 @@
+"""mRoPE position ids for data pipelines: computed on the CPU, in DataLoader workers, so that the training step does
+no position work at all (transformers skips get_rope_index when a batch brings its position_ids).
+
+    collate = ropekit.data.MRopeCollator(model.config, collate_fn=my_collate)            # unpacked batches
+    collate = ropekit.data.MRopeCollator(model.config, collate_fn=my_collate, packed=True)  # segment-id masks
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=collate, num_workers=4)
+
+Every mRoPE family ropekit supports (config.model_type of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen4-Exp,
+GLM-4V and their MoE / 4.6 siblings), with the rules of the installed transformers line (5.x reads
+mm_token_type_ids from the batch; 4.57 the token ids). The positions are exactly what the model's own
+get_rope_index returns for the batch (ropekit.rope_index), or for packed batches each sample's own positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from . import ops
+from .transformers.rope_index import MROPE_RULES, MRopeRules, convention_of, rope_index_kwargs
+
+__all__ = ["MRopeCollator", "mrope_position_ids"]
+
+
+def _rules(config) -> MRopeRules:
+    model_type = getattr(config, "model_type", None)
+    rules = MROPE_RULES.get(model_type)
+    if rules is None:
+        raise ValueError(
+            f"ropekit.data: model_type {model_type!r} has no mRoPE get_rope_index ropekit reproduces; supported: "
+            + ", ".join(sorted(MROPE_RULES))
+        )
+    return rules
+
+
+def _convention(rules: MRopeRules, config) -> str:
+    cls = rules.model_class()
+    if cls is None:
+        import transformers
+
+        raise RuntimeError(f"ropekit.data: transformers {transformers.__version__} has no {rules.model}")
+    return convention_of(cls.get_rope_index, rules)
+
+
+def mrope_position_ids(
+    batch: Mapping[str, Any],
+    config,
+    *,
+    packed: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    text_positions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(position_ids, rope_deltas)`` for a collated batch, as the model's own get_rope_index computes them.
+
+    ``batch`` holds ``input_ids`` ``(B, S)`` and, as the processor made them, ``attention_mask``,
+    ``image_grid_thw``, ``video_grid_thw``, ``mm_token_type_ids`` (needed by transformers 5.x) and
+    ``second_per_grid_ts`` (Qwen2.5-VL). ``config`` is the model's config (``model.config``).
+    ``packed=True``: ``attention_mask`` holds segment ids (1, 2, ... per sample, 0 for padding); or give
+    ``cu_seqlens``. Positions then restart at 0 in each sample (see ``ropekit.rope_index``).
+    ``text_positions=True`` returns ``(4, B, S)``: row 0 the token's index inside its sample (0 for padding), which
+    transformers' models split off as text positions (masks, packed-sequence detection), rows 1..3 the mRoPE
+    positions; otherwise ``(3, B, S)``. ``rope_deltas`` is ``(B, 1)``.
+
+    Raises ``ValueError`` for an unsupported ``model_type`` and wherever ``ropekit.rope_index`` does.
+    """
+    rules = _rules(config)
+    convention = _convention(rules, config)
+    input_ids = batch["input_ids"]
+    kwargs = rope_index_kwargs(config, rules, convention)
+    if rules.time_scaled:
+        kwargs["second_per_grid_ts"] = batch.get("second_per_grid_ts")
+    position_ids, deltas = ops.rope_index(
+        input_ids, batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch.get("attention_mask"),
+        mm_token_type_ids=batch.get("mm_token_type_ids") if convention == "token_types" else None,
+        packed=packed, cu_seqlens=cu_seqlens, **kwargs,
+    )
+    if not text_positions:
+        return position_ids, deltas
+    return torch.cat([_text_positions(input_ids, batch.get("attention_mask"), packed, cu_seqlens)[None],
+                      position_ids]), deltas
+
+
+def _text_positions(input_ids, attention_mask, packed, cu_seqlens) -> torch.Tensor:
+    """Each token's index inside its sample (the row's attended tokens, or its packed segment); 0 for padding."""
+    B, S = input_ids.shape
+    if cu_seqlens is not None:
+        flat = torch.arange(B * S).view(B, S)
+        sample = torch.searchsorted(cu_seqlens.to(torch.int64), flat, right=True) - 1
+        start = cu_seqlens.to(torch.int64)[sample.clamp(0, len(cu_seqlens) - 1)]
+        inside = (flat >= cu_seqlens[0]) & (flat < cu_seqlens[-1])
+        return torch.where(inside, flat - start, 0).to(input_ids.dtype)
+    if attention_mask is None:
+        return torch.arange(S).expand(B, S).to(input_ids.dtype)
+    attended = attention_mask != 0
+    index = attended.long().cumsum(-1) - 1
+    if packed:  # restart where the segment id changes
+        prev = torch.cat([torch.zeros(B, 1, dtype=attention_mask.dtype), attention_mask[:, :-1]], 1)
+        starts = attended & (attention_mask != prev)
+        first = torch.where(starts, index, -1).cummax(-1).values
+        index = index - first
+    return torch.where(attended, index, 0).to(input_ids.dtype)
+
+
+class MRopeCollator:
+    """A collate_fn that adds ``position_ids`` (and ``rope_deltas``) to each batch, computed on the CPU where the
+    DataLoader collates (its workers). Wraps ``collate_fn`` (default: ``torch.utils.data.default_collate``), which
+    must return a dict of CPU tensors with the keys ``mrope_position_ids`` reads.
+
+    ``packed`` and ``text_positions`` are passed on to :func:`mrope_position_ids`; ``text_positions`` defaults to
+    ``packed`` (packed batches need per-sample text positions). ``rope_deltas_key``: also store the deltas under
+    that key (``None``: do not).
+    """
+
+    def __init__(self, config, collate_fn: Callable | None = None, *, packed: bool = False,
+                 text_positions: bool | None = None, rope_deltas_key: str | None = None):
+        _rules(config)  # fail now, not in a worker
+        self.config = config
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+        self.packed = packed
+        self.text_positions = packed if text_positions is None else text_positions
+        self.rope_deltas_key = rope_deltas_key
+
+    def __call__(self, features):
+        batch = self.collate_fn(features)
+        position_ids, deltas = mrope_position_ids(batch, self.config, packed=self.packed,
+                                                  text_positions=self.text_positions)
+        batch["position_ids"] = position_ids
+        if self.rope_deltas_key is not None:
+            batch[self.rope_deltas_key] = deltas
+        return batch
