@@ -74,12 +74,13 @@ TensorPair mrope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor&
 
 // The backward ops are not differentiable again (double backward / create_graph=True): say so.
 TensorPair apply_rope_backward_autograd(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& cos,
-                                        const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType q_dtype) {
+                                        const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType q_dtype,
+                                        bool is_neox) {
   forbid_grad("apply_rope_backward (double backward)", {{"grad_q", &grad_q}, {"grad_k", &grad_k}, {"cos", &cos},
                                                         {"sin", &sin}});
   static auto op = op_handle<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        int64_t, at::ScalarType)>("ropekit::apply_rope_backward");
-  return below_autograd([&] { return op.call(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype); });
+                                        int64_t, at::ScalarType, bool)>("ropekit::apply_rope_backward");
+  return below_autograd([&] { return op.call(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox); });
 }
 
 using TensorQuad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -87,27 +88,28 @@ using TensorQuad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 TensorQuad qk_norm_rope_backward_autograd(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q,
                                           const at::Tensor& k, const at::Tensor& q_weight, const at::Tensor& k_weight,
                                           const at::Tensor& cos, const at::Tensor& sin, double eps,
-                                          bool zero_centered) {
+                                          bool zero_centered, bool is_neox) {
   forbid_grad("qk_norm_rope_backward (double backward)",
               {{"grad_q", &grad_q}, {"grad_k", &grad_k}, {"q", &q}, {"k", &k}, {"q_weight", &q_weight},
                {"k_weight", &k_weight}});
   static auto op = op_handle<TensorQuad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        double, bool)>("ropekit::qk_norm_rope_backward");
+                                        double, bool, bool)>("ropekit::qk_norm_rope_backward");
   return below_autograd([&] {
-    return op.call(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
+    return op.call(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, zero_centered, is_neox);
   });
 }
 
 // Inference only: it overwrites q and k inside qkv, which autograd could not undo.
 void qk_norm_rope_qkv_autograd(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
                                const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t num_q_heads,
-                               int64_t num_kv_heads, bool zero_centered) {
+                               int64_t num_kv_heads, bool zero_centered, bool is_neox) {
   forbid_grad("qk_norm_rope_qkv_", {{"qkv", &qkv}, {"q_weight", &q_weight}, {"k_weight", &k_weight}});
   static auto op = op_handle<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                  const at::Tensor&, double, int64_t, int64_t, bool)>("ropekit::qk_norm_rope_qkv_");
+                                  const at::Tensor&, double, int64_t, int64_t, bool, bool)>(
+      "ropekit::qk_norm_rope_qkv_");
   below_autograd([&] {
-    op.call(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads, zero_centered);
+    op.call(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads, zero_centered, is_neox);
     return 0;
   });
   torch::autograd::impl::bump_version(qkv);  // readers of qkv see that it changed
@@ -139,24 +141,26 @@ TORCH_LIBRARY(ropekit, m) {
   m.def(
       "mrope_cos_sin(Tensor cos_cache, Tensor sin_cache, Tensor position_ids, int[] mrope_section, "
       "ScalarType dtype, Tensor? inv_freq=None, float attention_scaling=1.0) -> (Tensor cos, Tensor sin)");
-  m.def("apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin, int unsqueeze_dim=1) -> (Tensor q_out, Tensor k_out)");
+  m.def(
+      "apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin, int unsqueeze_dim=1, bool is_neox=True) -> "
+      "(Tensor q_out, Tensor k_out)");
   m.def(
       "apply_rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, int unsqueeze_dim, "
-      "ScalarType q_dtype) -> (Tensor grad_q_in, Tensor grad_k_in)");
+      "ScalarType q_dtype, bool is_neox=True) -> (Tensor grad_q_in, Tensor grad_k_in)");
   m.def(
       "rope_index(Tensor input_ids, Tensor? image_grid_thw, Tensor? video_grid_thw, Tensor? attention_mask, "
       "Tensor? mm_token_type_ids, int spatial_merge_size, int image_token_id, int video_token_id, "
       "int vision_start_token_id, str convention, bool on_host=True) -> (Tensor position_ids, Tensor deltas)");
   m.def(
       "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
-      "bool zero_centered=False) -> (Tensor q_out, Tensor k_out)");
+      "bool zero_centered=False, bool is_neox=True) -> (Tensor q_out, Tensor k_out)");
   m.def(
       "qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, "
-      "Tensor cos, Tensor sin, float eps, bool zero_centered) -> (Tensor dq, Tensor dk, Tensor dq_weight, "
-      "Tensor dk_weight)");
+      "Tensor cos, Tensor sin, float eps, bool zero_centered, bool is_neox=True) -> (Tensor dq, Tensor dk, "
+      "Tensor dq_weight, Tensor dk_weight)");
   m.def(
       "qk_norm_rope_qkv_(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
-      "int num_q_heads, int num_kv_heads, bool zero_centered=False) -> ()");
+      "int num_q_heads, int num_kv_heads, bool zero_centered=False, bool is_neox=True) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ropekit, CPU, m) {

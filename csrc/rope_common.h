@@ -6,6 +6,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace ropekit {
 
@@ -54,8 +55,21 @@ C10_HOST_DEVICE inline int mrope_axis(int64_t j, int64_t section_h, int64_t sect
   return 0;
 }
 
-// One rotary pair (x1 at j, x2 at j + R/2). Forward: out = x*cos + rotate_half(x)*sin with
-// rotate_half(x) = cat(-x2, x1). Backward is its transpose: g*cos + rotate_half^T(g*sin), which reads the
+// Rotation styles. neox (Qwen, Llama: `rotate_half`) pairs channel j with j + R/2; GPT-J (GLM-4V:
+// `rotate_half_llm(x) = stack((-x[1::2], x[0::2]), -1).flatten(-2)`) pairs 2i with 2i + 1. Either way pair i of a
+// rotary dim R (i < R/2) rotates (x1, x2) with x1 at pair_first and x2 at pair_second, and the formulas below are
+// the same, so every kernel takes the style as one template parameter.
+template <bool kNeox>
+C10_HOST_DEVICE inline int64_t pair_first(int64_t i, int64_t half) {
+  return kNeox ? i : 2 * i;
+}
+template <bool kNeox>
+C10_HOST_DEVICE inline int64_t pair_second(int64_t i, int64_t half) {
+  return kNeox ? i + half : 2 * i + 1;
+}
+
+// One rotary pair. Forward: out = x*cos + rot(x)*sin with rot(x)[first] = -x2 and rot(x)[second] = x1 (true of
+// both rotate_half and rotate_half_llm). Backward is its transpose: g*cos + rot^T(g*sin), which reads the
 // partner's sin. Each product and the sum round once, as in eager.
 template <bool kBackward, typename acc>
 C10_HOST_DEVICE inline void rotate_pair(acc x1, acc x2, acc c1, acc c2, acc s1, acc s2, acc& o1, acc& o2) {
@@ -65,6 +79,16 @@ C10_HOST_DEVICE inline void rotate_pair(acc x1, acc x2, acc c1, acc c2, acc s1, 
   } else {
     o1 = add_rn(mul_rn(x1, c1), -mul_rn(x2, s1));
     o2 = add_rn(mul_rn(x2, c2), mul_rn(x1, s2));
+  }
+}
+
+// Calls f(std::true_type{}) for neox, f(std::false_type{}) for GPT-J: the style becomes a compile-time constant.
+template <typename F>
+void dispatch_rope_style(bool is_neox, F&& f) {
+  if (is_neox) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
   }
 }
 

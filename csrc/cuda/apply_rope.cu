@@ -31,7 +31,7 @@ OperandParams to_params(const RopeOperand& op) {
 }
 
 // Work items per head: rot_dim/2 rotary pairs, then head_dim - rot_dim pass-through elements.
-template <typename Types, bool kBackward>
+template <typename Types, bool kBackward, bool kNeox>
 __device__ __forceinline__ void rope_item(const OperandParams& op, int64_t b, int64_t s, int64_t head,
                                           int64_t item, int64_t half, int64_t rot_dim,
                                           const typename Types::acc* c, const typename Types::acc* sn) {
@@ -41,18 +41,19 @@ __device__ __forceinline__ void rope_item(const OperandParams& op, int64_t b, in
   const in_t* x = static_cast<const in_t*>(op.in) + b * op.in_stride_b + s * op.in_stride_s + head * op.in_stride_h;
   out_t* y = static_cast<out_t*>(op.out) + b * op.out_stride_b + s * op.out_stride_s + head * op.out_stride_h;
   if (item < half) {
+    const int64_t j1 = pair_first<kNeox>(item, half), j2 = pair_second<kNeox>(item, half);
     acc o1, o2;
-    rotate_pair<kBackward, acc>(static_cast<acc>(x[item]), static_cast<acc>(x[item + half]), c[item],
-                                c[item + half], sn[item], sn[item + half], o1, o2);
-    y[item] = static_cast<out_t>(o1);
-    y[item + half] = static_cast<out_t>(o2);
+    rotate_pair<kBackward, acc>(static_cast<acc>(x[j1]), static_cast<acc>(x[j2]), c[j1], c[j2], sn[j1], sn[j2], o1,
+                                o2);
+    y[j1] = static_cast<out_t>(o1);
+    y[j2] = static_cast<out_t>(o2);
   } else {
     const int64_t j = rot_dim + (item - half);
     y[j] = static_cast<out_t>(static_cast<acc>(x[j]));
   }
 }
 
-template <typename Types, bool kBackward>
+template <typename Types, bool kBackward, bool kNeox>
 __global__ void apply_rope_kernel(RopeParams p, const typename Types::cs_t* __restrict__ cos,
                                   const typename Types::cs_t* __restrict__ sin) {
   using acc = typename Types::acc;
@@ -75,7 +76,7 @@ __global__ void apply_rope_kernel(RopeParams p, const typename Types::cs_t* __re
     for (int64_t i = threadIdx.x; i < total_items; i += blockDim.x) {
       const bool is_q = i < q_items;
       const int64_t local = is_q ? i : i - q_items;
-      rope_item<Types, kBackward>(is_q ? p.q : p.k, b, s, local / items_per_head, local % items_per_head, half,
+      rope_item<Types, kBackward, kNeox>(is_q ? p.q : p.k, b, s, local / items_per_head, local % items_per_head, half,
                                   p.rot_dim, c, sn);
     }
     __syncthreads();  // the next token overwrites the staged row
@@ -94,11 +95,13 @@ void launch_apply_rope(const RopeArgs& a, at::ScalarType x_dtype) {
   const int64_t blocks = std::min<int64_t>(tokens, int64_t{1} << 20);
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_rope_types<kBackward>(x_dtype, a.cos.scalar_type(), [&](auto types) {
-    using Types = decltype(types);
-    using cs_t = typename Types::cs_t;
-    const size_t smem = 2 * a.rot_dim * sizeof(typename Types::acc);
-    apply_rope_kernel<Types, kBackward><<<blocks, threads, smem, stream>>>(p, a.cos.template data_ptr<cs_t>(),
-                                                                           a.sin.template data_ptr<cs_t>());
+    dispatch_rope_style(a.is_neox, [&](auto neox) {
+      using Types = decltype(types);
+      using cs_t = typename Types::cs_t;
+      const size_t smem = 2 * a.rot_dim * sizeof(typename Types::acc);
+      apply_rope_kernel<Types, kBackward, decltype(neox)::value><<<blocks, threads, smem, stream>>>(
+          p, a.cos.template data_ptr<cs_t>(), a.sin.template data_ptr<cs_t>());
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -107,17 +110,18 @@ void launch_apply_rope(const RopeArgs& a, at::ScalarType x_dtype) {
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_cuda(const at::Tensor& q, const at::Tensor& k,
                                                    const at::Tensor& cos, const at::Tensor& sin,
-                                                   int64_t unsqueeze_dim) {
+                                                   int64_t unsqueeze_dim, bool is_neox) {
   RopeArgs a = prepare_apply_rope(q, k, cos, sin, unsqueeze_dim,
-                                  apply_rope_out_dtype(q.scalar_type(), cos.scalar_type()));
+                                  apply_rope_out_dtype(q.scalar_type(), cos.scalar_type()), is_neox);
   launch_apply_rope<false>(a, q.scalar_type());
   return {a.q.out, a.k.out};
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_backward_cuda(const at::Tensor& grad_q, const at::Tensor& grad_k,
                                                             const at::Tensor& cos, const at::Tensor& sin,
-                                                            int64_t unsqueeze_dim, at::ScalarType q_dtype) {
-  RopeArgs a = prepare_apply_rope_backward(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype);
+                                                            int64_t unsqueeze_dim, at::ScalarType q_dtype,
+                                                            bool is_neox) {
+  RopeArgs a = prepare_apply_rope_backward(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox);
   launch_apply_rope<true>(a, q_dtype);
   return {a.q.out, a.k.out};
 }

@@ -89,7 +89,7 @@ __device__ __forceinline__ typename Types::acc row_rstd(const typename Types::in
   return rsqrt(sumsq / acc(d) + acc(eps));  // rsqrtf for fp32, as torch.rsqrt on CUDA
 }
 
-template <typename Types>
+template <typename Types, bool kNeox>
 __global__ void qk_norm_rope_kernel(NormRopeParams p, const typename Types::cs_t* __restrict__ cos,
                                     const typename Types::cs_t* __restrict__ sin) {
   using in_t = typename Types::in_t;
@@ -107,13 +107,14 @@ __global__ void qk_norm_rope_kernel(NormRopeParams p, const typename Types::cs_t
     for (int64_t j = lane; j < p.head_dim; j += 32) y[j] = normed<Types>(y[j], rstd, static_cast<acc>(w[j]));
     __syncwarp();
     out_t* o = out_row<out_t>(r);  // may alias the input (in-place qkv): every read above is done
-    for (int64_t j = lane; j < half; j += 32) {
+    for (int64_t i = lane; i < half; i += 32) {
+      const int64_t j1 = pair_first<kNeox>(i, half), j2 = pair_second<kNeox>(i, half);
       acc o1, o2;
-      rotate_pair<false, acc>(y[j], y[j + half], static_cast<acc>(cos[r.cos_row + j]),
-                              static_cast<acc>(cos[r.cos_row + j + half]), static_cast<acc>(sin[r.cos_row + j]),
-                              static_cast<acc>(sin[r.cos_row + j + half]), o1, o2);
-      o[j] = static_cast<out_t>(o1);
-      o[j + half] = static_cast<out_t>(o2);
+      rotate_pair<false, acc>(y[j1], y[j2], static_cast<acc>(cos[r.cos_row + j1]),
+                              static_cast<acc>(cos[r.cos_row + j2]), static_cast<acc>(sin[r.cos_row + j1]),
+                              static_cast<acc>(sin[r.cos_row + j2]), o1, o2);
+      o[j1] = static_cast<out_t>(o1);
+      o[j2] = static_cast<out_t>(o2);
     }
     for (int64_t j = p.rot_dim + lane; j < p.head_dim; j += 32) o[j] = static_cast<out_t>(y[j]);
     __syncwarp();  // the next row overwrites y
@@ -122,7 +123,7 @@ __global__ void qk_norm_rope_kernel(NormRopeParams p, const typename Types::cs_t
 
 // Backward: per row gy = rope^T(g), gn from the weight, dx = rstd * (gn - n * mean(gn * n)). Each block sums its
 // rows' weight gradients in a fixed order into partials[block]; a second kernel sums the partials in block order.
-template <typename Types>
+template <typename Types, bool kNeox>
 __global__ void qk_norm_rope_backward_kernel(NormRopeParams p, NormRopeParams grad,
                                              const typename Types::cs_t* __restrict__ cos,
                                              const typename Types::cs_t* __restrict__ sin,
@@ -145,11 +146,11 @@ __global__ void qk_norm_rope_backward_kernel(NormRopeParams p, NormRopeParams gr
     const RowRef gr = locate(grad, row);
     const acc rstd = row_rstd<Types>(in_row<in_t>(r), n, d, p.eps, lane);
     const out_t* g = in_row<out_t>(gr);
-    for (int64_t j = lane; j < half; j += 32) {
-      rotate_pair<true, acc>(static_cast<acc>(g[j]), static_cast<acc>(g[j + half]),
-                             static_cast<acc>(cos[r.cos_row + j]), static_cast<acc>(cos[r.cos_row + j + half]),
-                             static_cast<acc>(sin[r.cos_row + j]), static_cast<acc>(sin[r.cos_row + j + half]),
-                             gy[j], gy[j + half]);
+    for (int64_t i = lane; i < half; i += 32) {
+      const int64_t j1 = pair_first<kNeox>(i, half), j2 = pair_second<kNeox>(i, half);
+      rotate_pair<true, acc>(static_cast<acc>(g[j1]), static_cast<acc>(g[j2]), static_cast<acc>(cos[r.cos_row + j1]),
+                             static_cast<acc>(cos[r.cos_row + j2]), static_cast<acc>(sin[r.cos_row + j1]),
+                             static_cast<acc>(sin[r.cos_row + j2]), gy[j1], gy[j2]);
     }
     for (int64_t j = p.rot_dim + lane; j < d; j += 32) gy[j] = static_cast<acc>(g[j]);
     __syncwarp();
@@ -219,12 +220,15 @@ void launch_forward(const NormRopeArgs& a) {
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_norm_rope_types(a.q.in.scalar_type(), a.q_weight.scalar_type(), a.cos.scalar_type(), a.zero_centered,
                            [&](auto types) {
+   dispatch_rope_style(a.is_neox, [&](auto neox) {
     using Types = decltype(types);
     using cs_t = typename Types::cs_t;
+    constexpr bool kNeox = decltype(neox)::value;
     const size_t smem = kWarps * a.head_dim * sizeof(typename Types::acc);
-    allow_shared_memory(qk_norm_rope_kernel<Types>, smem);
-    qk_norm_rope_kernel<Types><<<grid_for(rows, kMaxForwardBlocks), kWarps * 32, smem, stream>>>(
+    allow_shared_memory(qk_norm_rope_kernel<Types, kNeox>, smem);
+    qk_norm_rope_kernel<Types, kNeox><<<grid_for(rows, kMaxForwardBlocks), kWarps * 32, smem, stream>>>(
         make_params(a), a.cos.data_ptr<cs_t>(), a.sin.data_ptr<cs_t>());
+   });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -234,24 +238,24 @@ void launch_forward(const NormRopeArgs& a) {
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cuda(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& q_weight, const at::Tensor& k_weight,
                                                      const at::Tensor& cos, const at::Tensor& sin, double eps,
-                                                     bool zero_centered) {
-  NormRopeArgs a = prepare_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
+                                                     bool zero_centered, bool is_neox) {
+  NormRopeArgs a = prepare_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, zero_centered, is_neox, true);
   launch_forward(a);
   return {a.q.out.transpose(1, 2), a.k.out.transpose(1, 2)};
 }
 
 void qk_norm_rope_qkv_cuda(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
                            const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t num_q_heads,
-                           int64_t num_kv_heads, bool zero_centered) {
-  launch_forward(
-      prepare_qk_norm_rope_qkv(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads, zero_centered));
+                           int64_t num_kv_heads, bool zero_centered, bool is_neox) {
+  launch_forward(prepare_qk_norm_rope_qkv(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads,
+                                          zero_centered, is_neox));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cuda(
     const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin, double eps,
-    bool zero_centered) {
-  NormRopeArgs a = prepare_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
+    bool zero_centered, bool is_neox) {
+  NormRopeArgs a = prepare_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, zero_centered, is_neox, false);
   NormRopeArgs g = prepare_qk_norm_rope_backward_grads(a, grad_q, grad_k);
   const int64_t rows = a.batch * a.seq * (a.q.heads + a.k.heads), d = a.head_dim;
   at::Tensor dwq = at::empty_like(a.q_weight), dwk = at::empty_like(a.k_weight);
@@ -264,20 +268,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward
     const int64_t blocks = grid_for(rows, kMaxBackwardBlocks);
     dispatch_norm_rope_types(q.scalar_type(), q_weight.scalar_type(), cos.scalar_type(), zero_centered,
                              [&](auto types) {
+     dispatch_rope_style(is_neox, [&](auto neox) {
       using Types = decltype(types);
       using acc = typename Types::acc;
       using cs_t = typename Types::cs_t;
       using w_t = typename Types::w_t;
+      constexpr bool kNeox = decltype(neox)::value;
       at::Tensor partials = at::empty({blocks, 2 * d}, q.options().dtype(c10::CppTypeToScalarType<acc>::value));
       const size_t smem = kWarps * 4 * d * sizeof(acc);
-      allow_shared_memory(qk_norm_rope_backward_kernel<Types>, smem);
-      qk_norm_rope_backward_kernel<Types><<<blocks, kWarps * 32, smem, stream>>>(
+      allow_shared_memory(qk_norm_rope_backward_kernel<Types, kNeox>, smem);
+      qk_norm_rope_backward_kernel<Types, kNeox><<<blocks, kWarps * 32, smem, stream>>>(
           make_params(a), make_params(g), a.cos.data_ptr<cs_t>(), a.sin.data_ptr<cs_t>(), partials.data_ptr<acc>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const int threads = 256;
       sum_weight_partials_kernel<acc, w_t><<<(2 * d + threads - 1) / threads, threads, 0, stream>>>(
           partials.data_ptr<acc>(), blocks, d, dwq.data_ptr<w_t>(), dwk.data_ptr<w_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+     });
     });
   }
   return {g.q.out.view(q.sizes()), g.k.out.view(k.sizes()), dwq, dwk};
