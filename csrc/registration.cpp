@@ -48,27 +48,35 @@ TensorPair rope_cache_autograd(const at::Tensor& inv_freq, int64_t max_position,
 
 TensorPair rope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                                  const at::Tensor& position_ids, at::ScalarType dtype,
-                                 const std::optional<at::Tensor>& inv_freq, double attention_scaling) {
+                                 const std::optional<at::Tensor>& inv_freq, double attention_scaling,
+                                 const std::optional<at::Tensor>& table_inv_freq) {
   const at::Tensor f = inv_freq.value_or(at::Tensor());
-  forbid_grad("rope_cos_sin", {{"cos_cache", &cos_cache}, {"sin_cache", &sin_cache}, {"inv_freq", &f}});
+  const at::Tensor tf = table_inv_freq.value_or(at::Tensor());
+  forbid_grad("rope_cos_sin", {{"cos_cache", &cos_cache}, {"sin_cache", &sin_cache}, {"inv_freq", &f},
+                               {"table_inv_freq", &tf}});
   static auto op = op_handle<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
-                                        const std::optional<at::Tensor>&, double)>("ropekit::rope_cos_sin");
+                                        const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&)>(
+      "ropekit::rope_cos_sin");
   return below_autograd([&] {
-    return op.call(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling);
+    return op.call(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling, table_inv_freq);
   });
 }
 
 TensorPair mrope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                                   const at::Tensor& position_ids, c10::IntArrayRef mrope_section,
                                   at::ScalarType dtype, const std::optional<at::Tensor>& inv_freq,
-                                  double attention_scaling) {
+                                  double attention_scaling, const std::optional<at::Tensor>& table_inv_freq) {
   const at::Tensor f = inv_freq.value_or(at::Tensor());
-  forbid_grad("mrope_cos_sin", {{"cos_cache", &cos_cache}, {"sin_cache", &sin_cache}, {"inv_freq", &f}});
+  const at::Tensor tf = table_inv_freq.value_or(at::Tensor());
+  forbid_grad("mrope_cos_sin", {{"cos_cache", &cos_cache}, {"sin_cache", &sin_cache}, {"inv_freq", &f},
+                                {"table_inv_freq", &tf}});
   static auto op =
       op_handle<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
-                           at::ScalarType, const std::optional<at::Tensor>&, double)>("ropekit::mrope_cos_sin");
+                           at::ScalarType, const std::optional<at::Tensor>&, double,
+                           const std::optional<at::Tensor>&)>("ropekit::mrope_cos_sin");
   return below_autograd([&] {
-    return op.call(cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq, attention_scaling);
+    return op.call(cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq, attention_scaling,
+                   table_inv_freq);
   });
 }
 
@@ -118,16 +126,19 @@ void qk_norm_rope_qkv_autograd(const at::Tensor& qkv, const at::Tensor& q_weight
 template <TensorPair (*Gather)(const GatherArgs&)>
 TensorPair rope_cos_sin_impl(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                              const at::Tensor& position_ids, at::ScalarType dtype,
-                             const std::optional<at::Tensor>& inv_freq, double attention_scaling) {
-  return Gather(check_rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling));
+                             const std::optional<at::Tensor>& inv_freq, double attention_scaling,
+                             const std::optional<at::Tensor>& table_inv_freq) {
+  return Gather(check_rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling,
+                                   table_inv_freq));
 }
 
 template <TensorPair (*Gather)(const GatherArgs&)>
 TensorPair mrope_cos_sin_impl(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                               const at::Tensor& position_ids, c10::IntArrayRef mrope_section, at::ScalarType dtype,
-                              const std::optional<at::Tensor>& inv_freq, double attention_scaling) {
+                              const std::optional<at::Tensor>& inv_freq, double attention_scaling,
+                              const std::optional<at::Tensor>& table_inv_freq) {
   return Gather(check_mrope_cos_sin(cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq,
-                                    attention_scaling));
+                                    attention_scaling, table_inv_freq));
 }
 
 }  // namespace
@@ -137,10 +148,11 @@ TORCH_LIBRARY(ropekit, m) {
   m.def("rope_cache(Tensor inv_freq, int max_position, float attention_scaling=1.0) -> (Tensor cos, Tensor sin)");
   m.def(
       "rope_cos_sin(Tensor cos_cache, Tensor sin_cache, Tensor position_ids, ScalarType dtype, "
-      "Tensor? inv_freq=None, float attention_scaling=1.0) -> (Tensor cos, Tensor sin)");
+      "Tensor? inv_freq=None, float attention_scaling=1.0, Tensor? table_inv_freq=None) -> (Tensor cos, Tensor sin)");
   m.def(
       "mrope_cos_sin(Tensor cos_cache, Tensor sin_cache, Tensor position_ids, int[] mrope_section, "
-      "ScalarType dtype, Tensor? inv_freq=None, float attention_scaling=1.0) -> (Tensor cos, Tensor sin)");
+      "ScalarType dtype, Tensor? inv_freq=None, float attention_scaling=1.0, Tensor? table_inv_freq=None) -> "
+      "(Tensor cos, Tensor sin)");
   m.def(
       "apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin, int unsqueeze_dim=1, bool is_neox=True) -> "
       "(Tensor q_out, Tensor k_out)");
@@ -150,7 +162,10 @@ TORCH_LIBRARY(ropekit, m) {
   m.def(
       "rope_index(Tensor input_ids, Tensor? image_grid_thw, Tensor? video_grid_thw, Tensor? attention_mask, "
       "Tensor? mm_token_type_ids, int spatial_merge_size, int image_token_id, int video_token_id, "
-      "int vision_start_token_id, str convention, bool on_host=True) -> (Tensor position_ids, Tensor deltas)");
+      "int vision_start_token_id, str convention, bool on_host=True, *, bool video_frames=True, "
+      "Tensor? second_per_grid_ts=None, Scalar? tokens_per_second=None, int video_start_token_id=-1, "
+      "int video_end_token_id=-1, bool packed=False, Tensor? cu_seqlens=None, bool strict=False) -> "
+      "(Tensor position_ids, Tensor deltas)");
   m.def(
       "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
       "bool zero_centered=False, bool is_neox=True) -> (Tensor q_out, Tensor k_out)");

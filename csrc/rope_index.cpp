@@ -1,15 +1,21 @@
 #include "rope_index.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/DefaultDtype.h>
 #include <c10/core/Stream.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
+#include <sstream>
 #include <utility>
 #include <vector>
 
 namespace ropekit {
+
+using namespace rope_index_detail;
+
 namespace {
 
 at::Tensor defined_or_empty(const std::optional<at::Tensor>& t) {
@@ -30,30 +36,31 @@ void check_per_token(const at::Tensor& t, const char* name, const at::Tensor& in
   if (!t.defined()) return;
   TORCH_CHECK_VALUE(t.sizes() == input_ids.sizes(), name, ": expected the shape of input_ids ", input_ids.sizes(),
                     ", got ", t.sizes());
-  TORCH_CHECK_VALUE(allow_float || at::isIntegralType(t.scalar_type(), /*includeBool=*/false), name,
+  TORCH_CHECK_VALUE(allow_float || at::isIntegralType(t.scalar_type(), /*includeBool=*/true), name,
                     ": expected an integer dtype, got ", t.scalar_type());
   TORCH_CHECK_VALUE(!at::isComplexType(t.scalar_type()), name, ": expected a real dtype, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == input_ids.device(), name, ": expected device ", input_ids.device(),
                     " (that of input_ids), got ", t.device());
 }
 
-bool token_types(const RopeIndexArgs& a) { return a.convention == RopeIndexConvention::kTokenTypes; }
+bool four_fifty_seven(const RopeIndexArgs& a) { return !a.token_types(); }
 
-// Which tokens count: 5.x attends where mask.bool(), 4.57 where mask == 1.
+// Which tokens count: 5.x attends where mask.bool(), 4.57 where mask == 1; packed rows where the segment id != 0.
 at::Tensor attended(const RopeIndexArgs& a) {
-  if (!a.attention_mask.defined()) return at::ones(a.input_ids.sizes(), a.input_ids.options().dtype(at::kBool));
-  return token_types(a) ? a.attention_mask != 0 : a.attention_mask == 1;
-}
-
-// Modality per token: 0 text, 1 image, 2 video.
-at::Tensor token_kinds(const RopeIndexArgs& a) {
-  if (token_types(a)) return a.mm_token_type_ids.to(at::kLong);
-  const at::Tensor zero = at::zeros({}, a.input_ids.options().dtype(at::kLong));
-  return at::where(a.input_ids == a.image_token_id, 1, at::where(a.input_ids == a.video_token_id, 2, zero));
+  const auto B = a.input_ids.size(0), S = a.input_ids.size(1);
+  if (a.cu_seqlens.defined()) {
+    const auto L = a.input_ids.options().dtype(at::kLong);
+    const at::Tensor flat = at::arange(B * S, L).view({B, S});
+    const at::Tensor cu = a.cu_seqlens.to(at::kLong);
+    return (flat >= cu.select(0, 0)) & (flat < cu.select(0, cu.size(0) - 1));
+  }
+  if (!a.attention_mask.defined()) return at::ones({B, S}, a.input_ids.options().dtype(at::kBool));
+  if (a.packed || a.token_types()) return a.attention_mask != 0;
+  return a.attention_mask == 1;
 }
 
 // transformers 4.57 without any grid: positions from the mask's cumulative sum, no vision at all.
-std::tuple<at::Tensor, at::Tensor> vision_start_text_only(const RopeIndexArgs& a) {
+std::tuple<at::Tensor, at::Tensor> text_only_branch(const RopeIndexArgs& a) {
   const int64_t B = a.input_ids.size(0), S = a.input_ids.size(1);
   if (!a.attention_mask.defined()) {
     at::Tensor pos = at::arange(S, a.input_ids.options().dtype(at::kLong)).view({1, 1, S}).expand({3, B, S});
@@ -66,148 +73,59 @@ std::tuple<at::Tensor, at::Tensor> vision_start_text_only(const RopeIndexArgs& a
   return {pos, deltas};
 }
 
+bool text_only_branch_applies(const RopeIndexArgs& a) {
+  return four_fifty_seven(a) && !a.is_packed() && !a.image_grid_thw.defined() && !a.video_grid_thw.defined();
+}
+
+int32_t time_code(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return kTimeF64;
+    case at::kFloat: return kTimeF32;
+    case at::kBFloat16: return kTimeBF16;
+    case at::kHalf: return kTimeF16;
+    default:
+      TORCH_CHECK_VALUE(at::isIntegralType(t, /*includeBool=*/false), "second_per_grid_ts / tokens_per_second: "
+                        "expected a real dtype for the time interval, got ", t);
+      return kTimeInt;
+  }
+}
+
+// The time interval as transformers computes it, per video, as tensors on the inputs' device (no sync):
+// `pre` (int64) and `interval` (of the dtype the product runs in). 5.x: interval = tokens_per_second *
+// second_per_grid_ts[v], pre = 1 (or tokens_per_second alone without second_per_grid_ts); 4.57: pre =
+// int(second_per_grid_ts[v]) (or 1), interval = tokens_per_second.
+struct TimeTensors {
+  at::Tensor pre;       // (N_vid,) int64
+  at::Tensor interval;  // (N_vid,) of `dtype`
+  at::ScalarType dtype = at::kLong;
+  int32_t code = kTimeInt;
+};
+
+TimeTensors time_tensors(const RopeIndexArgs& a, int64_t n_videos) {
+  TimeTensors out;
+  const auto L = a.input_ids.options().dtype(at::kLong);
+  const c10::Scalar tps = *a.tokens_per_second;
+  const at::ScalarType scalar_dtype =
+      tps.isIntegral(/*includeBool=*/false) ? at::kLong : c10::typeMetaToScalarType(c10::get_default_dtype());
+  if (a.token_types() && a.second_per_grid_ts.defined()) {
+    out.interval = at::mul(a.second_per_grid_ts, tps);  // `tokens_per_second * next(second_per_grid_ts)`
+    out.pre = at::ones({out.interval.size(0)}, L);
+  } else {
+    // tokens_per_second alone: a Python number times an int64 arange (int64, or the default float dtype)
+    out.interval = at::full({n_videos}, tps, L.dtype(scalar_dtype));
+    out.pre = a.token_types() || !a.second_per_grid_ts.defined() ? at::ones({n_videos}, L)
+                                                                  : a.second_per_grid_ts.to(at::kLong);
+  }
+  out.dtype = out.interval.scalar_type();
+  out.code = time_code(out.dtype);
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Host algorithm
 
-struct Grid {
-  int64_t t, h, w;
-};
-
-std::vector<Grid> read_grids(const int64_t* p, int64_t n) {
-  std::vector<Grid> g(n);
-  for (int64_t i = 0; i < n; ++i) g[i] = {p[3 * i], p[3 * i + 1], p[3 * i + 2]};
-  return g;
-}
-
-class HostIndexer {
- public:
-  HostIndexer(const RopeIndexArgs& a, const int64_t* att, const int64_t* kinds, const int64_t* ids,
-              std::vector<Grid> images, std::vector<Grid> videos)
-      : a_(a), att_(att), kinds_(kinds), ids_(ids), images_(std::move(images)) {
-    // transformers splits each video into one grid per frame (repeat_interleave by t, then t = 1).
-    for (size_t v = 0; v < videos.size(); ++v) {
-      TORCH_CHECK_VALUE(videos[v].t >= 1, "video_grid_thw: video ", v, " has t = ", videos[v].t,
-                        "; expected at least one frame");
-      for (int64_t f = 0; f < videos[v].t; ++f) frames_.push_back({1, videos[v].h, videos[v].w});
-    }
-  }
-
-  // Fills pos (3, B, S) and deltas (B) as int64.
-  void run(int64_t* pos, int64_t* deltas) {
-    const int64_t B = a_.input_ids.size(0), S = a_.input_ids.size(1);
-    const int64_t pad = token_types(a_) ? 0 : 1;
-    std::fill(pos, pos + 3 * B * S, pad);
-    std::vector<int64_t> keep;
-    keep.reserve(S);
-    for (int64_t b = 0; b < B; ++b) {
-      keep.clear();
-      for (int64_t s = 0; s < S; ++s)
-        if (att_[b * S + s]) keep.push_back(s);
-      TORCH_CHECK_VALUE(!keep.empty(), "attention_mask: row ", b, " attends to no token");
-      const int64_t row_max = index_row(b, keep, pos);
-      deltas[b] = row_max + 1 - (token_types(a_) ? static_cast<int64_t>(keep.size()) : S);
-    }
-    TORCH_CHECK_VALUE(next_image_ == static_cast<int64_t>(images_.size()), "image_grid_thw: ", images_.size(),
-                      " grids but the input has only ", next_image_, " image spans");
-    TORCH_CHECK_VALUE(next_frame_ == static_cast<int64_t>(frames_.size()), "video_grid_thw: ", frames_.size(),
-                      " frames but the input has only ", next_frame_, " video frame spans");
-  }
-
- private:
-  int64_t kind_at(int64_t b, int64_t s) const {
-    const int64_t k = kinds_[b * a_.input_ids.size(1) + s];
-    TORCH_CHECK_VALUE(k >= 0 && k <= 2, "mm_token_type_ids: expected 0 (text), 1 (image) or 2 (video), got ", k,
-                      " at row ", b, ", token ", s);
-    return k;
-  }
-
-  const Grid& next_grid(int64_t kind, int64_t b, int64_t s) {
-    if (kind == 1) {
-      TORCH_CHECK_VALUE(next_image_ < static_cast<int64_t>(images_.size()), "image_grid_thw: the input has more "
-                        "image spans than the ", images_.size(), " grids given (row ", b, ", token ", s, ")");
-      return images_[next_image_++];
-    }
-    TORCH_CHECK_VALUE(next_frame_ < static_cast<int64_t>(frames_.size()), "video_grid_thw: the input has more "
-                      "video frame spans than the ", frames_.size(), " frames given (row ", b, ", token ", s, ")");
-    return frames_[next_frame_++];
-  }
-
-  // Positions of row b's attended tokens `keep`; returns the row's largest position.
-  int64_t index_row(int64_t b, const std::vector<int64_t>& keep, int64_t* pos) {
-    const int64_t B = a_.input_ids.size(0), S = a_.input_ids.size(1), L = keep.size(), m = a_.merge;
-    kind_.resize(L);
-    for (int64_t i = 0; i < L; ++i) kind_[i] = kind_at(b, keep[i]);
-    int64_t* pt = pos + b * S;
-    int64_t* ph = pt + B * S;
-    int64_t* pw = ph + B * S;
-    int64_t cur = 0, row_max = std::numeric_limits<int64_t>::min();
-    int64_t image_spans = 0, video_spans = 0;
-    for (int64_t i = 0; i < L;) {
-      const int64_t kind = kind_[i];
-      int64_t j = i + 1;
-      while (j < L && kind_[j] == kind) ++j;
-      const int64_t len = j - i;
-      if (kind == 0) {
-        for (int64_t o = 0; o < len; ++o) {
-          const int64_t s = keep[i + o];
-          pt[s] = ph[s] = pw[s] = cur + o;
-        }
-        row_max = std::max(row_max, cur + len - 1);
-        cur += len;
-      } else {
-        (kind == 1 ? image_spans : video_spans)++;
-        const Grid g = next_grid(kind, b, keep[i]);
-        const char* name = kind == 1 ? "image_grid_thw" : "video_grid_thw";
-        TORCH_CHECK_VALUE(g.t >= 1 && g.h >= m && g.w >= m && g.h % m == 0 && g.w % m == 0, name, ": grid (t, h, w) = (",
-                          g.t, ", ", g.h, ", ", g.w, ") must have t >= 1 and h, w positive multiples of "
-                          "spatial_merge_size ", m);
-        const int64_t hg = g.h / m, wg = g.w / m;
-        TORCH_CHECK_VALUE(len == g.t * hg * wg, kind == 1 ? "image" : "video", " span at row ", b, ", token ",
-                          keep[i], " has ", len, " tokens but its grid (", g.t, ", ", g.h, ", ", g.w,
-                          ") with spatial_merge_size ", m, " needs t*(h/m)*(w/m) = ", g.t * hg * wg);
-        const int64_t* span = keep.data() + i;  // row-major (t, h, w) offsets from cur
-        for (int64_t t = 0; t < g.t; ++t)
-          for (int64_t h = 0; h < hg; ++h)
-            for (int64_t w = 0; w < wg; ++w, ++span) {
-              pt[*span] = cur + t;
-              ph[*span] = cur + h;
-              pw[*span] = cur + w;
-            }
-        row_max = std::max(row_max, cur + std::max({g.t, hg, wg}) - 1);
-        // 5.x continues at cur + max(h, w) / m; 4.57 at the span's largest position + 1.
-        cur += token_types(a_) ? std::max(g.h, g.w) / m : std::max({g.t, hg, wg});
-      }
-      i = j;
-    }
-    if (!token_types(a_)) check_vision_starts(b, keep, image_spans, video_spans);
-    return row_max;
-  }
-
-  // 4.57 counts spans as vision_start tokens followed by an image / video token; the spans it then walks are the
-  // token runs. Both counts must agree, or the layout is inconsistent.
-  void check_vision_starts(int64_t b, const std::vector<int64_t>& keep, int64_t image_spans, int64_t video_spans) {
-    const int64_t S = a_.input_ids.size(1);
-    int64_t images = 0, videos = 0;
-    for (size_t i = 0; i + 1 < keep.size(); ++i) {
-      if (ids_[b * S + keep[i]] != a_.vision_start_token_id) continue;
-      const int64_t next = kinds_[b * S + keep[i + 1]];
-      images += next == 1;
-      videos += next == 2;
-    }
-    TORCH_CHECK_VALUE(images == image_spans && videos == video_spans, "input_ids: row ", b, " has ", images,
-                      " image and ", videos, " video spans after vision_start_token_id but ", image_spans,
-                      " image and ", video_spans, " video token runs");
-  }
-
-  const RopeIndexArgs& a_;
-  const int64_t *att_, *kinds_, *ids_;
-  std::vector<Grid> images_, frames_;
-  std::vector<int64_t> kind_;  // kinds of the current row's attended tokens
-  int64_t next_image_ = 0, next_frame_ = 0;
-};
-
-// Host-side int64 views of the inputs. For GPU inputs they are packed on the device and brought over in a single
-// transfer through pinned memory (one sync in total); CPU inputs are read in place.
+// Host-side int64 views of the inputs. For accelerator inputs they are packed on the device and brought over in a
+// single transfer through pinned memory (one sync in total); CPU inputs are read in place.
 class HostInputs {
  public:
   explicit HostInputs(std::vector<at::Tensor> parts) {
@@ -228,6 +146,7 @@ class HostInputs {
     }
   }
   const int64_t* operator[](size_t i) const { return parts_[i].data_ptr<int64_t>(); }
+  int64_t size(size_t i) const { return parts_[i].numel(); }
 
  private:
   std::vector<at::Tensor> parts_;
@@ -241,6 +160,292 @@ at::Tensor push_to_device(const at::Tensor& host, const at::Device& device) {
   return pinned.to(device, /*non_blocking=*/true);
 }
 
+const char* kind_name(int64_t kind) { return kind == 1 ? "image" : "video"; }
+const char* grid_name(int64_t kind) { return kind == 1 ? "image_grid_thw" : "video_grid_thw"; }
+
+class HostIndexer {
+ public:
+  HostIndexer(const RopeIndexArgs& a, const int64_t* att, const int64_t* tok, const int64_t* cu, int64_t n_cu,
+              std::vector<Grid> images, std::vector<Grid> videos, std::vector<TimeScale> scales, Rules rules)
+      : a_(a), att_(att), tok_(tok), cu_(cu), n_cu_(n_cu), images_(std::move(images)), videos_(std::move(videos)),
+        scales_(std::move(scales)), r_(rules) {
+    g_.images = images_.data();
+    g_.n_images = static_cast<int64_t>(images_.size());
+    g_.videos = videos_.data();
+    g_.n_videos = static_cast<int64_t>(videos_.size());
+    g_.video_scales = scales_.data();
+  }
+
+  // Fills pos (3, B, S) and deltas (B) as int64.
+  void run(int64_t* pos, int64_t* deltas) {
+    const int64_t B = a_.input_ids.size(0), S = a_.input_ids.size(1);
+    std::fill(pos, pos + 3 * B * S, a_.token_types() ? 0 : 1);
+    std::vector<std::pair<int64_t, int64_t>> segments;  // [begin, end) columns of the row's packed samples
+    for (int64_t b = 0; b < B; ++b) {
+      if (!a_.is_packed()) {
+        sample_.clear();
+        for (int64_t s = 0; s < S; ++s)
+          if (att_[b * S + s]) sample_.push_back(s);
+        const int64_t top = walk(b, pos);
+        deltas[b] = top + 1 - (a_.token_types() ? static_cast<int64_t>(sample_.size()) : S);
+        continue;
+      }
+      row_segments(b, segments);
+      TORCH_CHECK_VALUE(!segments.empty(), a_.cu_seqlens.defined() ? "cu_seqlens" : "attention_mask", ": row ", b,
+                        " holds no packed sample (every row needs one)");
+      for (const auto& [begin, end] : segments) {
+        sample_.clear();
+        for (int64_t s = begin; s < end; ++s) sample_.push_back(s);
+        deltas[b] = walk(b, pos) + 1 - (end - begin);  // the row's delta: its last sample's
+      }
+    }
+    if (r_.strict) check_all_grids_used();
+  }
+
+ private:
+  // Packed row b: maximal runs of equal non-zero segment ids, or the cu_seqlens samples inside the row.
+  void row_segments(int64_t b, std::vector<std::pair<int64_t, int64_t>>& out) const {
+    const int64_t S = a_.input_ids.size(1);
+    out.clear();
+    if (a_.cu_seqlens.defined()) {
+      for (int64_t k = 0; k + 1 < n_cu_; ++k) {
+        const int64_t begin = cu_[k], end = cu_[k + 1];
+        if (end <= b * S || begin >= (b + 1) * S || begin == end) continue;
+        TORCH_CHECK_VALUE(begin >= b * S && end <= (b + 1) * S, "cu_seqlens: sample ", k, " spans tokens [", begin,
+                          ", ", end, ") across rows of length ", S, "; a packed sample must lie inside one row");
+        out.emplace_back(begin - b * S, end - b * S);
+      }
+      return;
+    }
+    for (int64_t s = 0; s < S;) {
+      const int64_t id = att_[b * S + s];
+      int64_t e = s + 1;
+      while (e < S && att_[b * S + e] == id) ++e;
+      if (id != 0) out.emplace_back(s, e);
+      s = e;
+    }
+  }
+
+  // Walks the sample sample_ (columns of row b), writes its positions and returns its largest position.
+  int64_t walk(int64_t b, int64_t* pos) {
+    const int64_t B = a_.input_ids.size(0), S = a_.input_ids.size(1), L = sample_.size();
+    ErrorInfo e;
+    if (L == 0) raise(fail_info(kEmptySample), b);
+    if (static_cast<int64_t>(parts_.size()) < 2 * L + 1) parts_.resize(2 * L + 1);
+    int64_t n_parts = 0, total = 0;
+    bool ok;
+    if (r_.convention == kVisionStart) {
+      ok = walk_scan(b, n_parts, total, e);
+    } else {
+      sample_runs(b);
+      ok = walk_runs(r_, g_, cursor_, run_start_.data(), run_len_.data(), run_kind_.data(),
+                     static_cast<int64_t>(run_kind_.size()), parts_.data(), n_parts, total, e);
+    }
+    int64_t top = 0;
+    if (ok) ok = finish_sample(r_, g_, parts_.data(), n_parts, total, L, top, e);
+    if (!ok) raise(e, b);
+    int64_t* pt = pos + b * S;
+    int64_t* ph = pt + B * S;
+    int64_t* pw = ph + B * S;
+    int64_t k = 0;
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t key = total == 1 ? 0 : i;
+      while (k + 1 < n_parts && parts_[k + 1].start <= key) ++k;
+      const int64_t s = sample_[i];
+      part_position(r_, g_, parts_[k], key - parts_[k].start, pt[s], ph[s], pw[s]);
+    }
+    return top;
+  }
+
+  // Runs of equal kind among the sample's tokens: 5.x mm_token_type_ids; 4.57 GLM-4V: image tokens between
+  // video_start and video_end are video, other image tokens image, the rest text.
+  void sample_runs(int64_t b) {
+    const int64_t S = a_.input_ids.size(1), L = sample_.size();
+    run_start_.clear();
+    run_len_.clear();
+    run_kind_.clear();
+    bool in_video = false;
+    int64_t prev = std::numeric_limits<int64_t>::min();
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t v = tok_[b * S + sample_[i]];
+      int64_t kind = v;
+      if (r_.convention == kVideoBrackets) {
+        if (v == a_.video_start_token_id) {
+          in_video = true;
+        } else if (v == a_.video_end_token_id) {
+          in_video = false;
+        }
+        kind = v == a_.image_token_id ? (in_video ? 2 : 1) : 0;
+      }
+      if (i > 0 && kind == prev) {
+        ++run_len_.back();
+        continue;
+      }
+      run_start_.push_back(i);
+      run_len_.push_back(1);
+      run_kind_.push_back(kind);
+      prev = kind;
+    }
+  }
+
+  // 4.57 Qwen-VL: vision_start pairs, then the list.index scan.
+  bool walk_scan(int64_t b, int64_t& n_parts, int64_t& total, ErrorInfo& e) {
+    const int64_t S = a_.input_ids.size(1), L = sample_.size();
+    next_img_.assign(L + 1, L);
+    next_vid_.assign(L + 1, L);
+    run_len_at_.assign(L + 1, 0);
+    int64_t n_img = 0, n_vid = 0, vision_runs = 0;
+    for (int64_t i = L - 1; i >= 0; --i) {
+      const int64_t v = tok_[b * S + sample_[i]];
+      next_img_[i] = v == a_.image_token_id ? i : next_img_[i + 1];
+      next_vid_[i] = v == a_.video_token_id ? i : next_vid_[i + 1];
+    }
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t v = tok_[b * S + sample_[i]];
+      if (v == a_.vision_start_token_id) {
+        if (i + 1 >= L) return fail(e, kVisionStartAtEnd, i);
+        const int64_t next = tok_[b * S + sample_[i + 1]];
+        n_img += next == a_.image_token_id;
+        n_vid += next == a_.video_token_id;
+      }
+      if (r_.strict) {  // vision runs (for the strict comparison with the scan's blocks)
+        const auto kind_of = [&](int64_t t) {
+          return t == a_.video_token_id ? 2 : t == a_.image_token_id ? 1 : 0;
+        };
+        const int64_t kind = kind_of(v);
+        if (kind != 0 && (i == 0 || kind_of(tok_[b * S + sample_[i - 1]]) != kind)) {
+          int64_t j = i + 1;
+          while (j < L && kind_of(tok_[b * S + sample_[j]]) == kind) ++j;
+          run_len_at_[i] = j - i;
+          ++vision_runs;
+        }
+      }
+    }
+    return walk_vision_start(r_, g_, cursor_, L, next_img_.data(), next_vid_.data(), run_len_at_.data(),
+                             vision_runs, n_img, n_vid, parts_.data(), n_parts, total, e);
+  }
+
+  static ErrorInfo fail_info(int32_t code) {
+    ErrorInfo e;
+    e.code = code;
+    return e;
+  }
+
+  [[noreturn]] void raise(const ErrorInfo& e, int64_t b) const {
+    const int64_t L = sample_.size();
+    const int64_t s = e.token >= 0 && e.token < L ? sample_[e.token] : -1;
+    std::ostringstream where;
+    where << "row " << b;
+    if (s >= 0) where << ", token " << s;
+    const std::string at = where.str();
+    const char* also = " (transformers fails on this input too)";
+    const char* strict = " (strict=True)";
+    switch (e.code) {
+      case kEmptySample:
+        TORCH_CHECK_VALUE(false, a_.is_packed() ? "packed sample" : "attention_mask", ": ", at,
+                          " attends to no token", also);
+      case kBadTokenType:
+        TORCH_CHECK_VALUE(false, "mm_token_type_ids: expected 0 (text), 1 (image) or 2 (video), got ", e.a, " at ",
+                          at, also);
+      case kNoImageGrid:
+        TORCH_CHECK_VALUE(false, "image_grid_thw: the input has more image spans than the ", e.a,
+                          " grids given (", at, ")", also);
+      case kNoVideoGrid:
+        TORCH_CHECK_VALUE(false, "video_grid_thw: the input has more video spans than the ", e.a,
+                          a_.video_frames ? " video frames" : " video grids", " given (", at, ")", also);
+      case kNegativeGrid:
+        TORCH_CHECK_VALUE(false, grid_name(e.a), ": grid ", e.grid, " has a negative t, h // m or w // m (", at, ")",
+                          also);
+      case kEmptyBeforeMore:
+        TORCH_CHECK_VALUE(false, "a vision grid with no tokens (t * (h // m) * (w // m) == 0) is followed by more "
+                          "tokens at ", at, "; transformers 4.57 fails taking the max of its empty positions");
+      case kLengthMismatch:
+        TORCH_CHECK_VALUE(false, "vision span lengths do not match their grids at row ", b, ": the grids give ", e.a,
+                          " positions for ", e.b, " tokens (a span's length must be t * (h // m) * (w // m))", also);
+      case kVisionStartAtEnd:
+        TORCH_CHECK_VALUE(false, "input_ids: vision_start_token_id is the last attended token of ", at,
+                          " (transformers 4.57 fails indexing past it)");
+      case kNotFound:
+        TORCH_CHECK_VALUE(false, "input_ids: no ", kind_name(e.a), " token at or after ", at, " though a ",
+                          "vision_start pair announces one (transformers 4.57's list.index fails)");
+      case kNoSecondPerGrid:
+        TORCH_CHECK_VALUE(false, "second_per_grid_ts: no entry for video ", e.grid, " (", e.a, " given; ", at, ")",
+                          also);
+      case kStrictSpanLength:
+        TORCH_CHECK_VALUE(false, "vision span at ", at, " has ", e.a, " tokens but its grid (image grid or video "
+                          "entry ", e.grid, ") with spatial_merge_size ", a_.merge, " needs t * (h / m) * (w / m) = ",
+                          e.b, strict);
+      case kStrictNotDivisible:
+        TORCH_CHECK_VALUE(false, grid_name(e.a), ": grid ", e.grid, " must have t >= 1 and h, w positive multiples "
+                          "of spatial_merge_size ", a_.merge, strict);
+      case kStrictSpansVsStarts:
+        TORCH_CHECK_VALUE(false, "input_ids: ", at, " has ", e.a, " vision spans after vision_start_token_id but ",
+                          e.b, " image / video token runs", strict);
+      default:
+        TORCH_CHECK_VALUE(false, "rope_index: no result at ", at, " (error ", e.code, ")");
+    }
+  }
+
+  void check_all_grids_used() const {
+    TORCH_CHECK_VALUE(cursor_.image == g_.n_images, "image_grid_thw: ", g_.n_images, " grids but the input has only ",
+                      cursor_.image, " image spans (strict=True)");
+    TORCH_CHECK_VALUE(cursor_.video == g_.n_videos, "video_grid_thw: ", g_.n_videos,
+                      a_.video_frames ? " video frames" : " videos", " but the input has only ", cursor_.video,
+                      a_.video_frames ? " video frame spans" : " video spans", " (strict=True)");
+  }
+
+  const RopeIndexArgs& a_;
+  const int64_t *att_, *tok_, *cu_;
+  int64_t n_cu_;
+  std::vector<Grid> images_, videos_;
+  std::vector<TimeScale> scales_;
+  Rules r_;
+  GridLists g_;
+  Cursor cursor_;
+  std::vector<int64_t> sample_;  // the current sample's columns
+  std::vector<Part> parts_;
+  std::vector<int64_t> run_start_, run_len_, run_kind_, next_img_, next_vid_, run_len_at_;
+};
+
+Rules rules_of(const RopeIndexArgs& a) {
+  Rules r;
+  r.convention = a.convention;
+  r.merge = a.merge;
+  r.strict = a.strict;
+  r.scale_time = a.tokens_per_second.has_value();
+  if (r.scale_time) {
+    if (a.second_per_grid_ts.defined()) {
+      r.second_per_grid_count = a.second_per_grid_ts.size(0);
+    } else if (a.token_types()) {
+      r.second_per_grid_count = a.input_ids.size(1);  // 5.x: iter([1] * input_ids.shape[1])
+    }
+  }
+  return r;
+}
+
+// The video list transformers iterates: whole videos, or one (1, h, w) frame per frame. 5.x and 4.57 Qwen-VL split
+// with repeat_interleave (a negative t fails, t = 0 drops the video); 4.57 GLM-4V moves to the next video once t
+// frames were seen (so a video with t < 1 still has one frame).
+std::vector<Grid> video_entries(const RopeIndexArgs& a, const int64_t* grids, int64_t n) {
+  std::vector<Grid> out;
+  for (int64_t v = 0; v < n; ++v) {
+    const int64_t t = grids[3 * v], h = grids[3 * v + 1], w = grids[3 * v + 2];
+    if (!a.video_frames) {
+      out.push_back({t, h, w, v});
+      continue;
+    }
+    int64_t frames = t;
+    if (a.convention == kVideoBrackets) {
+      frames = std::max<int64_t>(t, 1);
+    } else {
+      TORCH_CHECK_VALUE(t >= 0, "video_grid_thw: video ", v, " has t = ", t, " frames (transformers' "
+                        "repeat_interleave fails on a negative count)");
+    }
+    for (int64_t f = 0; f < frames; ++f) out.push_back({1, h, w, v});
+  }
+  return out;
+}
+
 }  // namespace
 
 RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<at::Tensor>& image_grid_thw,
@@ -248,15 +453,22 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
                                const std::optional<at::Tensor>& attention_mask,
                                const std::optional<at::Tensor>& mm_token_type_ids, int64_t spatial_merge_size,
                                int64_t image_token_id, int64_t video_token_id, int64_t vision_start_token_id,
-                               std::string_view convention) {
+                               std::string_view convention, bool video_frames,
+                               const std::optional<at::Tensor>& second_per_grid_ts,
+                               const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id,
+                               int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
+                               bool strict) {
   RopeIndexArgs a;
   if (convention == "token_types") {
-    a.convention = RopeIndexConvention::kTokenTypes;
+    a.convention = kTokenTypes;
   } else if (convention == "vision_start") {
-    a.convention = RopeIndexConvention::kVisionStart;
+    a.convention = kVisionStart;
+  } else if (convention == "video_brackets") {
+    a.convention = kVideoBrackets;
   } else {
-    TORCH_CHECK_VALUE(false, "convention: expected 'token_types' (transformers 5.x) or 'vision_start' "
-                      "(transformers 4.57), got '", convention, "'");
+    TORCH_CHECK_VALUE(false, "convention: expected 'token_types' (transformers 5.x), 'vision_start' (transformers "
+                      "4.57 Qwen2-VL / Qwen2.5-VL / Qwen3-VL) or 'video_brackets' (transformers 4.57 GLM-4V), got '",
+                      convention, "'");
   }
   TORCH_CHECK_VALUE(input_ids.dim() == 2, "input_ids: expected a 2-D (batch, seq) tensor, got shape ",
                     input_ids.sizes());
@@ -268,160 +480,393 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
   a.video_grid_thw = defined_or_empty(video_grid_thw);
   a.attention_mask = defined_or_empty(attention_mask);
   a.mm_token_type_ids = defined_or_empty(mm_token_type_ids);
+  a.second_per_grid_ts = defined_or_empty(second_per_grid_ts);
+  a.cu_seqlens = defined_or_empty(cu_seqlens);
+  a.tokens_per_second = tokens_per_second;
   check_grid(a.image_grid_thw, "image_grid_thw", input_ids);
   check_grid(a.video_grid_thw, "video_grid_thw", input_ids);
-  check_per_token(a.attention_mask, "attention_mask", input_ids, /*allow_float=*/true);
+  check_per_token(a.attention_mask, "attention_mask", input_ids, /*allow_float=*/!packed);
   check_per_token(a.mm_token_type_ids, "mm_token_type_ids", input_ids, /*allow_float=*/false);
-  TORCH_CHECK_VALUE(a.convention != RopeIndexConvention::kTokenTypes || a.mm_token_type_ids.defined(),
+  TORCH_CHECK_VALUE(!a.mm_token_type_ids.defined() || a.mm_token_type_ids.scalar_type() != at::kBool,
+                    "mm_token_type_ids: expected an integer dtype, got Bool");
+  TORCH_CHECK_VALUE(a.convention != kTokenTypes || a.mm_token_type_ids.defined(),
                     "mm_token_type_ids: required by convention 'token_types' (transformers 5.x)");
+  TORCH_CHECK_VALUE(a.convention != kVideoBrackets || (video_start_token_id >= 0 && video_end_token_id >= 0),
+                    "video_start_token_id / video_end_token_id: required by convention 'video_brackets' "
+                    "(transformers 4.57 GLM-4V), got ", video_start_token_id, " / ", video_end_token_id);
+  if (a.second_per_grid_ts.defined()) {
+    TORCH_CHECK_VALUE(tokens_per_second.has_value(), "second_per_grid_ts: given without tokens_per_second (the "
+                      "vision config's tokens_per_second scales it)");
+    TORCH_CHECK_VALUE(a.second_per_grid_ts.dim() == 1, "second_per_grid_ts: expected a 1-D (num_videos,) tensor, got "
+                      "shape ", a.second_per_grid_ts.sizes());
+    TORCH_CHECK_VALUE(a.second_per_grid_ts.scalar_type() != at::kBool &&
+                          !at::isComplexType(a.second_per_grid_ts.scalar_type()),
+                      "second_per_grid_ts: expected a real dtype, got ", a.second_per_grid_ts.scalar_type());
+    TORCH_CHECK_VALUE(a.second_per_grid_ts.device() == input_ids.device(), "second_per_grid_ts: expected device ",
+                      input_ids.device(), " (that of input_ids), got ", a.second_per_grid_ts.device());
+  }
+  if (tokens_per_second.has_value()) {
+    TORCH_CHECK_VALUE(!tokens_per_second->isComplex() && !tokens_per_second->isBoolean(),
+                      "tokens_per_second: expected an int or a float, got ", tokens_per_second->type());
+    TORCH_CHECK_VALUE(a.convention != kVideoBrackets, "tokens_per_second: temporal scaling is Qwen2.5-VL's; "
+                      "convention 'video_brackets' (GLM-4V) has none");
+  }
+  if (packed) {
+    TORCH_CHECK_VALUE(a.attention_mask.defined(), "attention_mask: packed=True reads segment ids (1, 2, ...; 0 for "
+                      "padding) from attention_mask, but none was given");
+  }
+  if (a.cu_seqlens.defined()) {
+    TORCH_CHECK_VALUE(!packed && !a.attention_mask.defined(), "cu_seqlens: give either cu_seqlens or a packed "
+                      "attention_mask, not both");
+    TORCH_CHECK_VALUE(a.cu_seqlens.dim() == 1 && a.cu_seqlens.size(0) >= 1, "cu_seqlens: expected a 1-D tensor of "
+                      "cumulative sample lengths [0, n1, n1 + n2, ...], got shape ", a.cu_seqlens.sizes());
+    TORCH_CHECK_VALUE(at::isIntegralType(a.cu_seqlens.scalar_type(), /*includeBool=*/false),
+                      "cu_seqlens: expected an integer dtype, got ", a.cu_seqlens.scalar_type());
+    TORCH_CHECK_VALUE(a.cu_seqlens.device() == input_ids.device(), "cu_seqlens: expected device ", input_ids.device(),
+                      " (that of input_ids), got ", a.cu_seqlens.device());
+  }
   a.merge = spatial_merge_size;
   a.image_token_id = image_token_id;
   a.video_token_id = video_token_id;
   a.vision_start_token_id = vision_start_token_id;
+  a.video_start_token_id = video_start_token_id;
+  a.video_end_token_id = video_end_token_id;
+  a.video_frames = video_frames;
+  a.packed = packed;
+  a.strict = strict;
   return a;
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_index_host(const RopeIndexArgs& a) {
-  if (!token_types(a) && !a.image_grid_thw.defined() && !a.video_grid_thw.defined()) {
-    return vision_start_text_only(a);
-  }
+  if (text_only_branch_applies(a)) return text_only_branch(a);
   const int64_t B = a.input_ids.size(0), S = a.input_ids.size(1);
+  const auto device = a.input_ids.device();
   const auto long_opts = a.input_ids.options().dtype(at::kLong);
   const at::Tensor none = at::empty({0}, long_opts);
   const at::Tensor images = a.image_grid_thw.defined() ? a.image_grid_thw.to(at::kLong) : none.view({0, 3});
   const at::Tensor videos = a.video_grid_thw.defined() ? a.video_grid_thw.to(at::kLong) : none.view({0, 3});
-  // Attended flags, token kinds, token ids (4.57 only), image grids, video grids.
-  const at::Tensor ids = token_types(a) ? none : a.input_ids.to(at::kLong).reshape(-1);
-  const HostInputs host({attended(a).to(at::kLong).reshape(-1), token_kinds(a).reshape(-1), ids,
-                         images.reshape(-1), videos.reshape(-1)});
+  const int64_t n_videos = videos.size(0);
+  // Per token: attended flag (or segment id), then mm_token_type_ids (5.x) or the token ids (4.57).
+  const at::Tensor att = a.packed ? a.attention_mask.to(at::kLong) : attended(a).to(at::kLong);
+  const at::Tensor tok = a.token_types() ? a.mm_token_type_ids : a.input_ids;
+  TimeTensors time;
+  at::Tensor time_pre = none, time_interval = none;
+  if (a.tokens_per_second.has_value()) {
+    time = time_tensors(a, n_videos);
+    time_pre = time.pre;
+    // the interval's exact value travels as the bits of a float64 (every float dtype widens exactly), or as int64
+    time_interval = time.code == kTimeInt ? time.interval.to(at::kLong) : time.interval.to(at::kDouble).view(at::kLong);
+  }
+  const at::Tensor cu = a.cu_seqlens.defined() ? a.cu_seqlens.to(at::kLong) : none;
+  const HostInputs host({att.reshape(-1), tok.reshape(-1), images.reshape(-1), videos.reshape(-1), time_pre,
+                         time_interval, cu});
+
+  std::vector<Grid> image_list(images.size(0));
+  for (int64_t i = 0; i < images.size(0); ++i) image_list[i] = {host[2][3 * i], host[2][3 * i + 1], host[2][3 * i + 2], -1};
+  std::vector<TimeScale> scales;
+  for (int64_t v = 0; v < host.size(4); ++v) {
+    TimeScale s;
+    s.pre = host[4][v];
+    s.code = time.code;
+    if (s.code == kTimeInt) {
+      s.interval_int = host[5][v];
+    } else {
+      std::memcpy(&s.interval, host[5] + v, sizeof(double));
+    }
+    scales.push_back(s);
+  }
+  if (a.cu_seqlens.defined()) {
+    const int64_t* c = host[6];
+    const int64_t n = host.size(6);
+    TORCH_CHECK_VALUE(c[0] == 0, "cu_seqlens: expected to start at 0, got ", c[0]);
+    for (int64_t k = 0; k + 1 < n; ++k) {
+      TORCH_CHECK_VALUE(c[k + 1] >= c[k], "cu_seqlens: expected non-decreasing values, got ", c[k], " then ",
+                        c[k + 1]);
+    }
+    TORCH_CHECK_VALUE(c[n - 1] <= B * S, "cu_seqlens: ends at ", c[n - 1], ", past the ", B * S, " tokens");
+  }
+  const Rules rules = rules_of(a);
   at::Tensor pos = at::empty({3, B, S}, at::TensorOptions().dtype(at::kLong));
   at::Tensor deltas = at::empty({B, 1}, at::TensorOptions().dtype(at::kLong));
-  HostIndexer(a, host[0], host[1], host[2], read_grids(host[3], images.size(0)), read_grids(host[4], videos.size(0)))
-      .run(pos.data_ptr<int64_t>(), deltas.data_ptr<int64_t>());
-  const auto device = a.input_ids.device();
+  HostIndexer indexer(a, host[0], host[1], host[6], host.size(6), std::move(image_list),
+                      video_entries(a, host[3], n_videos), std::move(scales), rules);
+  indexer.run(pos.data_ptr<int64_t>(), deltas.data_ptr<int64_t>());
+  if (a.strict && a.second_per_grid_ts.defined()) {
+    TORCH_CHECK_VALUE(a.second_per_grid_ts.size(0) == n_videos, "second_per_grid_ts: ", a.second_per_grid_ts.size(0),
+                      " entries for ", n_videos, " videos (strict=True)");
+  }
+  if (B == 0 && !a.is_packed()) deltas = deltas.to(at::kFloat);  // torch.tensor([]) of no per-row deltas
   return {push_to_device(pos.to(a.input_ids.scalar_type()), device), push_to_device(deltas, device)};
 }
 
-std::tuple<at::Tensor, at::Tensor> rope_index_device(const RopeIndexArgs& a) {
-  if (!token_types(a) && !a.image_grid_thw.defined() && !a.video_grid_thw.defined()) {
-    return vision_start_text_only(a);
-  }
+// ---------------------------------------------------------------------------------------------------------------
+// Device algorithm (ATen tensor ops, no host sync): the reference for the fused kernel.
+
+namespace {
+
+// Exclusive and per-group sums along dim 1 of (B, R) tensors, where `first[b, r]` is the index of the first element
+// of r's group (groups are contiguous).
+at::Tensor exclusive_cumsum(const at::Tensor& x) { return x.cumsum(1) - x; }
+
+at::Tensor grouped_exclusive_cumsum(const at::Tensor& x, const at::Tensor& first) {
+  const at::Tensor ex = exclusive_cumsum(x);
+  return ex - ex.gather(1, first);
+}
+
+// tpos of frame index t (tensor) under per-element scale (pre, interval of the time dtype), as torch computes
+// (arange(T) * time_interval).long(): the product in the interval's dtype, then truncation.
+at::Tensor time_positions(const at::Tensor& t, const at::Tensor& pre, const at::Tensor& interval) {
+  const at::Tensor x = t * pre;
+  if (at::isIntegralType(interval.scalar_type(), /*includeBool=*/false)) return x * interval;
+  return (x.to(interval.scalar_type()) * interval).to(at::kLong);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rope_index_reference(const RopeIndexArgs& a) {
+  if (text_only_branch_applies(a)) return text_only_branch(a);
   const int64_t B = a.input_ids.size(0), S = a.input_ids.size(1), m = a.merge;
   const auto L = a.input_ids.options().dtype(at::kLong);
+  const bool v5 = a.token_types();
   if (B == 0 || S == 0) {
-    TORCH_CHECK_VALUE(B == 0, "input_ids: expected at least one token per row, got shape ", a.input_ids.sizes());
-    return {at::empty({3, 0, S}, a.input_ids.options()), at::empty({0, 1}, L)};
+    if (B > 0) at::_assert_async(at::zeros({}, L.dtype(at::kBool)), "ropekit.rope_index: rows of no token");
+    return {at::empty({3, B, S}, a.input_ids.options()), at::empty({B, 1}, L.dtype(a.is_packed() ? at::kLong : at::kFloat))};
   }
-  const bool v5 = token_types(a);
-  std::vector<at::Tensor> ok;  // every consistency condition, checked by one asynchronous assert at the end
+  std::vector<at::Tensor> ok;  // every condition for a result, checked by one asynchronous assert at the end
 
+  // ---- samples: a row's attended tokens, or each packed segment
   const at::Tensor att = attended(a);
-  at::Tensor kind = token_kinds(a);
-  if (v5) ok.push_back((att.logical_not() | ((kind >= 0) & (kind <= 2))).all());
-  kind = kind.clamp(0, 2);
-  const at::Tensor length = att.sum(1);  // attended tokens per row
-  ok.push_back((length > 0).all());
-
-  // Runs of equal modality among attended tokens: a run starts where the kind differs from the previous attended
-  // token's (found with a running max of attended indices).
   const at::Tensor col = at::arange(S, L).expand({B, S});
-  const at::Tensor rank = att.cumsum(1) - 1;  // index of each token among its row's attended tokens
+  at::Tensor sample_start;
+  if (a.cu_seqlens.defined()) {
+    const at::Tensor cu = a.cu_seqlens.to(at::kLong);
+    const at::Tensor flat = col + at::arange(B, L).unsqueeze(1) * S;
+    sample_start = att & at::isin(flat, cu);  // a segment begins where a cumulative length points
+    // a segment must not cross a row: no segment may run into column 0 of the next row
+    const at::Tensor cross = att & (col == 0) & at::logical_not(at::isin(flat, cu));
+    ok.push_back(cross.any().logical_not());
+    ok.push_back((cu.narrow(0, 1, cu.size(0) - 1) >= cu.narrow(0, 0, cu.size(0) - 1)).all() &
+                 (cu.select(0, 0) == 0) & (cu.select(0, cu.size(0) - 1) <= B * S));
+  } else if (a.packed) {
+    const at::Tensor seg = a.attention_mask.to(at::kLong);
+    const at::Tensor prev = at::cat({at::zeros({B, 1}, L), seg.narrow(1, 0, S - 1)}, 1);
+    sample_start = att & (seg != prev);
+  } else {
+    sample_start = att & (att.cumsum(1) == 1);
+  }
+  const at::Tensor rank = att.cumsum(1) - 1;                  // index among the row's attended tokens
+  const at::Tensor sample = sample_start.cumsum(1) - 1;        // the row's sample of each token
+  const at::Tensor samples = sample_start.sum(1, /*keepdim=*/true);
+  ok.push_back((samples > 0).all());                           // every row holds a sample (with a token)
+  const at::Tensor sample_slot = at::where(sample_start, sample, S);
+  const at::Tensor sample_first_rank =
+      at::zeros({B, S + 1}, L).scatter_(1, sample_slot, rank).narrow(1, 0, S);  // per sample
+  const at::Tensor sample_len =
+      at::zeros({B, S + 1}, L).scatter_add_(1, at::where(att, sample.clamp_min(0), S), att.to(at::kLong))
+          .narrow(1, 0, S);
+  const at::Tensor tok_sample = sample.clamp(0, S - 1);
+  const at::Tensor local = rank - sample_first_rank.gather(1, tok_sample);  // index inside its sample
+
+  // ---- token kinds: 0 text, 1 image, 2 video (other values: 5.x fails on them)
+  at::Tensor kind;
+  if (v5) {
+    kind = a.mm_token_type_ids.to(at::kLong);
+  } else if (a.convention == kVideoBrackets) {
+    // inside [video_start, video_end] of the same sample (start wins on a tie, as it is tested first)
+    const at::Tensor first_col = std::get<0>(at::where(sample_start, col, -1).cummax(1));
+    const at::Tensor last_start = std::get<0>(at::where(att & (a.input_ids == a.video_start_token_id), col, -1).cummax(1));
+    const at::Tensor last_end = std::get<0>(at::where(att & (a.input_ids == a.video_end_token_id), col, -1).cummax(1));
+    const at::Tensor in_video = (last_start >= first_col) & (last_start >= last_end);
+    const at::Tensor zero = at::zeros({}, L);
+    kind = at::where(a.input_ids == a.image_token_id, at::where(in_video, 2, 1), zero);
+  } else {
+    const at::Tensor zero = at::zeros({}, L);
+    kind = at::where(a.input_ids == a.video_token_id, 2, at::where(a.input_ids == a.image_token_id, 1, zero));
+  }
+
+  // ---- runs of equal kind inside a sample
   const at::Tensor last_att = std::get<0>(at::where(att, col, -1).cummax(1));
   const at::Tensor prev_att = at::cat({at::full({B, 1}, -1, L), last_att.narrow(1, 0, S - 1)}, 1);
   const at::Tensor prev_kind = at::where(prev_att >= 0, kind.gather(1, prev_att.clamp_min(0)), -1);
-  const at::Tensor run_start = att & (kind != prev_kind);
-  const at::Tensor run = run_start.cumsum(1) - 1;  // run id of each attended token
+  const at::Tensor run_start = att & (sample_start | (kind != prev_kind));
+  const at::Tensor run = run_start.cumsum(1) - 1;
   const at::Tensor runs = run_start.sum(1, /*keepdim=*/true);
-
-  // Per-run table (B, S): slot S collects the writes of tokens that start no run and is dropped.
-  const at::Tensor slot = at::where(run_start, run, S);
-  const at::Tensor run_kind = at::zeros({B, S + 1}, L).scatter_(1, slot, kind).narrow(1, 0, S);
-  const at::Tensor run_first = at::zeros({B, S + 1}, L).scatter_(1, slot, rank).narrow(1, 0, S);
   const at::Tensor run_valid = col < runs;
-  const at::Tensor next_first = at::cat({run_first.narrow(1, 1, S - 1), at::zeros({B, 1}, L)}, 1);
+  const at::Tensor slot = at::where(run_start, run, S);
+  auto per_run = [&](const at::Tensor& v) { return at::zeros({B, S + 1}, L).scatter_(1, slot, v).narrow(1, 0, S); };
+  const at::Tensor run_kind = per_run(kind);
+  const at::Tensor run_col = per_run(col);
+  const at::Tensor run_sample = per_run(sample);
+  const at::Tensor run_first_of_sample = per_run(sample_start.to(at::kLong)).to(at::kBool) & run_valid;
   const at::Tensor run_len =
-      at::where(run_valid, at::where(col + 1 < runs, next_first, length.unsqueeze(1)) - run_first, 0);
+      at::zeros({B, S + 1}, L).scatter_add_(1, at::where(att, run, S), att.to(at::kLong)).narrow(1, 0, S);
+  // each run's first run of its sample
+  const at::Tensor sample_first_run =
+      at::zeros({B, S + 1}, L).scatter_(1, at::where(run_first_of_sample, run_sample, S), col).narrow(1, 0, S);
+  const at::Tensor group_first = sample_first_run.gather(1, run_sample.clamp(0, S - 1));
+  const at::Tensor last_run_of_sample = at::cat({run_first_of_sample.narrow(1, 1, S - 1),
+                                                 at::ones({B, 1}, L.dtype(at::kBool))}, 1) | (col + 1 == runs);
 
-  // Grids are consumed in row-major order of the runs across the whole batch.
+  // ---- grids, in run order across the batch
+  const at::Tensor is_text = run_valid & (run_kind == 0);
   const at::Tensor is_image = run_valid & (run_kind == 1);
   const at::Tensor is_video = run_valid & (run_kind == 2);
+  if (v5) ok.push_back((run_valid.logical_not() | is_text | is_image | is_video).all());
   const at::Tensor image_rank = is_image.reshape(-1).cumsum(0).reshape({B, S}) - 1;
-  const at::Tensor frame_rank = is_video.reshape(-1).cumsum(0).reshape({B, S}) - 1;
-  // A (1, m, m) grid that keeps clamped lookups in range; filled on the device (at::tensor would copy from the host).
-  const at::Tensor dummy = at::full({1, 3}, m, L);
+  const at::Tensor entry_rank = is_video.reshape(-1).cumsum(0).reshape({B, S}) - 1;
+  const at::Tensor dummy = at::full({1, 3}, m, L);  // keeps clamped lookups in range; filled on the device
   dummy.select(1, 0).fill_(1);
   const at::Tensor images = a.image_grid_thw.defined() ? a.image_grid_thw.to(at::kLong) : at::empty({0, 3}, L);
   const at::Tensor videos = a.video_grid_thw.defined() ? a.video_grid_thw.to(at::kLong) : at::empty({0, 3}, L);
   const int64_t n_images = images.size(0), n_videos = videos.size(0);
   const at::Tensor image_grid =
       at::cat({images, dummy}).index_select(0, image_rank.clamp(0, n_images).reshape(-1)).view({B, S, 3});
-  const at::Tensor frames_per_video = videos.select(1, 0);
-  const at::Tensor video_of_frame =
-      at::searchsorted(frames_per_video.cumsum(0), frame_rank.clamp_min(0), /*out_int32=*/false, /*right=*/true)
-          .clamp_max(n_videos);
-  const at::Tensor video_grid = at::cat({videos, dummy}).index_select(0, video_of_frame.reshape(-1)).view({B, S, 3});
-  ok.push_back(is_image.sum() == n_images);
-  ok.push_back(is_video.sum() == frames_per_video.sum());
-  ok.push_back((frames_per_video >= 1).all());
-
-  const at::Tensor vision = is_image | is_video;
-  const at::Tensor gt = at::where(is_image, image_grid.select(2, 0), 1);  // videos are split into t = 1 frames
-  const at::Tensor gh = at::where(is_image, image_grid.select(2, 1), at::where(is_video, video_grid.select(2, 1), m));
-  const at::Tensor gw = at::where(is_image, image_grid.select(2, 2), at::where(is_video, video_grid.select(2, 2), m));
+  ok.push_back((is_image.logical_not() | (image_rank < n_images)).all());
+  at::Tensor video_of_entry, entry_t, n_entries;
+  const at::Tensor video_t = videos.select(1, 0);
+  if (a.video_frames) {
+    const at::Tensor frames = a.convention == kVideoBrackets ? video_t.clamp_min(1) : video_t;
+    if (a.convention != kVideoBrackets) ok.push_back((video_t >= 0).all());
+    video_of_entry = at::searchsorted(frames.clamp_min(0).cumsum(0), entry_rank.clamp_min(0), /*out_int32=*/false,
+                                      /*right=*/true)
+                         .clamp_max(n_videos);
+    n_entries = frames.clamp_min(0).sum();
+    entry_t = at::ones({B, S}, L);
+  } else {
+    video_of_entry = entry_rank.clamp(0, n_videos);
+    n_entries = at::full({}, n_videos, L);
+    entry_t = at::cat({video_t, at::ones({1}, L)}).index_select(0, video_of_entry.reshape(-1)).view({B, S});
+  }
+  ok.push_back((is_video.logical_not() | (entry_rank < n_entries)).all());
+  const at::Tensor video_grid = at::cat({videos, dummy}).index_select(0, video_of_entry.reshape(-1)).view({B, S, 3});
+  const at::Tensor gt = at::where(is_image, image_grid.select(2, 0), at::where(is_video, entry_t, 0));
+  const at::Tensor gh = at::where(is_image, image_grid.select(2, 1), at::where(is_video, video_grid.select(2, 1), 0));
+  const at::Tensor gw = at::where(is_image, image_grid.select(2, 2), at::where(is_video, video_grid.select(2, 2), 0));
   const at::Tensor hg = gh.div(m, "floor"), wg = gw.div(m, "floor");
-  ok.push_back((vision.logical_not() | ((gt >= 1) & (gh >= m) & (gw >= m) & (gh.remainder(m) == 0) &
-                                        (gw.remainder(m) == 0) & (run_len == gt * hg * wg)))
-                   .all());
+  const at::Tensor vision = is_image | is_video;
+  ok.push_back((vision.logical_not() | ((gt >= 0) & (hg >= 0) & (wg >= 0))).all());
+  const at::Tensor grid_len = gt * hg * wg;
+  const at::Tensor part_len = at::where(vision, grid_len, at::where(is_text, run_len, 0));
 
-  const at::Tensor vision_advance =
-      v5 ? at::maximum(gh, gw).div(m, "floor") : at::maximum(gt, at::maximum(hg, wg));
-  const at::Tensor advance = at::where(vision, vision_advance, run_len);
-  const at::Tensor run_pos = advance.cumsum(1) - advance;  // first position of each run
+  // ---- temporal positions (Qwen2.5-VL scaling) and each part's extent
+  at::Tensor pre = at::ones({B, S}, L), interval = at::ones({B, S}, L);
+  if (a.tokens_per_second.has_value()) {
+    const TimeTensors time = time_tensors(a, n_videos);
+    const int64_t count = time.interval.size(0);
+    const at::Tensor v = video_of_entry.clamp(0, std::max<int64_t>(count - 1, 0));
+    const at::Tensor one = at::ones({1}, time.interval.options());
+    const at::Tensor video_interval = at::cat({time.interval, one}).index_select(0, v.reshape(-1)).view({B, S});
+    const at::Tensor video_pre = at::cat({time.pre, at::ones({1}, L)}).index_select(0, v.reshape(-1)).view({B, S});
+    // images: 5.x time_interval = 1; 4.57 multiplies by 0
+    pre = at::where(is_video, video_pre, v5 ? 1 : 0);
+    interval = at::where(is_video, video_interval, at::ones({}, time.interval.options()));
+    const int64_t limit = a.second_per_grid_ts.defined() ? count : (v5 ? S : -1);
+    if (limit >= 0) ok.push_back((is_video.logical_not() | (video_of_entry < limit)).all());
+  }
+  const at::Tensor t_last = time_positions((gt - 1).clamp_min(0), pre, interval);
+  const at::Tensor t_first = time_positions(at::zeros_like(gt), pre, interval);
+  const at::Tensor extent = at::where(
+      vision, at::maximum(at::maximum(t_first, t_last), at::maximum(hg - 1, wg - 1)), part_len - 1);
+  at::Tensor advance;
+  if (v5) {
+    advance = at::where(vision, at::maximum(gh, gw).div(m, "floor"), part_len);
+  } else {
+    advance = at::where(part_len > 0, extent + 1, 0);
+    ok.push_back((vision.logical_not() | (part_len > 0) | last_run_of_sample).all());  // empty grid, then more
+  }
+  const at::Tensor cur = grouped_exclusive_cumsum(advance, group_first);
 
-  // Per token: its run's start position plus its offset, unravelled over (t, h, w) inside vision runs.
-  const at::Tensor tok_run = run.clamp(0, S - 1);
-  const at::Tensor cur = run_pos.gather(1, tok_run);
-  const at::Tensor offset = rank - run_first.gather(1, tok_run);
-  const at::Tensor tok_vision = vision.gather(1, tok_run);
-  const at::Tensor tok_hg = hg.gather(1, tok_run).clamp_min(1), tok_wg = wg.gather(1, tok_run).clamp_min(1);
-  const at::Tensor t_off = at::where(tok_vision, offset.div(tok_hg * tok_wg, "floor"), offset);
-  const at::Tensor h_off = at::where(tok_vision, offset.div(tok_wg, "floor").remainder(tok_hg), offset);
-  const at::Tensor w_off = at::where(tok_vision, offset.remainder(tok_wg), offset);
-  at::Tensor pos = at::stack({cur + t_off, cur + h_off, cur + w_off});
+  // ---- each sample's parts must fill its tokens (or be a single position, which broadcasts)
+  const at::Tensor part_total_ex = exclusive_cumsum(part_len);
+  const at::Tensor sample_part_offset = part_total_ex.gather(1, group_first);  // per run: its sample's first part
+  const at::Tensor run_sample_total =
+      at::zeros({B, S + 1}, L).scatter_add_(1, at::where(run_valid, run_sample, S), part_len).narrow(1, 0, S);
+  const at::Tensor sample_valid = col < samples;
+  ok.push_back((sample_valid.logical_not() | (run_sample_total == sample_len) | (run_sample_total == 1)).all());
+
+  // 4.57 Qwen-VL: the scan's blocks are the vision runs when each matches its grid (the reference's domain)
+  if (a.convention == kVisionStart) {
+    ok.push_back((vision.logical_not() | (run_len == grid_len)).all());
+    const at::Tensor first_after = std::get<0>(at::where(att, col, S).flip(1).cummin(1)).flip(1);
+    const at::Tensor next_att = at::cat({first_after.narrow(1, 1, S - 1), at::full({B, 1}, S, L)}, 1);
+    const at::Tensor same_sample =
+        (next_att < S) & (sample.gather(1, next_att.clamp_max(S - 1)) == sample);
+    const at::Tensor starts = att & (a.input_ids == a.vision_start_token_id);
+    ok.push_back((starts.logical_not() | same_sample).all());  // vision_start is never a sample's last token
+    const at::Tensor next_kind = at::where(same_sample, kind.gather(1, next_att.clamp_max(S - 1)), 0);
+    auto per_sample = [&](const at::Tensor& flags) {
+      return at::zeros({B, S + 1}, L).scatter_add_(1, at::where(att, sample.clamp_min(0), S), flags.to(at::kLong))
+          .narrow(1, 0, S);
+    };
+    auto per_sample_runs = [&](const at::Tensor& flags) {
+      return at::zeros({B, S + 1}, L).scatter_add_(1, at::where(run_valid, run_sample, S), flags.to(at::kLong))
+          .narrow(1, 0, S);
+    };
+    ok.push_back((per_sample(starts & (next_kind == 1)) == per_sample_runs(is_image)).all());
+    ok.push_back((per_sample(starts & (next_kind == 2)) == per_sample_runs(is_video)).all());
+  }
+  if (a.strict) {
+    ok.push_back((vision.logical_not() | ((run_len == grid_len) & (gt >= 1) & (gh >= m) & (gw >= m) &
+                                          (gh.remainder(m) == 0) & (gw.remainder(m) == 0)))
+                     .all());
+    ok.push_back(is_image.sum() == n_images);
+    ok.push_back(is_video.sum() == n_entries);
+    if (a.second_per_grid_ts.defined()) ok.push_back(at::full({}, a.second_per_grid_ts.size(0) == n_videos, L.dtype(at::kBool)));
+  }
+
+  // ---- each token's part: the last part starting at or before its place in the row's concatenated parts
+  const at::Tensor tok_sample_total = run_sample_total.gather(1, tok_sample);
+  const at::Tensor tok_offset =
+      sample_part_offset.gather(1, run.clamp(0, S - 1)) + at::where(tok_sample_total == 1, 0, local);
+  const at::Tensor big = at::full({}, std::numeric_limits<int64_t>::max(), L);
+  const at::Tensor part_start = at::where(run_valid, part_total_ex, big);
+  const at::Tensor tok_run =
+      (at::searchsorted(part_start, tok_offset, /*out_int32=*/false, /*right=*/true) - 1).clamp(0, S - 1);
+  const at::Tensor o = tok_offset - part_start.gather(1, tok_run).clamp_max(tok_offset);
+  const at::Tensor r_vision = vision.gather(1, tok_run);
+  const at::Tensor r_hg = hg.gather(1, tok_run).clamp_min(1), r_wg = wg.gather(1, tok_run).clamp_min(1);
+  const at::Tensor r_cur = cur.gather(1, tok_run);
+  const at::Tensor plane = r_hg * r_wg;
+  const at::Tensor t_pos = time_positions(o.div(plane, "floor"), pre.gather(1, tok_run), interval.gather(1, tok_run));
+  const at::Tensor pt = r_cur + at::where(r_vision, t_pos, o);
+  const at::Tensor ph = r_cur + at::where(r_vision, o.remainder(plane).div(r_wg, "floor"), o);
+  const at::Tensor pw = r_cur + at::where(r_vision, o.remainder(r_wg), o);
+  at::Tensor pos = at::stack({pt, ph, pw});
   pos = at::where(att.unsqueeze(0), pos, v5 ? 0 : 1);
 
-  const at::Tensor row_max =
-      std::get<0>(at::where(att, std::get<0>(pos.max(0)), std::numeric_limits<int64_t>::min()).max(1));
-  const at::Tensor deltas = (row_max + 1 - (v5 ? length : at::full_like(length, S))).unsqueeze(1);
-
-  if (!v5) {  // vision_start + image/video pairs must match the token runs, row by row
-    const at::Tensor first_after =
-        std::get<0>(at::where(att, col, S).flip(1).cummin(1)).flip(1);  // first attended index >= s
-    const at::Tensor next_att = at::cat({first_after.narrow(1, 1, S - 1), at::full({B, 1}, S, L)}, 1);
-    const at::Tensor next_kind = at::where(next_att < S, kind.gather(1, next_att.clamp_max(S - 1)), 0);
-    const at::Tensor starts = att & (a.input_ids == a.vision_start_token_id);
-    ok.push_back(((starts & (next_kind == 1)).sum(1) == is_image.sum(1)).all());
-    ok.push_back(((starts & (next_kind == 2)).sum(1) == is_video.sum(1)).all());
+  // ---- deltas: the row's largest position + 1 - its length (5.x: attended tokens; 4.57: S); packed rows: their
+  // last sample's, against its own length
+  const at::Tensor lowest = at::full({}, std::numeric_limits<int64_t>::min(), L);
+  at::Tensor in_delta = att;
+  if (a.is_packed()) in_delta = att & (sample == samples - 1);
+  const at::Tensor top = std::get<0>(at::where(in_delta, std::get<0>(pos.max(0)), lowest).max(1));
+  at::Tensor base;
+  if (a.is_packed()) {
+    base = sample_len.gather(1, (samples - 1).clamp_min(0)).squeeze(1);
+  } else {
+    base = v5 ? att.sum(1) : at::full({B}, S, L);
   }
+  const at::Tensor deltas = (top + 1 - base).unsqueeze(1);
   at::_assert_async(at::stack(ok).all(),
-                    "ropekit.rope_index: inconsistent inputs (vision spans vs grids, span length vs t*(h/m)*(w/m), "
-                    "grid sizes, token types or an empty row); run with on_host=True for a precise error");
+                    "ropekit.rope_index: no result for these inputs (transformers fails on them too, e.g. more vision "
+                    "spans than grids or span lengths that do not match their grids), or they lie outside the device "
+                    "algorithm's domain; run with on_host=True for a precise error");
   return {pos.to(a.input_ids.scalar_type()), deltas};
 }
 
-std::tuple<at::Tensor, at::Tensor> rope_index(const at::Tensor& input_ids,
-                                              const std::optional<at::Tensor>& image_grid_thw,
-                                              const std::optional<at::Tensor>& video_grid_thw,
-                                              const std::optional<at::Tensor>& attention_mask,
-                                              const std::optional<at::Tensor>& mm_token_type_ids,
-                                              int64_t spatial_merge_size, int64_t image_token_id,
-                                              int64_t video_token_id, int64_t vision_start_token_id,
-                                              c10::string_view convention, bool on_host) {
-  const RopeIndexArgs a =
-      check_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids,
-                       spatial_merge_size, image_token_id, video_token_id, vision_start_token_id,
-                       std::string_view(convention.data(), convention.size()));
-  return on_host ? rope_index_host(a) : rope_index_device(a);
+std::tuple<at::Tensor, at::Tensor> rope_index(
+    const at::Tensor& input_ids, const std::optional<at::Tensor>& image_grid_thw,
+    const std::optional<at::Tensor>& video_grid_thw, const std::optional<at::Tensor>& attention_mask,
+    const std::optional<at::Tensor>& mm_token_type_ids, int64_t spatial_merge_size, int64_t image_token_id,
+    int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool on_host,
+    bool video_frames, const std::optional<at::Tensor>& second_per_grid_ts,
+    const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id, int64_t video_end_token_id,
+    bool packed, const std::optional<at::Tensor>& cu_seqlens, bool strict) {
+  const RopeIndexArgs a = check_rope_index(
+      input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, spatial_merge_size, image_token_id,
+      video_token_id, vision_start_token_id, std::string_view(convention.data(), convention.size()), video_frames,
+      second_per_grid_ts, tokens_per_second, video_start_token_id, video_end_token_id, packed, cu_seqlens, strict);
+  return on_host ? rope_index_host(a) : rope_index_reference(a);
 }
 
 }  // namespace ropekit

@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 
 namespace ropekit {
@@ -48,8 +49,23 @@ at::Tensor check_inv_freq(const std::optional<at::Tensor>& inv_freq, const at::T
   return f.to(at::kFloat).contiguous();
 }
 
+at::Tensor check_table_inv_freq(const std::optional<at::Tensor>& table_inv_freq, const at::Tensor& inv_freq,
+                                const at::Tensor& cos_cache) {
+  if (!table_inv_freq.has_value() || !table_inv_freq->defined()) return at::Tensor();
+  const at::Tensor& f = *table_inv_freq;
+  TORCH_CHECK(inv_freq.defined(), "table_inv_freq: given without inv_freq (the current frequencies to compare with)");
+  TORCH_CHECK(f.dim() == 1 && f.size(0) == cos_cache.size(1), "table_inv_freq: expected shape [", cos_cache.size(1),
+              "] to match the table's columns, got ", f.sizes());
+  TORCH_CHECK(f.scalar_type() == at::kFloat, "table_inv_freq: expected float32 (what the table was built from), got ",
+              f.scalar_type());
+  TORCH_CHECK(f.device() == cos_cache.device(), "table_inv_freq: expected device ", cos_cache.device(), ", got ",
+              f.device());
+  return f.contiguous();
+}
+
 GatherArgs make_args(const at::Tensor& cos_cache, const at::Tensor& sin_cache, const at::Tensor& position_ids,
-                     at::ScalarType dtype, const std::optional<at::Tensor>& inv_freq, double attention_scaling) {
+                     at::ScalarType dtype, const std::optional<at::Tensor>& inv_freq, double attention_scaling,
+                     const std::optional<at::Tensor>& table_inv_freq) {
   check_table(cos_cache, sin_cache);
   check_positions(position_ids, cos_cache);
   check_output_dtype(dtype);
@@ -58,6 +74,7 @@ GatherArgs make_args(const at::Tensor& cos_cache, const at::Tensor& sin_cache, c
   a.sin_cache = sin_cache.contiguous();
   a.positions = position_ids;
   a.inv_freq = check_inv_freq(inv_freq, cos_cache);
+  a.table_inv_freq = check_table_inv_freq(table_inv_freq, a.inv_freq, cos_cache);
   a.attention_scaling = attention_scaling;
   a.dtype = dtype;
   return a;
@@ -76,8 +93,9 @@ void set_2d_positions(GatherArgs& a, const at::Tensor& p) {
 
 GatherArgs check_rope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                               const at::Tensor& position_ids, at::ScalarType dtype,
-                              const std::optional<at::Tensor>& inv_freq, double attention_scaling) {
-  GatherArgs a = make_args(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling);
+                              const std::optional<at::Tensor>& inv_freq, double attention_scaling,
+                              const std::optional<at::Tensor>& table_inv_freq) {
+  GatherArgs a = make_args(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling, table_inv_freq);
   TORCH_CHECK(position_ids.dim() == 2, "position_ids: expected a 2-D (batch, seq) tensor, got shape ",
               position_ids.sizes());
   set_2d_positions(a, position_ids);
@@ -87,8 +105,8 @@ GatherArgs check_rope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& sin
 GatherArgs check_mrope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                                const at::Tensor& position_ids, c10::IntArrayRef mrope_section,
                                at::ScalarType dtype, const std::optional<at::Tensor>& inv_freq,
-                               double attention_scaling) {
-  GatherArgs a = make_args(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling);
+                               double attention_scaling, const std::optional<at::Tensor>& table_inv_freq) {
+  GatherArgs a = make_args(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling, table_inv_freq);
   TORCH_CHECK(mrope_section.size() == 3, "mrope_section: expected 3 entries [t, h, w], got ", mrope_section);
   for (int64_t s : mrope_section) {
     TORCH_CHECK(s >= 0, "mrope_section: expected non-negative entries, got ", mrope_section);
@@ -156,10 +174,18 @@ struct ExtraRows {
   at::Tensor cos, sin;
 };
 
+// Whether the table holds exactly the current frequencies (bitwise; no table_inv_freq given means the caller vouches).
+bool table_is_current(const GatherArgs& a) {
+  if (!a.table_inv_freq.defined()) return true;
+  return std::memcmp(a.table_inv_freq.data_ptr<float>(), a.inv_freq.data_ptr<float>(),
+                     sizeof(float) * a.half()) == 0;
+}
+
+// `rows`: how many table rows may be served (0 when the table is stale).
 template <typename out_t, typename index_t>
-void gather_cpu_kernel(const GatherArgs& a, const ExtraRows& extra, at::Tensor& cos_out, at::Tensor& sin_out) {
+void gather_cpu_kernel(const GatherArgs& a, int64_t rows, const ExtraRows& extra, at::Tensor& cos_out,
+                       at::Tensor& sin_out) {
   const int64_t half = a.half();
-  const int64_t rows = a.rows();
   const float* cos_tab = a.cos_cache.data_ptr<float>();
   const float* sin_tab = a.sin_cache.data_ptr<float>();
   const float* cos_ext = extra.cos.defined() ? extra.cos.data_ptr<float>() : nullptr;
@@ -211,6 +237,9 @@ std::tuple<at::Tensor, at::Tensor> gather_cos_sin_cpu(const GatherArgs& a) {
   at::Tensor sin_out = at::empty({a.batch, a.seq, 2 * half}, out_opts);
   if (cos_out.numel() == 0) return {cos_out, sin_out};
 
+  // A table built from other frequencies than the current ones (an in-place change that left no trace the caller
+  // could see) serves nothing: every row is then computed from inv_freq, as transformers would.
+  const int64_t rows = table_is_current(a) ? a.rows() : 0;
   // Positions live on the host: collect those outside the table in one pass, so a bad position is an error,
   // never a wild read.
   ExtraRows extra;
@@ -220,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> gather_cos_sin_cpu(const GatherArgs& a) {
       for (int64_t b = 0; b < a.batch; ++b)
         for (int64_t s = 0; s < a.seq; ++s) {
           const int64_t p = pos[ax * a.stride_axis + b * a.stride_batch + s * a.stride_seq];
-          if (p < 0 || p >= a.rows()) extra.positions.push_back(p);
+          if (p < 0 || p >= rows) extra.positions.push_back(p);
         }
   });
   if (!extra.positions.empty()) {
@@ -228,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> gather_cos_sin_cpu(const GatherArgs& a) {
     extra.positions.erase(std::unique(extra.positions.begin(), extra.positions.end()), extra.positions.end());
     TORCH_CHECK(a.inv_freq.defined(), "position_ids: position ",
                 extra.positions.front() < 0 ? extra.positions.front() : extra.positions.back(),
-                " is outside the cos/sin table (rows 0..", a.rows() - 1,
+                " is outside the cos/sin table (rows 0..", rows - 1,
                 "); grow the table or pass inv_freq so such rows are computed");
     // Built by the same routine as the table, for exactly these positions: equal to a table that held them.
     std::tie(extra.cos, extra.sin) =
@@ -238,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> gather_cos_sin_cpu(const GatherArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "ropekit_gather_cos_sin_cpu", [&] {
     using out_t = scalar_t;
     AT_DISPATCH_INDEX_TYPES(a.positions.scalar_type(), "ropekit_gather_cos_sin_cpu", [&] {
-      gather_cpu_kernel<out_t, index_t>(a, extra, cos_out, sin_out);
+      gather_cpu_kernel<out_t, index_t>(a, rows, extra, cos_out, sin_out);
     });
   });
   return {cos_out, sin_out};

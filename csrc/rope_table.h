@@ -20,6 +20,9 @@ struct GatherArgs {
   int64_t section_h = 0, section_w = 0;  // mRoPE interleaving; both 0 for 1-D RoPE
   at::Tensor inv_freq;  // [half] float32 or undefined; defined => rows outside the table (past its end, or negative
                         // positions) are computed exactly; undefined => such positions are an error
+  at::Tensor table_inv_freq;  // [half] float32 or undefined: the frequencies the table was built from. Where
+                              // inv_freq[j] differs from it (bitwise), column j is computed from inv_freq for
+                              // every position, so a table can never serve values of frequencies since changed.
   double attention_scaling = 1.0;
   at::ScalarType dtype = at::kFloat;
 
@@ -29,11 +32,12 @@ struct GatherArgs {
 
 GatherArgs check_rope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                               const at::Tensor& position_ids, at::ScalarType dtype,
-                              const std::optional<at::Tensor>& inv_freq, double attention_scaling);
+                              const std::optional<at::Tensor>& inv_freq, double attention_scaling,
+                              const std::optional<at::Tensor>& table_inv_freq);
 GatherArgs check_mrope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                                const at::Tensor& position_ids, c10::IntArrayRef mrope_section,
                                at::ScalarType dtype, const std::optional<at::Tensor>& inv_freq,
-                               double attention_scaling);
+                               double attention_scaling, const std::optional<at::Tensor>& table_inv_freq);
 
 // Rows [start, end) of the table, with the same fp32 ops as transformers' rotary forward:
 // cos[p, j] = cos(fl32(inv_freq[j] * float(p))) * attention_scaling. Runs on inv_freq's device.

@@ -15,6 +15,8 @@ struct GatherParams {
   const float* cos_tab;
   const float* sin_tab;
   const float* inv_freq;  // nullptr: positions must lie inside the table; else rows outside it are computed
+  const float* table_inv_freq;  // nullptr, or the frequencies the table was built from: a column whose current
+                                // frequency differs (bitwise) is computed from inv_freq for every position
   int64_t rows, half;
   int64_t batch, seq;
   int64_t stride_axis, stride_batch, stride_seq;
@@ -33,8 +35,12 @@ __global__ void gather_cos_sin_kernel(GatherParams p, const index_t* __restrict_
     const int64_t b = n / p.seq, s = n % p.seq;
     const int axis = mrope_axis(j, p.section_h, p.section_w);
     const int64_t pos = positions[axis * p.stride_axis + b * p.stride_batch + s * p.stride_seq];
+    // Comparing the bits here, not on the host, keeps the check free of syncs: an in-place change of inv_freq that
+    // the caller could not see (through .data, an inference tensor, a numpy view) is never served stale.
+    const bool current =
+        p.table_inv_freq == nullptr || __float_as_uint(p.table_inv_freq[j]) == __float_as_uint(p.inv_freq[j]);
     float c, sn;
-    if (pos >= 0 && pos < p.rows) {
+    if (current && pos >= 0 && pos < p.rows) {
       c = p.cos_tab[pos * p.half + j];
       sn = p.sin_tab[pos * p.half + j];
     } else {
@@ -66,6 +72,7 @@ std::tuple<at::Tensor, at::Tensor> gather_cos_sin_cuda(const GatherArgs& a) {
   p.cos_tab = a.cos_cache.data_ptr<float>();
   p.sin_tab = a.sin_cache.data_ptr<float>();
   p.inv_freq = a.inv_freq.defined() ? a.inv_freq.data_ptr<float>() : nullptr;
+  p.table_inv_freq = a.table_inv_freq.defined() ? a.table_inv_freq.data_ptr<float>() : nullptr;
   p.rows = a.rows();
   p.half = half;
   p.batch = a.batch;

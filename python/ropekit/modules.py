@@ -9,44 +9,57 @@ from torch import nn
 
 from . import ops
 
-__all__ = ["RopeTable", "CachedRotaryEmbedding", "CachedMRotaryEmbedding", "DEFAULT_TABLE_ROWS"]
+__all__ = ["RopeTable", "CachedRotaryEmbedding", "CachedMRotaryEmbedding", "DEFAULT_TABLE_ROWS", "MAX_TABLE_ROWS"]
 
 # Rows built up front. 8192 x 64 frequencies x 2 tables x 4 bytes = 4 MiB; positions past the table are handled
 # exactly (see RopeTable.cos_sin), so a model's full max_position_embeddings need not be allocated.
 DEFAULT_TABLE_ROWS = 8192
-_MAX_EXACT_POSITION = 1 << 24  # largest table; float32 represents every integer position below it
+# The table never grows past this many rows: 2 tables x 131072 x 64 frequencies x 4 bytes = 64 MiB at rotary dim 128
+# (32 MiB for Qwen3.5's rotary dim 64). Positions at or past it are computed exactly, row by row, for just the
+# positions asked for (CPU) or inside the gather kernel (CUDA), so memory stays bounded whatever the position.
+MAX_TABLE_ROWS = 1 << 17
+_MAX_EXACT_POSITION = 1 << 24  # float32 represents every integer position below it
 
 
-def _round_rows(rows: int) -> int:
-    return min(max(256, 1 << max(rows - 1, 0).bit_length()), _MAX_EXACT_POSITION)
+def _round_rows(rows: int, max_rows: int) -> int:
+    return min(max(256, 1 << max(rows - 1, 0).bit_length()), max_rows)
 
 
 class RopeTable:
-    """A lazily built fp32 cos/sin table for one rotary embedding.
+    """A lazily built fp32 cos/sin table for one rotary embedding, never stale and bounded in size.
 
-    It is keyed on the device, the ``inv_freq`` tensor (object, storage and in-place version) and the attention
-    scaling, so ``model.to(...)``, ``_init_weights`` refilling ``inv_freq`` in place, or a meta-device model
-    materialised with ``to_empty`` can never be served a stale table. It is a plain attribute, not a buffer:
-    checkpoints never carry it.
+    **Never stale.** The table is rebuilt when the ``inv_freq`` tensor (object, storage, dtype, in-place version),
+    the device or the attention scaling change. In-place changes that leave all of those as they were (writes
+    through ``.data``, to an inference tensor, or through a numpy view) are caught by comparing values with a
+    snapshot of the frequencies the table was built from: on CPU here, on every call, after which the table is
+    rebuilt; on CUDA inside the gather kernel (no host sync), which computes every frequency that differs from the
+    snapshot exactly from the current ``inv_freq`` instead of reading the table. Either way the result equals what
+    transformers computes from the module's current ``inv_freq`` and ``attention_scaling``.
 
-    Growth: on CPU the table grows (doubling) to cover the largest position, which costs no sync there. On CUDA,
-    reading the largest position would be a host sync, so the table grows to cover the sequence length (known on
-    the host) and any position past its end is computed exactly inside the gather kernel from ``inv_freq``.
-    Negative positions (transformers produces them for padding slots after adding negative mRoPE deltas) are
-    computed the same way, on both devices.
+    **Bounded.** On CPU the table grows (doubling) to cover the largest position, which costs no sync there; on
+    CUDA, reading the largest position would be a host sync, so the table covers the sequence length and the
+    expected context (``expected_rows``, the model's ``max_position_embeddings``), known on the host. It never
+    grows past ``max_rows`` (:data:`MAX_TABLE_ROWS`). Positions past the table, and negative positions
+    (transformers produces them for padding slots after adding negative mRoPE deltas), are computed exactly by the
+    gather from the current ``inv_freq``: on CPU for just those positions, on CUDA inside the kernel.
+
+    It is a plain attribute, not a buffer: checkpoints never carry it.
     """
 
-    def __init__(self, initial_rows: int = DEFAULT_TABLE_ROWS):
-        self.initial_rows = int(initial_rows)
+    def __init__(self, initial_rows: int = DEFAULT_TABLE_ROWS, max_rows: int = MAX_TABLE_ROWS,
+                 expected_rows: int = 0):
+        self.max_rows = int(min(max_rows, _MAX_EXACT_POSITION))
+        self.initial_rows = int(min(initial_rows, self.max_rows))
+        self.expected_rows = int(min(expected_rows, self.max_rows))
         self._key = None
         self._inv_freq: torch.Tensor | None = None  # kept alive so its address cannot be reused by another tensor
-        self._inv_freq_f32: torch.Tensor | None = None
+        self._table_inv_freq: torch.Tensor | None = None  # float32 snapshot the table was built from
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
 
     @staticmethod
     def _key_of(inv_freq: torch.Tensor, device: torch.device, attention_scaling: float):
-        # Inference tensors (made under torch.inference_mode) track no version; their storage still identifies them.
+        # Inference tensors (made under torch.inference_mode) track no version; the value check covers them.
         version = None if inv_freq.is_inference() else inv_freq._version
         return (id(inv_freq), version, inv_freq.data_ptr(), inv_freq.dtype, device, float(attention_scaling))
 
@@ -57,19 +70,25 @@ class RopeTable:
     def tables(
         self, inv_freq: torch.Tensor, attention_scaling: float, device: torch.device, min_rows: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return ``(cos_table, sin_table, inv_freq_fp32)`` on ``device`` covering at least ``min_rows`` rows (at
-        most 2^24: rows past the table, like negative positions, are computed exactly by the gather)."""
-        min_rows = min(min_rows, _MAX_EXACT_POSITION)
+        """Return ``(cos_table, sin_table, table_inv_freq)`` on ``device``, covering at least
+        ``min(min_rows, max_rows)`` rows; ``table_inv_freq`` is the float32 snapshot they were built from."""
         key = self._key_of(inv_freq, device, attention_scaling)
-        if key != self._key or self._inv_freq is not inv_freq:
+        if (
+            key != self._key
+            or self._inv_freq is not inv_freq
+            or (device.type == "cpu" == inv_freq.device.type
+                and not torch.equal(inv_freq.detach().float(), self._table_inv_freq))
+        ):
             self.cos = self.sin = None
             self._inv_freq = inv_freq
-            self._inv_freq_f32 = inv_freq.detach().to(device=device, dtype=torch.float32)
+            self._table_inv_freq = inv_freq.detach().to(device=device, dtype=torch.float32, copy=True)
             self._key = key
+        min_rows = min(min_rows, self.max_rows)
         if self.cos is None or self.rows < min_rows:
-            rows = _round_rows(max(min_rows, self.initial_rows if self.cos is None else 2 * self.rows))
-            self.cos, self.sin = ops.rope_cache(self._inv_freq_f32, rows, attention_scaling)
-        return self.cos, self.sin, self._inv_freq_f32
+            first = max(self.initial_rows, self.expected_rows if device.type != "cpu" else 0)
+            rows = _round_rows(max(min_rows, first if self.cos is None else 2 * self.rows), self.max_rows)
+            self.cos, self.sin = ops.rope_cache(self._table_inv_freq, rows, attention_scaling)
+        return self.cos, self.sin, self._table_inv_freq
 
     def min_rows_for(self, position_ids: torch.Tensor) -> int:
         if position_ids.numel() == 0:
@@ -86,13 +105,17 @@ class RopeTable:
         dtype: torch.dtype,
         mrope_section: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of ``dtype`` for ``position_ids`` (1-D RoPE, or mRoPE when ``mrope_section`` is given)."""
-        cos_t, sin_t, inv32 = self.tables(
-            inv_freq, attention_scaling, position_ids.device, self.min_rows_for(position_ids)
-        )
+        """cos/sin of ``dtype`` for ``position_ids`` (1-D RoPE, or mRoPE when ``mrope_section`` is given), exactly
+        as transformers computes them from the current ``inv_freq`` and ``attention_scaling``."""
+        device = position_ids.device
+        cos_t, sin_t, table_inv = self.tables(inv_freq, attention_scaling, device, self.min_rows_for(position_ids))
+        current = inv_freq.detach()
+        if current.device != device:
+            current = current.to(device)
         if mrope_section is None:
-            return ops.rope_cos_sin(cos_t, sin_t, position_ids, dtype, inv32, attention_scaling)
-        return ops.mrope_cos_sin(cos_t, sin_t, position_ids, mrope_section, dtype, inv32, attention_scaling)
+            return ops.rope_cos_sin(cos_t, sin_t, position_ids, dtype, current, attention_scaling, table_inv)
+        return ops.mrope_cos_sin(cos_t, sin_t, position_ids, mrope_section, dtype, current, attention_scaling,
+                                 table_inv)
 
 
 class CachedRotaryEmbedding(nn.Module):

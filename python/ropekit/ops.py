@@ -39,16 +39,24 @@ def rope_cos_sin(
     dtype: torch.dtype,
     inv_freq: torch.Tensor | None = None,
     attention_scaling: float = 1.0,
+    table_inv_freq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather transformers-layout cos/sin ``(B, S, 2*half)`` of ``dtype`` for ``position_ids`` ``(B, S)``.
 
     A position outside the table (past its end, or negative: transformers produces negative positions for padding
-    slots after adding negative mRoPE deltas) is an error unless ``inv_freq`` (and the ``attention_scaling`` the
-    table was built with) is given; then its row is computed exactly as transformers computes it. On CUDA that
-    happens in the kernel with no host sync; without ``inv_freq`` such a position raises a device-side assert.
-    Not differentiable.
+    slots after adding negative mRoPE deltas) is an error unless ``inv_freq`` (any float dtype, read as float32
+    like transformers' ``.float()``, with the ``attention_scaling`` the table was built with) is given; then its
+    row is computed exactly as transformers computes it. On CUDA that happens in the kernel with no host sync;
+    without ``inv_freq`` such a position raises a device-side assert.
+
+    ``table_inv_freq`` (float32 ``[half]``): the frequencies the table was built from. Where the current
+    ``inv_freq[j]`` differs from it bitwise, frequency ``j`` is computed from ``inv_freq`` for every position
+    instead of read from the table, so a table is never served stale after an in-place change of ``inv_freq`` that
+    left no trace (``.data``, inference tensors, numpy views). On CUDA the comparison runs inside the kernel (no
+    host sync). Not differentiable.
     """
-    return _ops.rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, float(attention_scaling))
+    return _ops.rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, float(attention_scaling),
+                             table_inv_freq)
 
 
 def mrope_cos_sin(
@@ -59,6 +67,7 @@ def mrope_cos_sin(
     dtype: torch.dtype,
     inv_freq: torch.Tensor | None = None,
     attention_scaling: float = 1.0,
+    table_inv_freq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3-VL interleaved mRoPE cos/sin ``(B, S, 2*half)``.
 
@@ -68,7 +77,7 @@ def mrope_cos_sin(
     """
     return _ops.mrope_cos_sin(
         cos_cache, sin_cache, position_ids, [int(s) for s in mrope_section], dtype, inv_freq,
-        float(attention_scaling),
+        float(attention_scaling), table_inv_freq,
     )
 
 
@@ -112,26 +121,64 @@ def rope_index(
     video_token_id: int = -1,
     vision_start_token_id: int = -1,
     convention: str = "token_types",
+    video_frames: bool = True,
+    second_per_grid_ts: torch.Tensor | None = None,
+    tokens_per_second: int | float | None = None,
+    video_start_token_id: int = -1,
+    video_end_token_id: int = -1,
+    packed: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    strict: bool = False,
     on_host: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3-VL / Qwen3.5 ``get_rope_index``: ``(position_ids (3, B, S), deltas (B, 1))``, element-wise identical to
-    transformers (values, dtypes and device).
+    """transformers' ``get_rope_index`` of the mRoPE models: ``(position_ids (3, B, S), deltas (B, 1))``,
+    element-wise identical to transformers (values, dtypes and device) wherever transformers returns a result.
 
-    ``convention="token_types"`` reproduces transformers 5.x: modality from ``mm_token_type_ids`` (0 text, 1 image,
-    2 video), padding slots 0, ``deltas = max + 1 - attended tokens``. ``convention="vision_start"`` reproduces
-    4.57: vision spans are the image/video token runs announced by ``vision_start_token_id``, padding slots 1,
-    ``deltas = max + 1 - S``. Videos are split into one ``(1, h, w)`` grid per frame, and grids are consumed in order
-    across the batch. ``spatial_merge_size`` and the token ids come from the model config.
+    Reproduces ``Qwen2VLModel``, ``Qwen2_5_VLModel``, ``Qwen3VLModel``, ``Qwen3_5Model``, ``Qwen4ExpModel``,
+    ``Glm4vModel`` (``glm4v``, ``glm4v_moe``, ``glm46v``) ``.get_rope_index``, chosen by:
 
-    ``on_host=True`` runs a C++ loop over the tokens; inputs on a GPU are pulled to the host once (one sync) and the
-    results copied back without blocking. Inconsistent inputs (spans vs grids, span length vs t*(h/m)*(w/m), grid
-    sizes not divisible by the merge size, unknown token types) raise ``ValueError``.
-    ``on_host=False`` computes everything with tensor ops on the inputs' device with no host sync at all (CUDA-graph
-    capturable); inconsistent inputs then trip an asynchronous device assert and nothing is read out of bounds.
+    - ``convention``: ``"token_types"`` is transformers 5.x for every family (modality from ``mm_token_type_ids``:
+      0 text, 1 image, 2 video; runs of equal type; text resumes at ``cur + max(h, w) // m`` after a grid; padding
+      slots 0; ``deltas = max + 1 - attended tokens``). ``"vision_start"`` is 4.57 Qwen2-VL / Qwen2.5-VL / Qwen3-VL
+      (spans found by ``vision_start_token_id`` pairs and ``list.index`` scans for ``image_token_id`` /
+      ``video_token_id``; text resumes at a grid's largest position + 1; padding slots 1; ``deltas = max + 1 - S``;
+      without any grid, the mask-cumsum branch). ``"video_brackets"`` is 4.57 GLM-4V (image tokens between
+      ``video_start_token_id`` and ``video_end_token_id`` are video frames; otherwise as ``"vision_start"``).
+    - ``video_frames``: each video is split into ``t`` single-frame grids (Qwen3-VL, Qwen3.5, Qwen4-Exp, GLM-4V;
+      ``repeat_interleave`` by t), or kept whole (Qwen2-VL, Qwen2.5-VL).
+    - ``tokens_per_second`` (Qwen2.5-VL's vision config value, int or float as there) with ``second_per_grid_ts``
+      ``(num_videos,)``: temporal positions ``(arange(t) * interval).long()`` in transformers' own arithmetic. 5.x:
+      ``interval = tokens_per_second * second_per_grid_ts[v]`` in the dtype of ``second_per_grid_ts`` (just
+      ``tokens_per_second`` without it), images unscaled. 4.57: ``(arange(t) * int(second_per_grid_ts[v])) *
+      tokens_per_second``, images at temporal position 0.
+
+    Grids are consumed in order over the attended vision spans of the whole batch; grids left over are ignored, as
+    transformers ignores them. ``strict=True`` instead rejects inconsistent inputs: a span whose length is not
+    ``t * (h / m) * (w / m)``, grids left over, ``h`` / ``w`` not positive multiples of the merge size, ``t < 1``,
+    a ``second_per_grid_ts`` of another length than the videos.
+
+    **Packed batches** (several samples per row, positions restarting at 0 in each): ``packed=True`` reads segment
+    ids from ``attention_mask`` (1, 2, ... per sample, 0 for padding: LLaMA-Factory's neat packing), or
+    ``cu_seqlens`` ``[0, n1, n1 + n2, ...]`` gives the samples' boundaries over the row-major ``(B * S)`` tokens
+    (samples must not cross rows). Each sample is computed as if it were its own unpadded row (its positions equal
+    the per-sample result); grids are consumed in order; ``deltas`` holds each row's last sample's delta.
+
+    ``on_host=True`` runs a C++ loop over the tokens; accelerator inputs are pulled to the host once (one sync) and
+    the results copied back without blocking. Where transformers itself fails (more spans than grids, a span whose
+    positions do not fit its tokens, a vision_start at the end, ...), and for what ``strict`` rejects, it raises
+    ``ValueError`` naming the row, token and grid. ``on_host=False`` computes on the inputs' device with no host sync
+    at all (CUDA-graph capturable): inputs without a result trip an asynchronous device assert, and nothing is read
+    out of bounds. (Its domain also excludes 4.57 ``vision_start`` inputs whose spans do not match their grids,
+    which transformers' scan still turns into positions; ``on_host=True`` computes those.)
+
+    Raises ``ValueError`` for malformed arguments: shapes, dtypes, devices, an unknown convention.
     """
     return _ops.rope_index(
         input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, int(spatial_merge_size),
         int(image_token_id), int(video_token_id), int(vision_start_token_id), convention, bool(on_host),
+        video_frames=bool(video_frames), second_per_grid_ts=second_per_grid_ts, tokens_per_second=tokens_per_second,
+        video_start_token_id=int(video_start_token_id), video_end_token_id=int(video_end_token_id),
+        packed=bool(packed), cu_seqlens=cu_seqlens, strict=bool(strict),
     )
 
 
@@ -199,13 +246,15 @@ def _gather_fake(cos_cache, batch, seq, dtype):
     return cos_cache.new_empty(shape, dtype=dtype), cos_cache.new_empty(shape, dtype=dtype)
 
 
-def _rope_cos_sin_fake(cos_cache, sin_cache, position_ids, dtype, inv_freq=None, attention_scaling=1.0):
+def _rope_cos_sin_fake(cos_cache, sin_cache, position_ids, dtype, inv_freq=None, attention_scaling=1.0,
+                       table_inv_freq=None):
     torch._check(position_ids.dim() == 2, lambda: "position_ids: expected a 2-D (batch, seq) tensor")
     return _gather_fake(cos_cache, position_ids.shape[0], position_ids.shape[1], dtype)
 
 
 def _mrope_cos_sin_fake(
-    cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq=None, attention_scaling=1.0
+    cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq=None, attention_scaling=1.0,
+    table_inv_freq=None,
 ):
     batch, seq = position_ids.shape[-2], position_ids.shape[-1]
     return _gather_fake(cos_cache, batch, seq, dtype)
@@ -230,13 +279,17 @@ def _apply_rope_backward_fake(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, 
 
 def _rope_index_fake(input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids,
                      spatial_merge_size, image_token_id, video_token_id, vision_start_token_id, convention,
-                     on_host=True):
+                     on_host=True, *, video_frames=True, second_per_grid_ts=None, tokens_per_second=None,
+                     video_start_token_id=-1, video_end_token_id=-1, packed=False, cu_seqlens=None, strict=False):
     batch, seq = input_ids.shape
     pos_dtype, delta_dtype = input_ids.dtype, torch.int64
-    if convention == "vision_start" and image_grid_thw is None and video_grid_thw is None:
+    is_packed = packed or cu_seqlens is not None
+    if convention != "token_types" and image_grid_thw is None and video_grid_thw is None and not is_packed:
         pos_dtype = torch.int64  # 4.57's text-only branch: cumsum / arange positions
         if attention_mask is None:
             delta_dtype = input_ids.dtype
+    elif batch == 0 and not is_packed:
+        delta_dtype = torch.float32  # transformers' torch.tensor([]) of no per-row deltas
     return input_ids.new_empty((3, batch, seq), dtype=pos_dtype), input_ids.new_empty((batch, 1), dtype=delta_dtype)
 
 

@@ -17,8 +17,11 @@ at::Tensor longs(std::vector<int64_t> v, std::vector<int64_t> shape) {
 std::tuple<at::Tensor, at::Tensor> index(const at::Tensor& ids, const std::optional<at::Tensor>& images,
                                          const std::optional<at::Tensor>& videos,
                                          const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& types,
-                                         const char* convention, bool on_host) {
-  return ropekit::rope_index(ids, images, videos, mask, types, 2, kImage, kVideo, kStart, convention, on_host);
+                                         const char* convention, bool on_host, bool strict = false) {
+  return ropekit::rope_index(ids, images, videos, mask, types, 2, kImage, kVideo, kStart, convention, on_host,
+                             /*video_frames=*/true, /*second_per_grid_ts=*/std::nullopt,
+                             /*tokens_per_second=*/std::nullopt, /*video_start_token_id=*/-1,
+                             /*video_end_token_id=*/-1, /*packed=*/false, /*cu_seqlens=*/std::nullopt, strict);
 }
 
 // Row 0: text text [image 1x4x4 -> 2x2 tokens] text.   Row 1: left padding, text, [video frame 1x4x4], text.
@@ -61,20 +64,31 @@ TEST(RopeIndex, VisionStartHandWritten) {
   }
 }
 
-TEST(RopeIndex, HostRejectsInconsistentLayouts) {
+TEST(RopeIndex, HostRaisesWhereTransformersFails) {
   Layout l;
-  // A grid whose t*(h/m)*(w/m) = 6 does not match the 4-token image span.
+  // A grid whose t*(h/m)*(w/m) = 6 does not fit the 4-token image span: the positions do not fit the row.
   EXPECT_THROW(index(l.ids, longs({1, 4, 6}, {1, 3}), l.videos, l.mask, l.types, "token_types", true), c10::ValueError);
-  // One image span, two image grids.
-  EXPECT_THROW(index(l.ids, longs({1, 4, 4, 1, 4, 4}, {2, 3}), l.videos, l.mask, l.types, "token_types", true),
-               c10::ValueError);
   // A video span but no video grid.
   EXPECT_THROW(index(l.ids, l.images, std::nullopt, l.mask, l.types, "token_types", true), c10::ValueError);
-  // h not divisible by the merge size.
-  EXPECT_THROW(index(l.ids, longs({1, 3, 4}, {1, 3}), l.videos, l.mask, l.types, "token_types", true), c10::ValueError);
   // An unknown token type.
   EXPECT_THROW(index(l.ids, l.images, l.videos, l.mask, l.types + 3, "token_types", true), c10::ValueError);
   EXPECT_THROW(index(l.ids, l.images, l.videos, l.mask, l.types, "qwen", true), c10::ValueError);
+}
+
+TEST(RopeIndex, LeftoverGridsAreIgnoredUnlessStrict) {
+  Layout l;
+  const at::Tensor two_images = longs({1, 4, 4, 1, 4, 4}, {2, 3});
+  auto [pos, deltas] = index(l.ids, l.images, l.videos, l.mask, l.types, "token_types", true);
+  for (bool on_host : {true, false}) {
+    auto [pos2, deltas2] = index(l.ids, two_images, l.videos, l.mask, l.types, "token_types", on_host);
+    EXPECT_TRUE(at::equal(pos, pos2) && at::equal(deltas, deltas2)) << "on_host=" << on_host;
+  }
+  EXPECT_THROW(index(l.ids, two_images, l.videos, l.mask, l.types, "token_types", true, /*strict=*/true),
+               c10::ValueError);
+  // h not divisible by the merge size: transformers floors it; strict rejects it.
+  EXPECT_NO_THROW(index(l.ids, longs({1, 5, 4}, {1, 3}), l.videos, l.mask, l.types, "token_types", true));
+  EXPECT_THROW(index(l.ids, longs({1, 5, 4}, {1, 3}), l.videos, l.mask, l.types, "token_types", true, true),
+               c10::ValueError);
 }
 
 TEST(RopeIndex, VisionStartWithoutGridsUsesTheMask) {

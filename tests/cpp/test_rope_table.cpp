@@ -26,8 +26,9 @@ TensorPair rope_cos_sin(const at::Tensor& c, const at::Tensor& s, const at::Tens
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("ropekit::rope_cos_sin", "")
                        .typed<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
-                                         const std::optional<at::Tensor>&, double)>();
-  return op.call(c, s, pos, dtype, inv_freq, scaling);
+                                         const std::optional<at::Tensor>&, double,
+                                         const std::optional<at::Tensor>&)>();
+  return op.call(c, s, pos, dtype, inv_freq, scaling, std::nullopt);
 }
 
 TensorPair mrope_cos_sin(const at::Tensor& c, const at::Tensor& s, const at::Tensor& pos,
@@ -35,8 +36,9 @@ TensorPair mrope_cos_sin(const at::Tensor& c, const at::Tensor& s, const at::Ten
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("ropekit::mrope_cos_sin", "")
                        .typed<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
-                                         at::ScalarType, const std::optional<at::Tensor>&, double)>();
-  return op.call(c, s, pos, section, dtype, std::nullopt, 1.0);
+                                         at::ScalarType, const std::optional<at::Tensor>&, double,
+                                         const std::optional<at::Tensor>&)>();
+  return op.call(c, s, pos, section, dtype, std::nullopt, 1.0, std::nullopt);
 }
 
 std::vector<float> inv_freq_values(int64_t half, double base) {

@@ -339,6 +339,174 @@ def random_case(seed: int, convention: str) -> Case:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# wild inputs: what real pipelines feed transformers besides clean batches
+
+
+WILD_KINDS = (
+    "mask_holes",       # random masked-out ranges, hiding text and (parts of) vision spans
+    "tril_mask",        # a causal-LM style tril(ones) mask: row b attends to tokens 0..b only
+    "segment_ids",      # packed-style segment ids in the mask (1, 2, 3...): 4.57 treats mask != 1 as padding
+    "extra_grids",      # grids left over after the last span
+    "drop_grid",        # one grid fewer than spans
+    "span_length",      # a vision token turned into text, or text into a vision token
+    "odd_grid",         # h or w not a multiple of the merge size, t = 0 or t = 2 images, a zero-sized grid
+    "vision_start_end", # vision_start as the last token of a row
+)
+
+
+def _mutable(case: Case) -> dict:
+    return {k: (None if v is None else v.clone().contiguous()) for k, v in case.tensors().items()}
+
+
+def perturb(case: Case, seed: int, kind: str | None = None) -> Case:
+    """A variant of a clean case that a real pipeline might produce and transformers handles in its own way
+    (returning positions for some, failing for others). `kind` is one of WILD_KINDS (random by default)."""
+    rng = random.Random(seed)
+    kind = kind or rng.choice(WILD_KINDS)
+    t = _mutable(case)
+    ids, mm = t["input_ids"], t["mm_token_type_ids"]
+    B, S = ids.shape
+    mask = t["attention_mask"]
+    if mask is None:
+        mask = torch.ones(B, S, dtype=torch.int64)
+    else:
+        mask = mask.to(torch.int64)
+    attended = mask != 0
+    special = case.ids
+
+    def vision_positions(b):
+        return [s for s in range(S) if attended[b, s] and int(ids[b, s]) in (special["image"], special["video"])]
+
+    if kind == "mask_holes":
+        for _ in range(rng.randint(1, 3)):
+            b = rng.randrange(B)
+            cols = [s for s in range(S) if attended[b, s]]
+            if len(cols) < 2:
+                continue
+            start = rng.choice(cols[1:]) if rng.random() < 0.5 else rng.choice(vision_positions(b) or cols[1:])
+            length = rng.randint(1, 8)
+            mask[b, start:start + length] = 0
+        if not bool((mask.sum(1) > 0).all()):  # keep every row non-empty (an empty row is another test)
+            mask[:, 0] = torch.where(mask.sum(1) > 0, mask[:, 0], torch.ones_like(mask[:, 0]))
+    elif kind == "tril_mask":
+        tril = torch.tril(torch.ones(B, S, dtype=torch.int64))
+        mask = mask * tril if rng.random() < 0.5 else tril
+        if not bool((mask.sum(1) > 0).all()):
+            mask = tril
+    elif kind == "segment_ids":
+        for b in range(B):
+            cols = [s for s in range(S) if attended[b, s]]
+            if len(cols) > 2:
+                cut = rng.choice(cols[1:])
+                mask[b, cut:] = torch.where(mask[b, cut:] != 0, 2, 0)
+                if rng.random() < 0.3 and cut + 3 < S:
+                    mask[b, cut + 3:] = torch.where(mask[b, cut + 3:] != 0, 3, 0)
+    elif kind == "extra_grids":
+        extra = torch.tensor([[rng.choice([1, 2]), rng.choice([2, 4, 6]), rng.choice([2, 4])]])
+        key = rng.choice(["image_grid_thw", "video_grid_thw"])
+        grid = t[key]
+        t[key] = extra if grid is None else torch.cat([grid, extra.to(grid.dtype)])
+    elif kind == "drop_grid":
+        keys = [k for k in ("image_grid_thw", "video_grid_thw") if t[k] is not None and len(t[k]) > 0]
+        if keys:
+            key = rng.choice(keys)
+            t[key] = t[key][:-1] if rng.random() < 0.5 else t[key][1:]
+    elif kind == "span_length":
+        for _ in range(rng.randint(1, 2)):
+            b = rng.randrange(B)
+            vis = vision_positions(b)
+            if vis and rng.random() < 0.6:
+                s = rng.choice(vis)  # a vision token becomes text
+                ids[b, s] = 5
+                mm[b, s] = 0
+            else:
+                cols = [s for s in range(S) if attended[b, s] and int(mm[b, s]) == 0]
+                if cols:
+                    s = rng.choice(cols)  # a text token becomes a vision token of its neighbour's kind
+                    vis_kind = 1 if rng.random() < 0.6 else 2
+                    ids[b, s] = special["image"] if vis_kind == 1 else special["video"]
+                    mm[b, s] = vis_kind
+    elif kind == "odd_grid":
+        keys = [k for k in ("image_grid_thw", "video_grid_thw") if t[k] is not None and len(t[k]) > 0]
+        if keys:
+            key = rng.choice(keys)
+            i = rng.randrange(len(t[key]))
+            change = rng.choice(["h_odd", "w_odd", "t0", "t2", "zero"])
+            if change == "h_odd":
+                t[key][i, 1] += 1
+            elif change == "w_odd":
+                t[key][i, 2] += 1
+            elif change == "t0":
+                t[key][i, 0] = 0
+            elif change == "t2":
+                t[key][i, 0] = 2
+            else:
+                t[key][i, 1] = case.spatial_merge_size - 1 if case.spatial_merge_size > 1 else 0
+    elif kind == "vision_start_end":
+        b = rng.randrange(B)
+        cols = [s for s in range(S) if attended[b, s]]
+        ids[b, cols[-1]] = special["vision_start"]
+        mm[b, cols[-1]] = 0
+    # int64 ids: transformers' index_put of int64 positions into an int32 output fails on the dtype alone, a quirk
+    # these cases are not about (ropekit returns the positions, cast)
+    t["input_ids"], t["mm_token_type_ids"] = ids.to(torch.int64), mm.to(case.mm_token_type_ids.dtype)
+    had_mask = case.attention_mask is not None or not bool((mask == 1).all())
+    t["attention_mask"] = mask.to(case.attention_mask.dtype if case.attention_mask is not None
+                                  and case.attention_mask.dtype != torch.bool else torch.int64) if had_mask else None
+    if case.attention_mask is not None and case.attention_mask.dtype == torch.bool and kind != "segment_ids":
+        t["attention_mask"] = mask.bool()
+    return Case(case.seed, case.rows, case.spatial_merge_size, case.ids, case.pad_side, **t,
+                notes=case.notes + [f"wild:{kind} (seed {seed}); rows describe the case before it"])
+
+
+def in_vision_start_device_domain(case: Case) -> bool:
+    """Whether the device algorithm covers this 4.57 ("vision_start") case: every attended vision run matches the
+    grid it takes, and per row the vision_start pairs announce exactly those runs. Outside it, transformers' scan
+    still turns the spans into positions (which the host algorithm reproduces), and the device algorithm asserts."""
+    m, ids = case.spatial_merge_size, case.ids
+    B, S = case.input_ids.shape
+    mask = case.attention_mask
+    images = [] if case.image_grid_thw is None else case.image_grid_thw.tolist()
+    frames = []
+    for t, h, w in ([] if case.video_grid_thw is None else case.video_grid_thw.tolist()):
+        frames += [[1, h, w]] * max(t, 0)
+    grids = {1: iter(images), 2: iter(frames)}
+    for b in range(B):
+        row = [int(v) for s, v in enumerate(case.input_ids[b].tolist()) if mask is None or mask[b, s] == 1]
+        kinds = [2 if v == ids["video"] else 1 if v == ids["image"] else 0 for v in row]
+        pairs = {1: 0, 2: 0}
+        for i, v in enumerate(row):
+            if v == ids["vision_start"]:
+                if i + 1 >= len(row):
+                    return False
+                if kinds[i + 1]:
+                    pairs[kinds[i + 1]] += 1
+        runs = {1: 0, 2: 0}
+        i = 0
+        while i < len(row):
+            j = i + 1
+            while j < len(row) and kinds[j] == kinds[i]:
+                j += 1
+            if kinds[i]:
+                runs[kinds[i]] += 1
+                grid = next(grids[kinds[i]], None)
+                if grid is None or j - i != grid[0] * (grid[1] // m) * (grid[2] // m):
+                    return False
+            i = j
+        if pairs != runs:
+            return False
+    return True
+
+
+def transformers_outcome(model, case: Case):
+    """(result, None) when transformers returns, (None, "ExceptionType: message") when it raises."""
+    try:
+        return transformers_rope_index(model, case), None
+    except Exception as e:  # noqa: BLE001 - any failure of transformers' own code is an outcome to mirror
+        return None, f"{type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # transformers
 
 
@@ -405,13 +573,14 @@ def _clone(t):
     return None if t is None else t.clone()
 
 
-def transformers_rope_index(model, case: Case):
-    """transformers' own, unpatched Qwen3VLModel.get_rope_index on (clones of) the case's tensors."""
+def transformers_rope_index(model, case: Case, patched: bool = False):
+    """transformers' own, unpatched Qwen3VLModel.get_rope_index on (clones of) the case's tensors (patched=True:
+    whatever Qwen3VLModel.get_rope_index is now, e.g. ropekit's replacement)."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
 
     from ropekit.transformers._patching import original
 
-    fn = original(Qwen3VLModel, "get_rope_index")
+    fn = Qwen3VLModel.get_rope_index if patched else original(Qwen3VLModel, "get_rope_index")
     with configured(model, case), torch.no_grad():
         if installed_convention() == "token_types":
             return fn(

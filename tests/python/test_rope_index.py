@@ -20,15 +20,20 @@ from conftest import requires_cuda
 from rope_index_cases import (
     CONVENTIONS,
     FUZZ_BASE_SEED,
+    WILD_KINDS,
+    Case,
     Image,
     Text,
     Video,
     build_case,
     compare,
     installed_convention,
+    in_vision_start_device_domain,
+    perturb,
     random_case,
     structural_rope_index,
     tiny_qwen3_vl_model,
+    transformers_outcome,
     transformers_rope_index,
 )
 
@@ -319,12 +324,29 @@ MALFORMED = {
 }
 
 
-def _malformed_params(on_device_only: bool = False):
-    for name, (conventions, _, _, on_device) in sorted(MALFORMED.items()):
-        if on_device_only and not on_device:
+# Arguments the op rejects whatever transformers does with them (the patched get_rope_index hands such inputs to
+# transformers' own code instead, see test_patched_get_rope_index_falls_back).
+ARGUMENT_ERRORS = {
+    "token_types_missing", "float_input_ids", "float_image_grid", "float_video_grid", "float_token_types",
+    "input_ids_1d", "input_ids_3d", "attention_mask_wrong_shape", "attention_mask_1d", "token_types_wrong_shape",
+    "image_grid_1d", "image_grid_n_by_2", "image_grid_n_by_4", "video_grid_3d",
+}
+
+
+def _malformed_params(installed_only: bool = False, skip_arguments: bool = False):
+    for name, (conventions, _, _, _) in sorted(MALFORMED.items()):
+        if skip_arguments and name in ARGUMENT_ERRORS:
             continue
         for convention in conventions:
+            if installed_only and convention != INSTALLED:
+                continue
             yield pytest.param(name, convention, id=f"{name}-{convention}")
+
+
+def _overridden(case, overrides):
+    """The case with the overridden tensors, as transformers would see them."""
+    tensors = {k: overrides.get(k, v) for k, v in case.tensors().items()}
+    return Case(case.seed, case.rows, case.spatial_merge_size, case.ids, case.pad_side, **tensors)
 
 
 def test_malformed_base_case_is_valid(hf_model):
@@ -333,30 +355,235 @@ def test_malformed_base_case_is_valid(hf_model):
     assert case.image_grid_thw.tolist() == [[1, 4, 6], [1, 2, 2]] and case.video_grid_thw.tolist() == [[2, 4, 4]]
     expected = transformers_rope_index(hf_model, case)
     for on_host in (True, False):
-        assert compare(call_op(case, INSTALLED, on_host), expected) is None
+        for strict in (False, True):
+            assert compare(call_op(case, INSTALLED, on_host, strict=strict), expected) is None
 
 
-@pytest.mark.parametrize("name,convention", list(_malformed_params()))
-def test_malformed_raises_value_error(name, convention):
-    _, overrides, pattern, _ = MALFORMED[name]
+@pytest.mark.parametrize("name,convention", list(_malformed_params(skip_arguments=True)))
+def test_strict_rejects_inconsistent_inputs(name, convention):
+    """ropekit's own strict checks (strict=True): every inconsistent input raises a ValueError naming the problem,
+    on the host; the device algorithm trips its assert."""
+    _, overrides, pattern, on_device = MALFORMED[name]
     case = _base_case()
     with pytest.raises(ValueError) as info:
-        call_op(case, convention, True, **overrides(case))
+        call_op(case, convention, True, strict=True, **overrides(case))
     assert re.search(pattern, str(info.value)), f"ValueError message does not name the problem: {info.value}"
-
-
-@pytest.mark.parametrize("name,convention", list(_malformed_params(on_device_only=True)))
-def test_malformed_raises_on_device_algorithm(name, convention):
-    _, overrides, _, _ = MALFORMED[name]
-    case = _base_case()
     with pytest.raises((RuntimeError, ValueError)):
-        call_op(case, convention, False, **overrides(case))
+        call_op(case, convention, False, strict=True, **overrides(case))
+
+
+@pytest.mark.parametrize("name,convention", [p for p in _malformed_params() if p.values[0] in ARGUMENT_ERRORS])
+def test_malformed_arguments_raise_value_error(name, convention):
+    _, overrides, pattern, _ = MALFORMED[name]
+    case = _base_case()
+    for on_host in (True, False):
+        for strict in (False, True):
+            with pytest.raises(ValueError) as info:
+                call_op(case, convention, on_host, strict=strict, **overrides(case))
+            assert re.search(pattern, str(info.value)), f"ValueError message does not name the problem: {info.value}"
+
+
+@pytest.mark.parametrize("name,convention", list(_malformed_params(installed_only=True, skip_arguments=True)))
+def test_inconsistent_inputs_follow_transformers(hf_model, name, convention):
+    """The fidelity rule (strict=False, the patch's mode): where transformers returns positions for an inconsistent
+    input (grids left over, h or w not divisible, under 4.57 even spans whose length does not match their grid),
+    the op returns the same; where transformers raises (more spans than grids, positions that do not fit), the op
+    raises a ValueError instead of reading out of bounds."""
+    _, overrides, pattern, _ = MALFORMED[name]
+    case = _base_case()
+    expected, error = transformers_outcome(hf_model, _overridden(case, overrides(case)))
+    if expected is None:
+        with pytest.raises(ValueError) as info:
+            call_op(case, convention, True, **overrides(case))
+        assert re.search(r"(?i)grid|span|token|vision", str(info.value)), info.value
+        with pytest.raises((RuntimeError, ValueError)):
+            call_op(case, convention, False, **overrides(case))
+        return
+    problem = compare(call_op(case, convention, True, **overrides(case)), expected)
+    assert problem is None, f"{name}: transformers returns positions, the op differs:\n  {problem}"
+    try:
+        got = call_op(case, convention, False, **overrides(case))
+    except RuntimeError:
+        # the device algorithm's domain leaves out 4.57 spans that do not match their grid; nothing else
+        assert convention == "vision_start" and name in OUT_OF_DEVICE_DOMAIN, f"{name}: the device algorithm raised"
+        return
+    assert compare(got, expected) is None
+
+
+# 4.57 turns spans that do not match their grid into (odd) positions with a sequential scan; the device algorithm
+# leaves those to the host (its assert fires).
+OUT_OF_DEVICE_DOMAIN = {"image_span_shorter_than_grid", "image_span_longer_than_grid", "video_frame_length_mismatch"}
 
 
 def test_unknown_convention_raises_value_error():
     case = _base_case()
     with pytest.raises(ValueError, match=r"(?i)convention"):
         call_op(case, "qwen2", True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# wild inputs: the fidelity rule on thousands of perturbed batches
+
+
+N_WILD = int(os.environ.get("ROPEKIT_RI_WILD_CASES", "2000"))
+
+
+@pytest.fixture(scope="module")
+def wild_cases(hf_model):
+    """N_WILD perturbed cases (masked-out spans, tril and segment-id masks, leftover or missing grids, span lengths
+    off by one, odd grids, a trailing vision_start), each with transformers' outcome (positions, or its error)."""
+    out = []
+    for i in range(N_WILD):
+        case = perturb(random_case(FUZZ_BASE_SEED + 7919 * i, INSTALLED), seed=i, kind=WILD_KINDS[i % len(WILD_KINDS)])
+        out.append((case, *transformers_outcome(hf_model, case)))
+    return out
+
+
+def test_wild_cases_cover_both_outcomes(wild_cases):
+    returned = sum(1 for _, expected, _ in wild_cases if expected is not None)
+    raised = len(wild_cases) - returned
+    if len(wild_cases) >= 500:
+        assert returned >= len(wild_cases) // 4 and raised >= len(wild_cases) // 20, (returned, raised)
+
+
+@pytest.mark.parametrize("on_host", [True, False], ids=["on_host", "on_device"])
+def test_wild_cases_follow_transformers(wild_cases, on_host):
+    """Where transformers returns, the op returns exactly the same (host: always; device: always for 5.x, and for
+    4.57 wherever the spans match their grids); where transformers raises, the op raises (ValueError on the host,
+    the assert on the device) and never returns something else."""
+    failures, device_declined = [], 0
+    for case, expected, error in wild_cases:
+        try:
+            got = call_op(case, INSTALLED, on_host)
+        except ValueError as e:
+            if expected is not None:
+                failures.append((case, f"raised ValueError ({e}) where transformers returns positions"))
+            continue
+        except RuntimeError as e:
+            if expected is not None:
+                if on_host or INSTALLED == "token_types" or in_vision_start_device_domain(case):
+                    failures.append((case, f"raised RuntimeError ({e}) where transformers returns positions"))
+                else:  # 4.57 spans that do not match their grid: outside the device algorithm's domain
+                    device_declined += 1
+            continue
+        if expected is None:
+            failures.append((case, f"returned positions where transformers raises {error}"))
+            continue
+        problem = compare(got, expected)
+        if problem:
+            failures.append((case, problem))
+    if failures:
+        shown = "\n\n".join(f"{case.describe(with_tensors=True)}\n  {problem}" for case, problem in failures[:3])
+        pytest.fail(f"{len(failures)}/{len(wild_cases)} wild cases differ from transformers "
+                    f"{_transformers_version()} (on_host={on_host}):\n{shown}", pytrace=False)
+    returned = sum(1 for _, expected, _ in wild_cases if expected is not None)
+    assert device_declined <= returned // 3, f"the device algorithm declined {device_declined} of {returned}"
+
+
+def test_patched_get_rope_index_follows_transformers(wild_cases, hf_model):
+    """The patched method itself (what the model calls): on the wild cases it returns what transformers returns,
+    and raises ValueError (never something else, never a different result) where transformers raises."""
+    ropekit.unpatch()
+    ropekit.apply_to_qwen3_vl()
+    try:
+        for case, expected, error in wild_cases[:400]:
+            if expected is None:
+                with pytest.raises(ValueError):
+                    transformers_rope_index(hf_model, case, patched=True)
+                continue
+            problem = compare(transformers_rope_index(hf_model, case, patched=True), expected)
+            assert problem is None, f"{case.describe()}\n  {problem}"
+    finally:
+        ropekit.unpatch()
+
+
+@pytest.mark.parametrize("name", ["float_token_types", "image_grid_n_by_4"])
+def test_patched_get_rope_index_falls_back(hf_model, name, count_rope_index):
+    """Arguments the op does not take (float token types, (N, 4) grids that transformers indexes by column) go to
+    transformers' own code: the same result, where the op alone would raise."""
+    if name == "float_token_types" and INSTALLED == "vision_start":
+        pytest.skip("transformers 4.57's get_rope_index takes no mm_token_type_ids")
+    case = _overridden(_base_case(), MALFORMED[name][1](_base_case()))
+    expected, error = transformers_outcome(hf_model, case)
+    if expected is None:
+        pytest.skip(f"transformers {_transformers_version()} rejects it too: {error}")
+    ropekit.unpatch()
+    ropekit.apply_to_qwen3_vl()
+    try:
+        assert compare(transformers_rope_index(hf_model, case, patched=True), expected) is None
+    finally:
+        ropekit.unpatch()
+    assert not count_rope_index
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the examples that showed the bug (ValueError from the patched get_rope_index where transformers returns)
+
+
+def assert_follows_transformers(hf_model, case):
+    """The installed transformers' outcome, mirrored by both algorithms: the same positions, or a ValueError (host)
+    and the device assert where transformers raises. Returns transformers' result (None when it raised)."""
+    expected, error = transformers_outcome(hf_model, case)
+    for on_host in (True, False):
+        if expected is None:
+            with pytest.raises((ValueError, RuntimeError) if not on_host else ValueError):
+                call_op(case, INSTALLED, on_host)
+        else:
+            problem = compare(call_op(case, INSTALLED, on_host), expected)
+            assert problem is None, f"on_host={on_host}: {problem}"
+    return expected
+
+
+def test_tril_mask_with_a_grid_per_row(hf_model):
+    """A causal-LM style attention_mask = tril(ones): row 0 attends only to token 0 while every row has its own
+    image grid. transformers 5.x consumes grids in order over the attended spans and ignores the rest (4.57 fails
+    on row 1, whose last attended token is a vision_start)."""
+    rows = [[Text(1), Image(4, 4), Text(2)], [Text(1), Image(2, 4), Text(1)], [Text(2), Image(4, 2), Text(1)]]
+    case = build_case(rows, mask="always", seed=3)
+    B, S = case.input_ids.shape
+    case = _overridden(case, dict(attention_mask=torch.tril(torch.ones(B, S, dtype=torch.int64))))
+    expected = assert_follows_transformers(hf_model, case)
+    assert (expected is not None) == (INSTALLED == "token_types")
+    with pytest.raises(ValueError):
+        call_op(case, INSTALLED, True, strict=True)
+
+
+def test_segment_id_mask_hides_an_image_under_4_57(hf_model):
+    """4.57 with a packed mask of segment ids [1]*7 + [2]*9 + [0], an image in segment 2: transformers treats
+    mask != 1 as padding (the image and its grid are skipped) and returns positions."""
+    rows = [[Text(7), Text(1), Image(4, 4), Text(2)]]  # 16 tokens, then one of padding
+    case = build_case(rows, mask="always", length=17, seed=4)
+    mask = torch.tensor([[1] * 7 + [2] * 9 + [0]])
+    case = _overridden(case, dict(attention_mask=mask))
+    expected, error = (transformers_outcome(hf_model, case) if INSTALLED == "vision_start"
+                       else (call_op(case, "vision_start", True), None))
+    assert error is None, error
+    for on_host in (True, False):
+        got = call_op(case, "vision_start", on_host)
+        assert compare(got, expected) is None
+    assert got[0][:, 0, 7:].eq(1).all(), "mask != 1 is padding under 4.57"
+
+
+def test_leftover_grids_and_video_frames(hf_model):
+    rows = [[Text(2), Video(2, 4, 4, [1, 1]), Text(1), Image(2, 2), Text(1)]]
+    case = build_case(rows, seed=5)
+    case = _overridden(case, dict(video_grid_thw=torch.tensor([[3, 4, 4], [2, 2, 2]]),  # a 3rd frame, a 2nd video
+                                  image_grid_thw=torch.tensor([[1, 2, 2], [1, 4, 4]])))  # a 2nd image
+    assert assert_follows_transformers(hf_model, case) is not None
+    with pytest.raises(ValueError, match="grids but the input has only|video frames but the input has only"):
+        call_op(case, INSTALLED, True, strict=True)
+
+
+def test_masked_out_spans(hf_model):
+    """Vision spans inside masked-out tokens (left padding made of an earlier, truncated conversation): the grids
+    are consumed by the attended spans only, in order, and the leftovers ignored."""
+    rows = [[Text(1), Image(2, 4), Text(2), Image(4, 4), Text(3)], [Text(2), Video(2, 2, 4, [1, 1]), Text(2)]]
+    case = build_case(rows, mask="always", seed=6)
+    mask = case.attention_mask.clone()
+    mask[0, 7:13] = 0  # hides the second image (start, 4 image tokens, end): its grid is left over
+    mask[1, 3:7] = 0  # hides the first video frame (start, 2 tokens, end): the second takes the first frame's grid
+    case = _overridden(case, dict(attention_mask=mask))
+    assert assert_follows_transformers(hf_model, case) is not None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,10 +20,38 @@ _FUSABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _global_module_hooks() -> bool:
-    """Hooks registered for every module (torch.nn.modules.module.register_module_forward_*hook)."""
+    """Hooks registered for every module (``torch.nn.modules.module.register_module_{forward,forward_pre,
+    full_backward,full_backward_pre}_hook``)."""
     from torch.nn.modules import module as nn_module
 
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+    return bool(
+        nn_module._global_forward_hooks
+        or nn_module._global_forward_pre_hooks
+        or nn_module._global_backward_hooks
+        or nn_module._global_backward_pre_hooks
+    )
+
+
+_OUTPUT_CAPTURING = "transformers.utils.output_capturing"
+
+
+def _has_hooks(module, attention: bool = False) -> bool:
+    """Any forward, forward-pre, backward or backward-pre hook on this module. A fused layer skips the norms' calls
+    and so their hooks (transformers' tensor parallelism all-reduces q_norm / k_norm weight gradients in a full
+    backward hook), so any hook means the layer runs the original, unfused steps; so does any hook on the attention
+    module itself. One exception (``attention=True``): transformers 5.x's own output-capturing forward hook, which
+    it installs for good on every attention module the first time ``output_attentions`` / ``output_hidden_states``
+    is asked for. It records the attention module's outputs, which the fused forward returns as well, so it sees
+    the same thing either way; counting it would switch fusion off for the model's lifetime."""
+    forward_hooks = module._forward_hooks.values()
+    if attention:
+        forward_hooks = [h for h in forward_hooks if getattr(h, "__module__", None) != _OUTPUT_CAPTURING]
+    return bool(
+        forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    )
 
 
 def _accelerate_placement_only(norm, stock_forward) -> bool:
@@ -52,7 +80,7 @@ def _peft_active_module(norm):
     back to calling it."""
     other = sys.modules.get("peft.utils.other")
     wrapper_cls = getattr(other, "ModulesToSaveWrapper", None)
-    if wrapper_cls is None or type(norm) is not wrapper_cls or norm._forward_hooks or norm._forward_pre_hooks:
+    if wrapper_cls is None or type(norm) is not wrapper_cls or _has_hooks(norm):
         return norm
     try:
         active = norm.active_adapters
@@ -86,22 +114,25 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
         )
 
     def stock_norm(norm, query) -> bool:
-        """The transformers RMSNorm as shipped: no hook or instance-level forward that would expect to run (hooks,
-        accelerate offload), and its weight already where the activations are."""
+        """The transformers RMSNorm as shipped: no hook (forward, forward-pre, backward, backward-pre) or
+        instance-level forward that would expect to run (accelerate offload), and its weight already where the
+        activations are."""
         return (
             type(norm) is norm_cls
             and stock_forward(norm)
-            and not norm._forward_hooks
-            and not norm._forward_pre_hooks
+            and not _has_hooks(norm)
             and norm.weight.device == query.device
         )
 
     def fusable_norms(self, query, cos):
-        """(q_norm, k_norm) modules whose weights the fused op can use in their place, or None."""
+        """(q_norm, k_norm) modules whose weights the fused op can use in their place, or None: fusion only where
+        nothing observable would differ (no hook on the norms, on this attention module, or registered globally;
+        stock norms; dtypes the op rounds exactly like transformers)."""
         q_norm, k_norm = _peft_active_module(self.q_norm), _peft_active_module(self.k_norm)
         fusable = (
             norm_cls.forward is norm_forward
             and not _global_module_hooks()
+            and not _has_hooks(self, attention=True)
             and stock_norm(q_norm, query)
             and stock_norm(k_norm, query)
             and norm_eps(q_norm) == norm_eps(k_norm)

@@ -28,8 +28,8 @@ def table_of(module) -> RopeTable:
     """The module's lazy table cache, a plain (non-persistent, non-buffer) attribute."""
     table = module.__dict__.get(_TABLE_ATTR)
     if table is None:
-        max_positions = getattr(getattr(module, "config", None), "max_position_embeddings", None)
-        table = RopeTable(min(max_positions or 8192, 8192))
+        max_positions = getattr(getattr(module, "config", None), "max_position_embeddings", None) or 8192
+        table = RopeTable(min(max_positions, 8192), expected_rows=max_positions)
         module.__dict__[_TABLE_ATTR] = table
     return table
 

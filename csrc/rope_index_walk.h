@@ -1,0 +1,344 @@
+// rope_index: the per-sample rules of every transformers get_rope_index, written once for the host loop and the
+// fused CUDA kernel (C10_HOST_DEVICE, no ATen).
+//
+// A "sample" is a row's attended tokens in order (or one segment of a packed row). Walking it yields "parts", each
+// exactly one tensor transformers appends to its llm_pos_ids_list: a run of consecutive text positions, or one
+// vision grid. The sample's tokens then take their positions from the concatenated parts in order, as
+// transformers' final index_put does: the lengths must add up to the sample's length (or to 1, which broadcasts).
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+namespace ropekit {
+namespace rope_index_detail {
+
+// Which transformers get_rope_index is reproduced.
+enum Convention : int32_t {
+  kTokenTypes = 0,     // 5.x, every family: runs of mm_token_type_ids; text resumes at cur + max(h, w) // m
+  kVisionStart = 1,    // 4.57 Qwen2-VL / Qwen2.5-VL / Qwen3-VL: spans found by vision_start + list.index scans
+  kVideoBrackets = 2,  // 4.57 GLM-4V: image tokens between video_start and video_end are video frames
+};
+
+// tpos(t), the temporal position of frame t of a grid: (t * pre) * interval in the arithmetic of `code`, then
+// truncated toward zero (torch's .long()).
+enum TimeCode : int32_t { kTimeInt = 0, kTimeF64 = 1, kTimeF32 = 2, kTimeBF16 = 3, kTimeF16 = 4 };
+
+struct TimeScale {
+  int64_t pre = 1;           // integer factor applied first (4.57 Qwen2.5-VL: int(second_per_grid_t); 0 for images)
+  int64_t interval_int = 1;  // kTimeInt
+  double interval = 1.0;     // floating codes: the exact value of the interval in that type
+  int32_t code = kTimeInt;
+};
+
+struct Grid {
+  int64_t t = 1, h = 1, w = 1;
+  int64_t video = -1;  // source video (for its time scale and second_per_grid_ts entry); -1 for images
+};
+
+// One entry of llm_pos_ids_list. kind 0: `len` text positions cur, cur + 1, ...; kind 1 / 2: the vision grid
+// (t, hg, wg) (hg = h // m, wg = w // m) placed at cur, len = t * hg * wg tokens.
+struct Part {
+  int64_t start = 0;  // sample index of its first token (the parts' lengths summed before it)
+  int64_t len = 0;
+  int64_t cur = 0;
+  int64_t t = 0, hg = 0, wg = 0;
+  int64_t video = -1;
+  int32_t kind = 0;
+};
+
+// Why a sample has no result: a case where transformers itself raises, or (strict) an input ropekit rejects.
+enum ErrorCode : int32_t {
+  kOk = 0,
+  kEmptySample,          // a row (or segment) attends to no token: torch.cat of an empty list
+  kBadTokenType,         // mm_token_type_ids value not 0 / 1 / 2: KeyError
+  kNoImageGrid,          // an image span past the last image grid: StopIteration / IndexError / TypeError
+  kNoVideoGrid,          // a video span past the last video grid (or frame)
+  kNegativeGrid,         // t, h // m or w // m negative: torch.arange fails
+  kEmptyBeforeMore,      // 4.57: .max() of an empty grid's positions, taken for the part after it
+  kLengthMismatch,       // positions built != attended tokens (and != 1): index_put shape mismatch
+  kVisionStartAtEnd,     // 4.57: vision_start_token_id is the sample's last token: IndexError
+  kNotFound,             // 4.57: list.index finds no image / video token from st on: ValueError
+  kNoSecondPerGrid,      // second_per_grid_ts has no entry for this video
+  kStrictSpanLength,     // strict: a span's length != t * (h / m) * (w / m)
+  kStrictNotDivisible,   // strict: h or w not a positive multiple of m, or t < 1
+  kStrictSpansVsStarts,  // strict, 4.57: vision_start pairs do not match the vision token runs
+};
+
+struct ErrorInfo {
+  int32_t code = kOk;
+  int64_t token = -1;    // sample index where it happened (-1: the sample as a whole)
+  int64_t grid = -1;     // image grid / video entry involved
+  int64_t a = 0, b = 0;  // code-specific numbers
+};
+
+struct Rules {
+  int32_t convention = kTokenTypes;
+  int64_t merge = 2;
+  bool strict = false;
+  bool scale_time = false;  // Qwen2.5-VL temporal scaling (video_scales given)
+  // second_per_grid_ts entries available (videos past them fail: 5.x next() on the iterator, 4.57 indexing);
+  // -1 = unlimited
+  int64_t second_per_grid_count = -1;
+};
+
+struct GridLists {
+  const Grid* images = nullptr;
+  int64_t n_images = 0;
+  const Grid* videos = nullptr;  // whole videos, or single frames (t = 1) in the per-frame families
+  int64_t n_videos = 0;
+  const TimeScale* video_scales = nullptr;  // per source video when Rules::scale_time
+};
+
+struct Cursor {  // grids are consumed in order across the whole batch
+  int64_t image = 0, video = 0;
+};
+
+C10_HOST_DEVICE inline int64_t floor_div(int64_t a, int64_t b) {
+  const int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+// tpos(t) for one scale, with torch's rounding points (see TimeCode). No FMA: each step rounds as torch does.
+C10_HOST_DEVICE inline int64_t time_position(const TimeScale& s, int64_t t) {
+  const int64_t x = t * s.pre;
+  switch (s.code) {
+    case kTimeF64: {
+      const double product = static_cast<double>(x) * s.interval;
+      return static_cast<int64_t>(product);
+    }
+    case kTimeF32: {
+      const float product = static_cast<float>(x) * static_cast<float>(s.interval);
+      return static_cast<int64_t>(product);
+    }
+    case kTimeBF16: {
+      const float xv = static_cast<float>(c10::BFloat16(static_cast<float>(x)));
+      const float iv = static_cast<float>(c10::BFloat16(static_cast<float>(s.interval)));
+      return static_cast<int64_t>(static_cast<float>(c10::BFloat16(xv * iv)));
+    }
+    case kTimeF16: {
+      const float xv = static_cast<float>(c10::Half(static_cast<float>(x)));
+      const float iv = static_cast<float>(c10::Half(static_cast<float>(s.interval)));
+      return static_cast<int64_t>(static_cast<float>(c10::Half(xv * iv)));
+    }
+    default:
+      return x * s.interval_int;
+  }
+}
+
+C10_HOST_DEVICE inline TimeScale scale_of(const Rules& r, const GridLists& g, const Part& p) {
+  TimeScale s;
+  if (!r.scale_time) return s;
+  if (p.video >= 0) return g.video_scales[p.video];
+  // images: 5.x time_interval = 1; 4.57 Qwen2.5-VL multiplies by second_per_grid_t = 0
+  s.pre = r.convention == kTokenTypes ? 1 : 0;
+  return s;
+}
+
+// Largest position offset of a non-empty part from its cur. tpos is monotone in t.
+C10_HOST_DEVICE inline int64_t part_extent(const Rules& r, const GridLists& g, const Part& p) {
+  if (p.kind == 0) return p.len - 1;
+  const TimeScale s = scale_of(r, g, p);
+  const int64_t t0 = time_position(s, 0), t1 = time_position(s, p.t - 1);
+  int64_t m = t0 > t1 ? t0 : t1;
+  if (p.hg - 1 > m) m = p.hg - 1;
+  if (p.wg - 1 > m) m = p.wg - 1;
+  return m;
+}
+
+// Positions (t, h, w) of token `o` (0 <= o < len) of part p.
+C10_HOST_DEVICE inline void part_position(const Rules& r, const GridLists& g, const Part& p, int64_t o,
+                                          int64_t& pt, int64_t& ph, int64_t& pw) {
+  if (p.kind == 0) {
+    pt = ph = pw = p.cur + o;
+    return;
+  }
+  const int64_t plane = p.hg * p.wg;
+  pt = p.cur + time_position(scale_of(r, g, p), o / plane);
+  ph = p.cur + (o % plane) / p.wg;
+  pw = p.cur + o % p.wg;
+}
+
+// The part holding sample token i: the last part whose start is <= i (empty parts share their successor's start
+// and come before it, so the last one is the non-empty one).
+C10_HOST_DEVICE inline int64_t find_part(const Part* parts, int64_t n_parts, int64_t i) {
+  int64_t lo = 0, hi = n_parts - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (parts[mid].start <= i) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+C10_HOST_DEVICE inline bool fail(ErrorInfo& e, int32_t code, int64_t token, int64_t grid = -1, int64_t a = 0,
+                                 int64_t b = 0) {
+  e.code = code;
+  e.token = token;
+  e.grid = grid;
+  e.a = a;
+  e.b = b;
+  return false;
+}
+
+// The next grid of `kind` (1 image, 2 video) into part p (kind, grid shape, len). false (e set) where transformers
+// fails: no grid left, a negative extent, no second_per_grid_ts entry; or (strict) an indivisible grid.
+C10_HOST_DEVICE inline bool take_grid(const Rules& r, const GridLists& g, Cursor& c, int32_t kind, int64_t token,
+                                      Part& p, ErrorInfo& e) {
+  Grid grid;
+  int64_t index;
+  if (kind == 1) {
+    if (c.image >= g.n_images) return fail(e, kNoImageGrid, token, c.image, g.n_images);
+    index = c.image++;
+    grid = g.images[index];
+  } else {
+    if (c.video >= g.n_videos) return fail(e, kNoVideoGrid, token, c.video, g.n_videos);
+    index = c.video++;
+    grid = g.videos[index];
+    if (r.scale_time && r.second_per_grid_count >= 0 && grid.video >= r.second_per_grid_count) {
+      return fail(e, kNoSecondPerGrid, token, grid.video, r.second_per_grid_count);
+    }
+  }
+  p.kind = kind;
+  p.video = grid.video;
+  p.t = grid.t;
+  p.hg = floor_div(grid.h, r.merge);
+  p.wg = floor_div(grid.w, r.merge);
+  if (p.t < 0 || p.hg < 0 || p.wg < 0) return fail(e, kNegativeGrid, token, index, kind);
+  if (r.strict && (grid.t < 1 || grid.h < r.merge || grid.w < r.merge || grid.h % r.merge != 0 ||
+                   grid.w % r.merge != 0)) {
+    return fail(e, kStrictNotDivisible, token, index, kind);
+  }
+  p.len = p.t * p.hg * p.wg;
+  return true;
+}
+
+C10_HOST_DEVICE inline void append(Part* parts, int64_t& n_parts, int64_t& total, Part p) {
+  p.start = total;
+  total += p.len;
+  parts[n_parts++] = p;
+}
+
+// Runs model (5.x token types, every family; 4.57 GLM-4V): each maximal run of equal kind is one part, and a vision
+// run takes the next grid of its kind whatever its length. 5.x resumes text at cur + max(h, w) // m; 4.57 at the
+// part's largest position + 1 (and fails when that part is empty). Room for `runs` parts.
+C10_HOST_DEVICE inline bool walk_runs(const Rules& r, const GridLists& g, Cursor& c, const int64_t* run_start,
+                                      const int64_t* run_len, const int64_t* run_kind, int64_t runs, Part* parts,
+                                      int64_t& n_parts, int64_t& total, ErrorInfo& e) {
+  const bool max_plus_one = r.convention != kTokenTypes;
+  int64_t cur = 0;
+  bool empty_before = false;
+  for (int64_t k = 0; k < runs; ++k) {
+    const int64_t kind = run_kind[k], len = run_len[k], token = run_start[k];
+    if (max_plus_one && empty_before) return fail(e, kEmptyBeforeMore, token);
+    Part p;
+    p.cur = cur;
+    if (kind == 0) {
+      p.len = len;
+      append(parts, n_parts, total, p);
+      cur += len;
+      continue;
+    }
+    if (kind != 1 && kind != 2) return fail(e, kBadTokenType, token, -1, kind);
+    if (!take_grid(r, g, c, static_cast<int32_t>(kind), token, p, e)) return false;
+    if (r.strict && len != p.len) {
+      return fail(e, kStrictSpanLength, token, kind == 1 ? c.image - 1 : c.video - 1, len, p.len);
+    }
+    append(parts, n_parts, total, p);
+    if (max_plus_one) {
+      if (p.len > 0) {
+        cur += part_extent(r, g, p) + 1;
+      } else {
+        empty_before = true;
+      }
+    } else {
+      const Grid& grid = kind == 1 ? g.images[c.image - 1] : g.videos[c.video - 1];
+      cur += floor_div(grid.h > grid.w ? grid.h : grid.w, r.merge);
+    }
+  }
+  return true;
+}
+
+// 4.57 Qwen-VL scan: n_img + n_vid blocks, each at the first image (video) token at or after st while images
+// (videos) remain, whichever comes first; the text before it, the grid from there on; st jumps past the grid. Then
+// the text after the last block. next_img[i] / next_vid[i] (0 <= i <= L): the first index >= i holding the image
+// (video) token, or L. run_len_at[i]: for strict mode, the length of the vision run starting at i (0 if none).
+// Room for 2 * (n_img + n_vid) + 1 parts.
+C10_HOST_DEVICE inline bool walk_vision_start(const Rules& r, const GridLists& g, Cursor& c, int64_t L,
+                                              const int64_t* next_img, const int64_t* next_vid,
+                                              const int64_t* run_len_at, int64_t vision_runs, int64_t n_img,
+                                              int64_t n_vid, Part* parts, int64_t& n_parts, int64_t& total,
+                                              ErrorInfo& e) {
+  const bool has_img = next_img[0] < L, has_vid = next_vid[0] < L;
+  int64_t st = 0, cur = 0, remain_img = n_img, remain_vid = n_vid;
+  bool empty_before = false;
+  for (int64_t k = 0; k < n_img + n_vid; ++k) {
+    int64_t ed_img = L + 1, ed_vid = L + 1;
+    if (has_img && remain_img > 0) {
+      ed_img = st < L ? next_img[st] : L;
+      if (ed_img >= L) return fail(e, kNotFound, st, -1, 1);
+    }
+    if (has_vid && remain_vid > 0) {
+      ed_vid = st < L ? next_vid[st] : L;
+      if (ed_vid >= L) return fail(e, kNotFound, st, -1, 2);
+    }
+    const int32_t kind = ed_img < ed_vid ? 1 : 2;
+    const int64_t ed = kind == 1 ? ed_img : ed_vid;
+    (kind == 1 ? remain_img : remain_vid) -= 1;
+    Part v;
+    if (!take_grid(r, g, c, kind, ed, v, e)) return false;
+    if (k > 0 && empty_before) return fail(e, kEmptyBeforeMore, ed);
+    Part text;
+    text.cur = cur;
+    text.len = ed - st;
+    append(parts, n_parts, total, text);
+    v.cur = cur + text.len;
+    if (r.strict && (ed >= L || run_len_at[ed] != v.len)) {
+      return fail(e, kStrictSpanLength, ed, kind == 1 ? c.image - 1 : c.video - 1, ed < L ? run_len_at[ed] : 0,
+                  v.len);
+    }
+    append(parts, n_parts, total, v);
+    st = ed + v.len;
+    if (v.len > 0) {
+      cur = v.cur + part_extent(r, g, v) + 1;
+      empty_before = false;
+    } else {
+      empty_before = true;
+    }
+  }
+  if (st < L) {
+    if (n_img + n_vid > 0 && empty_before) return fail(e, kEmptyBeforeMore, st);
+    Part text;
+    text.cur = cur;
+    text.len = L - st;
+    append(parts, n_parts, total, text);
+  }
+  if (r.strict && n_img + n_vid != vision_runs) return fail(e, kStrictSpansVsStarts, -1, -1, n_img + n_vid, vision_runs);
+  return true;
+}
+
+// After a walk: the sample's largest position (for its delta), and whether its parts fit its L tokens (their
+// lengths add up to L, or to 1, which broadcasts as index_put does).
+C10_HOST_DEVICE inline bool finish_sample(const Rules& r, const GridLists& g, const Part* parts, int64_t n_parts,
+                                          int64_t total, int64_t L, int64_t& sample_max, ErrorInfo& e) {
+  if (total != L && total != 1) return fail(e, kLengthMismatch, -1, -1, total, L);
+  bool any = false;
+  int64_t m = 0;
+  for (int64_t k = 0; k < n_parts; ++k) {
+    if (parts[k].len == 0) continue;
+    const int64_t top = parts[k].cur + part_extent(r, g, parts[k]);
+    m = any && m > top ? m : top;
+    any = true;
+  }
+  sample_max = m;
+  return true;
+}
+
+}  // namespace rope_index_detail
+}  // namespace ropekit
