@@ -49,23 +49,24 @@ TensorPair rope_cache_autograd(const at::Tensor& inv_freq, int64_t max_position,
 TensorPair rope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                                  const at::Tensor& position_ids, at::ScalarType dtype,
                                  const std::optional<at::Tensor>& inv_freq, double attention_scaling,
-                                 const std::optional<at::Tensor>& table_inv_freq) {
+                                 const std::optional<at::Tensor>& table_inv_freq, bool is_neox) {
   const at::Tensor f = inv_freq.value_or(at::Tensor());
   const at::Tensor tf = table_inv_freq.value_or(at::Tensor());
   forbid_grad("rope_cos_sin", {{"cos_cache", &cos_cache}, {"sin_cache", &sin_cache}, {"inv_freq", &f},
                                {"table_inv_freq", &tf}});
   static auto op = op_handle<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
-                                        const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&)>(
-      "ropekit::rope_cos_sin");
+                                        const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
+                                        bool)>("ropekit::rope_cos_sin");
   return below_autograd([&] {
-    return op.call(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling, table_inv_freq);
+    return op.call(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling, table_inv_freq, is_neox);
   });
 }
 
 TensorPair mrope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                                   const at::Tensor& position_ids, c10::IntArrayRef mrope_section,
                                   at::ScalarType dtype, const std::optional<at::Tensor>& inv_freq,
-                                  double attention_scaling, const std::optional<at::Tensor>& table_inv_freq) {
+                                  double attention_scaling, const std::optional<at::Tensor>& table_inv_freq,
+                                  bool mrope_interleaved, bool is_neox) {
   const at::Tensor f = inv_freq.value_or(at::Tensor());
   const at::Tensor tf = table_inv_freq.value_or(at::Tensor());
   forbid_grad("mrope_cos_sin", {{"cos_cache", &cos_cache}, {"sin_cache", &sin_cache}, {"inv_freq", &f},
@@ -73,10 +74,10 @@ TensorPair mrope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor&
   static auto op =
       op_handle<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
                            at::ScalarType, const std::optional<at::Tensor>&, double,
-                           const std::optional<at::Tensor>&)>("ropekit::mrope_cos_sin");
+                           const std::optional<at::Tensor>&, bool, bool)>("ropekit::mrope_cos_sin");
   return below_autograd([&] {
     return op.call(cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq, attention_scaling,
-                   table_inv_freq);
+                   table_inv_freq, mrope_interleaved, is_neox);
   });
 }
 
@@ -127,18 +128,19 @@ template <TensorPair (*Gather)(const GatherArgs&)>
 TensorPair rope_cos_sin_impl(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                              const at::Tensor& position_ids, at::ScalarType dtype,
                              const std::optional<at::Tensor>& inv_freq, double attention_scaling,
-                             const std::optional<at::Tensor>& table_inv_freq) {
+                             const std::optional<at::Tensor>& table_inv_freq, bool is_neox) {
   return Gather(check_rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling,
-                                   table_inv_freq));
+                                   table_inv_freq, is_neox));
 }
 
 template <TensorPair (*Gather)(const GatherArgs&)>
 TensorPair mrope_cos_sin_impl(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                               const at::Tensor& position_ids, c10::IntArrayRef mrope_section, at::ScalarType dtype,
                               const std::optional<at::Tensor>& inv_freq, double attention_scaling,
-                              const std::optional<at::Tensor>& table_inv_freq) {
+                              const std::optional<at::Tensor>& table_inv_freq, bool mrope_interleaved,
+                              bool is_neox) {
   return Gather(check_mrope_cos_sin(cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq,
-                                    attention_scaling, table_inv_freq));
+                                    attention_scaling, table_inv_freq, mrope_interleaved, is_neox));
 }
 
 }  // namespace
@@ -148,11 +150,12 @@ TORCH_LIBRARY(ropekit, m) {
   m.def("rope_cache(Tensor inv_freq, int max_position, float attention_scaling=1.0) -> (Tensor cos, Tensor sin)");
   m.def(
       "rope_cos_sin(Tensor cos_cache, Tensor sin_cache, Tensor position_ids, ScalarType dtype, "
-      "Tensor? inv_freq=None, float attention_scaling=1.0, Tensor? table_inv_freq=None) -> (Tensor cos, Tensor sin)");
+      "Tensor? inv_freq=None, float attention_scaling=1.0, Tensor? table_inv_freq=None, bool is_neox=True) -> "
+      "(Tensor cos, Tensor sin)");
   m.def(
       "mrope_cos_sin(Tensor cos_cache, Tensor sin_cache, Tensor position_ids, int[] mrope_section, "
-      "ScalarType dtype, Tensor? inv_freq=None, float attention_scaling=1.0, Tensor? table_inv_freq=None) -> "
-      "(Tensor cos, Tensor sin)");
+      "ScalarType dtype, Tensor? inv_freq=None, float attention_scaling=1.0, Tensor? table_inv_freq=None, "
+      "bool mrope_interleaved=True, bool is_neox=True) -> (Tensor cos, Tensor sin)");
   m.def(
       "apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin, int unsqueeze_dim=1, bool is_neox=True) -> "
       "(Tensor q_out, Tensor k_out)");

@@ -46,13 +46,33 @@ C10_HOST_DEVICE inline double add_rn(double a, double b) {
 #endif
 }
 
-// Qwen3-VL interleaved mRoPE: which position axis (0 = T, 1 = H, 2 = W) frequency j takes.
-// 1-D RoPE is the special case section_h = section_w = 0.
-C10_HOST_DEVICE inline int mrope_axis(int64_t j, int64_t section_h, int64_t section_w) {
-  const int64_t r = j % 3;
-  if (r == 1 && j < 3 * section_h) return 1;
-  if (r == 2 && j < 3 * section_w) return 2;
-  return 0;
+// mRoPE: which position axis (0 = T, 1 = H, 2 = W) frequency j of `half` takes, for mrope_section = [t, h, w].
+// Interleaved (Qwen3-VL, Qwen3.5): axis 1 if j % 3 == 1 and j < 3h, axis 2 if j % 3 == 2 and j < 3w, else axis 0.
+// Sectioned (Qwen2-VL, Qwen2.5-VL, GLM-4V: transformers' `cat([m[i % 3] for i, m in enumerate(freq.split(
+// mrope_section, -1))])`): axis 0 for j < t, axis 1 for j < t + h, else axis 2. 1-D RoPE is the interleaved layout
+// with h = w = 0 (every frequency on axis 0).
+struct MropeLayout {
+  int64_t t = 0, h = 0, w = 0;
+  bool interleaved = true;
+};
+
+C10_HOST_DEVICE inline int mrope_axis(int64_t j, const MropeLayout& m) {
+  if (m.interleaved) {
+    const int64_t r = j % 3;
+    if (r == 1 && j < 3 * m.h) return 1;
+    if (r == 2 && j < 3 * m.w) return 2;
+    return 0;
+  }
+  if (j < m.t) return 0;
+  if (j < m.t + m.h) return 1;
+  return 2;
+}
+
+// Output columns of frequency j in transformers' duplicated cos/sin layout of width 2 * half: neox `cat((f, f))`
+// puts it at j and j + half; GPT-J (GLM-4V) `repeat_interleave(2)` at 2j and 2j + 1.
+template <bool kNeox>
+C10_HOST_DEVICE inline int64_t freq_column(int64_t j, int64_t half, int copy) {
+  return kNeox ? j + copy * half : 2 * j + copy;
 }
 
 // Rotation styles. neox (Qwen, Llama: `rotate_half`) pairs channel j with j + R/2; GPT-J (GLM-4V:

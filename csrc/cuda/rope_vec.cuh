@@ -64,13 +64,24 @@ __device__ __forceinline__ void load_acc(const T* p, acc (&out)[N]) {
   for (int i = 0; i < N; ++i) out[i] = static_cast<acc>(raw[i]);
 }
 
-// Rounds N accumulators to T and stores them.
+// A 16-byte global store that the compiler cannot split (a plain struct store came out as four 4-byte stores
+// when the same values were stored twice, in the gather). Weak (default) semantics, like a plain store.
+__device__ __forceinline__ void store_16(void* p, const uint4& w) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w)
+               : "memory");
+}
+
+// Rounds N accumulators to T and stores them as 16-byte words.
 template <typename T, typename acc, int N>
 __device__ __forceinline__ void store_acc(T* p, const acc (&in)[N]) {
   Vec<T, N> v;
 #pragma unroll
   for (int i = 0; i < N; ++i) v.v[i] = static_cast<T>(in[i]);
-  *reinterpret_cast<Vec<T, N>*>(p) = v;
+  constexpr int kWords = static_cast<int>(sizeof(v) / sizeof(uint4));
+  uint4 words[kWords];
+  memcpy(words, &v, sizeof(v));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) store_16(reinterpret_cast<uint4*>(p) + i, words[i]);
 }
 
 // Sum over the G lanes of a group (G a power of two): xor offsets G/2 .. 1 stay inside the group. Every lane of the

@@ -40,8 +40,16 @@ def rope_cos_sin(
     inv_freq: torch.Tensor | None = None,
     attention_scaling: float = 1.0,
     table_inv_freq: torch.Tensor | None = None,
+    *,
+    is_neox: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather transformers-layout cos/sin ``(B, S, 2*half)`` of ``dtype`` for ``position_ids`` ``(B, S)``.
+
+    ``cos_cache`` / ``sin_cache`` are the float32 ``[P, half]`` tables of :func:`rope_cache`; ``position_ids`` is
+    int64 or int32. ``is_neox=True`` duplicates each frequency's value as transformers' ``cat((freqs, freqs), -1)``
+    (columns ``j`` and ``j + half``, Qwen / Llama); ``is_neox=False`` as ``repeat_interleave(2, -1)`` (columns
+    ``2j`` and ``2j + 1``, GLM-4V's GPT-J layout for :func:`apply_rope` with ``is_neox=False``). The values are
+    bit-identical to transformers' rotary forward.
 
     A position outside the table (past its end, or negative: transformers produces negative positions for padding
     slots after adding negative mRoPE deltas) is an error unless ``inv_freq`` (any float dtype, read as float32
@@ -56,7 +64,7 @@ def rope_cos_sin(
     host sync). Not differentiable.
     """
     return _ops.rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, float(attention_scaling),
-                             table_inv_freq)
+                             table_inv_freq, bool(is_neox))
 
 
 def mrope_cos_sin(
@@ -68,16 +76,29 @@ def mrope_cos_sin(
     inv_freq: torch.Tensor | None = None,
     attention_scaling: float = 1.0,
     table_inv_freq: torch.Tensor | None = None,
+    *,
+    mrope_interleaved: bool = True,
+    is_neox: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3-VL interleaved mRoPE cos/sin ``(B, S, 2*half)``.
+    """Multimodal-RoPE cos/sin ``(B, S, 2*half)``: each frequency reads the position of one axis.
 
     ``position_ids`` is ``(3, B, S)`` (temporal, height, width), ``(1, B, S)`` or ``(B, S)``; the last two are
-    plain 1-D RoPE. Frequency ``j`` reads axis 1 if ``j % 3 == 1 and j < 3*mrope_section[1]``, axis 2 if
-    ``j % 3 == 2 and j < 3*mrope_section[2]``, else axis 0. Same position rules as :func:`rope_cos_sin`.
+    plain 1-D RoPE. ``mrope_section = [t, h, w]`` says which axis each of the ``half`` frequencies takes:
+
+    - ``mrope_interleaved=True`` (Qwen3-VL, Qwen3.5): frequency ``j`` reads axis 1 if
+      ``j % 3 == 1 and j < 3*h``, axis 2 if ``j % 3 == 2 and j < 3*w``, else axis 0.
+    - ``mrope_interleaved=False`` (Qwen2-VL, Qwen2.5-VL, GLM-4V): consecutive sections, transformers'
+      ``cat([m[i % 3] for i, m in enumerate(freqs.split(mrope_section, -1))], -1)``: axis 0 for ``j < t``, axis 1
+      for ``j < t + h``, else axis 2. Needs ``t + h + w == half``; otherwise ``RuntimeError`` naming
+      ``mrope_section``.
+
+    ``is_neox`` picks the duplicated layout as in :func:`rope_cos_sin` (``False``: GLM-4V's
+    ``repeat_interleave(2)``). Same position and ``table_inv_freq`` rules as :func:`rope_cos_sin`; bit-identical to
+    transformers' rotary forward.
     """
     return _ops.mrope_cos_sin(
         cos_cache, sin_cache, position_ids, [int(s) for s in mrope_section], dtype, inv_freq,
-        float(attention_scaling), table_inv_freq,
+        float(attention_scaling), table_inv_freq, bool(mrope_interleaved), bool(is_neox),
     )
 
 
@@ -247,14 +268,14 @@ def _gather_fake(cos_cache, batch, seq, dtype):
 
 
 def _rope_cos_sin_fake(cos_cache, sin_cache, position_ids, dtype, inv_freq=None, attention_scaling=1.0,
-                       table_inv_freq=None):
+                       table_inv_freq=None, is_neox=True):
     torch._check(position_ids.dim() == 2, lambda: "position_ids: expected a 2-D (batch, seq) tensor")
     return _gather_fake(cos_cache, position_ids.shape[0], position_ids.shape[1], dtype)
 
 
 def _mrope_cos_sin_fake(
     cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq=None, attention_scaling=1.0,
-    table_inv_freq=None,
+    table_inv_freq=None, mrope_interleaved=True, is_neox=True,
 ):
     batch, seq = position_ids.shape[-2], position_ids.shape[-1]
     return _gather_fake(cos_cache, batch, seq, dtype)

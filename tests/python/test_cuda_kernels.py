@@ -308,3 +308,69 @@ def test_apply_rope_no_host_sync_and_cuda_graph():
     graph.replay()
     for a, b in zip(static, ops.apply_rope(q, k, cos, sin)):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cos/sin gather
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("half", [64, 12])
+@pytest.mark.parametrize("section,interleaved,is_neox", [((24, 20, 20), True, True), ((16, 24, 24), False, True),
+                                                         ((8, 28, 28), False, False)])
+def test_gather_paths_bit_identical(dtype, half, section, interleaved, is_neox):
+    """Both gather kernels (16-byte and scalar) against transformers' formulas computed on the GPU; positions past
+    the table, negative ones and stale columns go through the exact kernel."""
+    from test_rope_table import assert_same_cos_sin, transformers_mrope
+
+    if half == 12:
+        section = (4, 4, 4)
+    inv = (1.0 / (1e6 ** (torch.arange(0, 2 * half, 2).float() / (2 * half)))).cuda()
+    tables = ops.rope_cache(inv, 4096, 0.75)
+    gen = torch.Generator().manual_seed(31)
+    pos = torch.randint(0, 4096, (3, 4, 300), generator=gen).cuda()
+    pos[:, :, :100] = pos[0, :, :100]  # text tokens
+    elems = 16 // torch.tensor([], dtype=dtype).element_size()
+    vector = dtype != torch.float64 and half % elems == 0
+    kernel = "gather_cos_sin_vec_kernel" if vector else "gather_cos_sin_scalar_kernel"
+    names, ours = cuda_kernels(lambda: ops.mrope_cos_sin(*tables, pos, list(section), dtype,
+                                                         mrope_interleaved=interleaved, is_neox=is_neox))
+    assert len(names) == 1 and kernel in names[0], names
+    expect = [t.to(dtype) for t in transformers_mrope(inv, pos, section, interleaved, is_neox, 0.75)]
+    assert_same_cos_sin(ours, expect)
+    far = pos.clone()
+    far[:, 1, 40:44] = torch.tensor([4096, 200000, -3, 9999], device="cuda")
+    far[2, 2, 250] = 70000
+    now = inv.clone()
+    now[5] *= 1.25
+    names, ours = cuda_kernels(lambda: ops.mrope_cos_sin(*tables, far, list(section), dtype, now, 0.75, inv,
+                                                         mrope_interleaved=interleaved, is_neox=is_neox))
+    assert len(names) == (2 if vector else 1), names  # + the exact rows, whenever inv_freq is passed
+    expect = [t.to(dtype) for t in transformers_mrope(now, far, section, interleaved, is_neox, 0.75)]
+    assert_same_cos_sin(ours, expect)
+
+
+def test_gather_no_host_sync_and_cuda_graph():
+    inv = (1.0 / (1e6 ** (torch.arange(0, 128, 2).float() / 128))).cuda()
+    tables = ops.rope_cache(inv, 1024)
+    pos = torch.randint(0, 2048, (3, 2, 64), device="cuda")
+    ops.mrope_cos_sin(*tables, pos, [24, 20, 20], torch.bfloat16, inv)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.mrope_cos_sin(*tables, pos, [24, 20, 20], torch.bfloat16, inv, 1.0, inv)
+        ops.rope_cos_sin(*tables, pos[0], torch.bfloat16, inv, is_neox=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.rope_cos_sin(*tables, pos[0], torch.bfloat16, inv)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        static = ops.rope_cos_sin(*tables, pos[0], torch.bfloat16, inv)
+    pos.copy_(torch.randint(0, 2048, (3, 2, 64), device="cuda"))
+    graph.replay()
+    for a, b in zip(static, ops.rope_cos_sin(*tables, pos[0], torch.bfloat16, inv)):
+        assert torch.equal(a, b)

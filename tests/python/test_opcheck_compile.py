@@ -34,6 +34,12 @@ def op_cases(device):
         (torch.ops.ropekit.rope_cos_sin.default, (cos_t, sin_t, past, torch.float32, inv, 1.0)),
         (torch.ops.ropekit.mrope_cos_sin.default, (cos_t, sin_t, pos3, [6, 5, 5], torch.float16, None, 1.0)),
         (torch.ops.ropekit.mrope_cos_sin.default, (cos_t, sin_t, pos, [6, 5, 5], torch.float32, None, 1.0)),
+        # GPT-J layout (GLM-4V) and sectioned mRoPE (Qwen2-VL, Qwen2.5-VL, GLM-4V), with rows computed past the table
+        (torch.ops.ropekit.rope_cos_sin.default, (cos_t, sin_t, past, torch.bfloat16, inv, 1.0, inv, False)),
+        (torch.ops.ropekit.mrope_cos_sin.default, (cos_t, sin_t, pos3, [8, 4, 4], torch.float32, None, 1.0, None,
+                                                   False, True)),
+        (torch.ops.ropekit.mrope_cos_sin.default, (cos_t, sin_t, pos3, [8, 4, 4], torch.bfloat16, inv, 1.0, None,
+                                                   False, False)),
         (torch.ops.ropekit.apply_rope.default, (q, k, cos, sin, 1)),
         (torch.ops.ropekit.apply_rope.default, (*rg(q, k), cos, sin, 1)),
         (torch.ops.ropekit.apply_rope.default, (*rg(qd, kd, cosd, sind), 1)),
@@ -110,9 +116,11 @@ def test_compile_fullgraph_no_graph_break(device):
         c, s = ops.rope_cache(inv, 128)
         cos, sin = ops.rope_cos_sin(c, s, position_ids, q.dtype, inv)
         cos3, sin3 = ops.mrope_cos_sin(c, s, position_ids_3d, [12, 10, 10], q.dtype)
+        cos_j, sin_j = ops.mrope_cos_sin(c, s, position_ids_3d, [16, 8, 8], q.dtype, mrope_interleaved=False,
+                                         is_neox=False)
         q1, k1 = ops.apply_rope(q, k, cos, sin)
         q2, k2 = ops.apply_rope(q1, k1, cos3, sin3)
-        return ops.apply_rope(q2, k2, cos, sin, is_neox=False)
+        return ops.apply_rope(q2, k2, cos_j, sin_j, is_neox=False)
 
     q, k, _, _ = make_inputs(device=device, seq=9)
     q.requires_grad_()

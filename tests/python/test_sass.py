@@ -19,16 +19,17 @@ import sys
 
 import pytest
 
-# (label, required substrings of the demangled name, every global store 16 bytes wide?)
-# The weight-gradient backward writes one scalar partial per column per block (a few hundred bytes per block);
-# everything else it stores is dq / dk.
+# (label, required substrings of the demangled name, every global load 16 bytes wide?, every store?)
+# The weight-gradient backward writes one scalar partial per column per block (a few hundred bytes per block); the
+# gather reads the token's positions (8 bytes each) and, for mRoPE vision tokens, single table values.
 KERNELS = [
-    ("qk_norm_rope fwd", ["qk_norm_rope_vec_kernel<", "NormRopeTypes<c10::BFloat16"], True),
-    ("qk_norm_rope bwd", ["qk_norm_rope_backward_vec_kernel<", "NormRopeTypes<c10::BFloat16"], False),
-    ("apply_rope fwd", ["apply_rope_vec_kernel<", "RopeTypes<c10::BFloat16", ", false, "], True),
-    ("apply_rope bwd", ["apply_rope_vec_kernel<", "RopeTypes<float, float, c10::BFloat16>", ", true, "], True),
+    ("qk_norm_rope fwd", ["qk_norm_rope_vec_kernel<", "NormRopeTypes<c10::BFloat16"], True, True),
+    ("qk_norm_rope bwd", ["qk_norm_rope_backward_vec_kernel<", "NormRopeTypes<c10::BFloat16"], True, False),
+    ("apply_rope fwd", ["apply_rope_vec_kernel<", "RopeTypes<c10::BFloat16", ", false, "], True, True),
+    ("apply_rope bwd", ["apply_rope_vec_kernel<", "RopeTypes<float, float, c10::BFloat16>", ", true, "], True, True),
     ("apply_rope bwd", ["apply_rope_vec_kernel<", "RopeTypes<c10::BFloat16, c10::BFloat16, c10::BFloat16>",
-                        ", true, "], True),
+                        ", true, "], True, True),
+    ("cos/sin gather", ["gather_cos_sin_vec_kernel<c10::BFloat16"], False, True),
 ]
 
 LDG_128 = re.compile(r"\bLDG(\.[A-Z0-9_]+)*\.128\b")
@@ -90,7 +91,7 @@ def counts(body):
 def check(functions):
     """Rows (label, kernel, counts, problems) for every selected kernel; raises nothing."""
     rows = []
-    for label, needles, all_stores_wide in KERNELS:
+    for label, needles, all_loads_wide, all_stores_wide in KERNELS:
         selected = {n: b for n, b in functions.items() if all(s in n for s in needles)}
         if not selected:
             rows.append((label, " & ".join(needles), None, ["no such kernel in the sm_90 SASS"]))
@@ -100,7 +101,7 @@ def check(functions):
             problems = []
             if c["LDG.128"] == 0:
                 problems.append("no 16-byte global load")
-            if c["LDG other"]:
+            if all_loads_wide and c["LDG other"]:
                 problems.append(f"{c['LDG other']} narrower global loads")
             if c["STG.128"] == 0:
                 problems.append("no 16-byte global store")
