@@ -20,6 +20,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -51,7 +53,7 @@ struct Params {
   const void* sin;
   int64_t seq, tokens, cos_sb, cos_ss;
   int head_dim, rot_dim;
-  double eps;
+  double eps, inv_head_dim;  // mean(x^2) = sum * (1 / head_dim), as PyTorch's CUDA mean scales its sum
 };
 
 Operand make_operand(const RopeOperand& op) {
@@ -63,7 +65,8 @@ Params make_params(const NormRopeArgs& a, const NormRopeArgs* grads = nullptr) {
   const NormRopeArgs& src = grads ? *grads : a;
   return {make_operand(src.q), make_operand(src.k), a.q_weight.data_ptr(), a.k_weight.data_ptr(),
           a.cos.data_ptr(),    a.sin.data_ptr(),    a.seq,    a.batch * a.seq, a.cos_stride_b,
-          a.cos_stride_s,      static_cast<int>(a.head_dim), static_cast<int>(a.rot_dim), a.eps};
+          a.cos_stride_s,      static_cast<int>(a.head_dim), static_cast<int>(a.rot_dim), a.eps,
+          a.head_dim > 0 ? 1.0 / static_cast<double>(a.head_dim) : 0.0};
 }
 
 template <typename T>
@@ -77,9 +80,33 @@ __device__ __forceinline__ T* out_row_ptr(const Operand& op, int64_t b, int64_t 
 }
 
 template <typename acc>
-__device__ __forceinline__ acc rstd_of(acc sumsq, int d, double eps) {
-  return rsqrt(sumsq / acc(d) + acc(eps));  // rsqrtf for fp32, as torch.rsqrt on CUDA
+__device__ __forceinline__ acc rstd_of(acc sumsq, const Params& p) {
+  return rsqrt(sumsq * acc(p.inv_head_dim) + acc(p.eps));  // rsqrtf for fp32, as torch.rsqrt on CUDA
 }
+
+// Qwen3's normalisation of a pair of 16-bit activations with 16-bit weights, y = rd16(w * rd16(x * rstd)), with the
+// weight product as one bf16x2 / half2 multiply: the fp32 product of two 16-bit values is exact, so rounding it
+// (eager's fp32 multiply, then cast) equals the packed multiply's round-to-nearest. The packed result is also the
+// value the rotate-half partner receives.
+template <typename T>
+struct Pair16;
+template <>
+struct Pair16<c10::BFloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ type pack(float a, float b) { return __floats2bfloat162_rn(a, b); }
+  static __device__ __forceinline__ float2 unpack(type v) { return __bfloat1622float2(v); }
+};
+template <>
+struct Pair16<c10::Half> {
+  using type = __half2;
+  static __device__ __forceinline__ type pack(float a, float b) { return __floats2half2_rn(a, b); }
+  static __device__ __forceinline__ float2 unpack(type v) { return __half22float2(v); }
+};
+
+template <typename Types>
+constexpr bool kPackedNorm = !Types::zero_centered && std::is_same_v<typename Types::w_t, typename Types::in_t> &&
+                             (std::is_same_v<typename Types::in_t, c10::BFloat16> ||
+                              std::is_same_v<typename Types::in_t, c10::Half>);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Fast path
@@ -101,14 +128,14 @@ __global__ void __launch_bounds__(kThreads, 4) qk_norm_rope_vec_kernel(const Par
   const vec::WarpWork w = vec::warp_work(item, sch.parts, sch.iters_per_part, sch.iters_per_token);
   const int64_t b = w.token / p.seq, s = w.token - b * p.seq;
 
-  // Kept in their own dtypes (fewer registers, more rows in flight) and widened at use.
-  cs_t c_raw[E] = {}, s_raw[E] = {};
-  w_t wq_raw[E], wk_raw[E];
+  // cos/sin widened once per token; the norm weights kept in their own dtype (as packed pairs on the packed path).
+  acc c[E] = {}, sn[E] = {};
   if (g.rotary) {
     const int64_t cos_row = b * p.cos_sb + s * p.cos_ss + g.j0;
-    vec::load(static_cast<const cs_t*>(p.cos) + cos_row, c_raw);
-    vec::load(static_cast<const cs_t*>(p.sin) + cos_row, s_raw);
+    vec::load_acc(static_cast<const cs_t*>(p.cos) + cos_row, c);
+    vec::load_acc(static_cast<const cs_t*>(p.sin) + cos_row, sn);
   }
+  w_t wq_raw[E], wk_raw[E];
   vec::load(static_cast<const w_t*>(p.q_weight) + g.j0, wq_raw);
   vec::load(static_cast<const w_t*>(p.k_weight) + g.j0, wk_raw);
   const in_t* q_in = row_ptr<in_t>(p.q, b, s) + g.j0;
@@ -139,16 +166,32 @@ __global__ void __launch_bounds__(kThreads, 4) qk_norm_rope_vec_kernel(const Par
         x[e] = static_cast<acc>(x_raw[u][e]);
         sumsq += mul_rn(x[e], x[e]);
       }
-      const acc rstd = rstd_of(vec::group_sum(sumsq, g.group), p.head_dim, p.eps);
-      acc y[E], c[E], sn[E], o[E];
+      const acc rstd = rstd_of(vec::group_sum(sumsq, g.group), p);
+      acc y[E], o[E];
+      if constexpr (kPackedNorm<Types>) {
+        using P = Pair16<in_t>;
+        typename P::type wire[E / 2];
 #pragma unroll
-      for (int e = 0; e < E; ++e) {
-        // Select values, not arrays: a conditional lvalue of two register arrays sends them to local memory.
-        y[e] = normed<Types>(x[e], rstd, is_q ? static_cast<acc>(wq_raw[e]) : static_cast<acc>(wk_raw[e]));
-        c[e] = static_cast<acc>(c_raw[e]);
-        sn[e] = static_cast<acc>(s_raw[e]);
+        for (int e = 0; e < E; e += 2) {
+          typename P::type wq2, wk2;
+          memcpy(&wq2, &wq_raw[e], sizeof(wq2));
+          memcpy(&wk2, &wk_raw[e], sizeof(wk2));
+          wire[e / 2] = __hmul2(P::pack(mul_rn(x[e], rstd), mul_rn(x[e + 1], rstd)), is_q ? wq2 : wk2);
+          const float2 yy = P::unpack(wire[e / 2]);
+          y[e] = yy.x;
+          y[e + 1] = yy.y;
+        }
+        in_t sent[E];
+        memcpy(sent, wire, sizeof(sent));
+        vec::rotate_lane_sent<false, kNeox>(g, p.rot_dim, y, c, sn, sent, o);
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          // Select values, not arrays: a conditional lvalue of two register arrays sends them to local memory.
+          y[e] = normed<Types>(x[e], rstd, is_q ? static_cast<acc>(wq_raw[e]) : static_cast<acc>(wk_raw[e]));
+        }
+        vec::rotate_lane<false, kNeox, typename Types::norm_t>(g, p.rot_dim, y, c, sn, o);  // y is norm_t-valued
       }
-      vec::rotate_lane<false, kNeox, typename Types::norm_t>(g, p.rot_dim, y, c, sn, o);  // y is norm_t-valued
       if (valid) {
         vec::store_acc(is_q ? q_out + row * p.q.out_sh : k_out + (row - p.q.heads) * p.k.out_sh, o);
       }
@@ -233,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 4) qk_norm_rope_backward_vec_kernel(
           sn[e] = static_cast<acc>(s_raw[e]);
           sumsq += mul_rn(x[e], x[e]);
         }
-        const acc rstd = rstd_of(vec::group_sum(sumsq, g.group), d, p.eps);
+        const acc rstd = rstd_of(vec::group_sum(sumsq, g.group), p);
         acc gy[E], n[E], dw[E], dot = 0;
         vec::rotate_lane<true, kNeox, acc>(g, p.rot_dim, gr, c, sn, gy);  // gy = rope^T(g)
 #pragma unroll
@@ -322,7 +365,7 @@ __device__ __forceinline__ typename Types::acc generic_rstd(const Params& p, con
     const acc v = static_cast<acc>(x[j]);
     sumsq += mul_rn(v, v);
   }
-  return rstd_of(warp_sum(sumsq), p.head_dim, p.eps);
+  return rstd_of(warp_sum(sumsq), p);
 }
 
 template <typename Types, bool kNeox>

@@ -85,10 +85,15 @@ __device__ __forceinline__ void store_acc(T* p, const acc (&in)[N]) {
 }
 
 // Sum over the G lanes of a group (G a power of two): xor offsets G/2 .. 1 stay inside the group. Every lane of the
-// warp must call it (the rows of idle lanes contribute zeros). The order is fixed, so results are reproducible.
+// warp must call it (the rows of idle lanes contribute zeros). Branch-free: all five butterfly steps run and those
+// at or past G add zero, so the shuffles need no divergence checks. The order is fixed: reproducible results.
 template <typename acc>
 __device__ __forceinline__ acc group_sum(acc v, int group) {
-  for (int offset = group >> 1; offset > 0; offset >>= 1) v += __shfl_xor_sync(kFullMask, v, offset);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const acc other = __shfl_xor_sync(kFullMask, v, offset);
+    v += offset < group ? other : acc(0);
+  }
   return v;
 }
 
@@ -137,20 +142,26 @@ struct LaneGeometry {
 // (2i, 2i+1) are inside the lane; elements at or past rot_dim pass through. Every lane of the warp must call it.
 // `Wire` is the type that crosses lanes: the forward's x may be exactly representable in a narrower type (a
 // normalised bf16 value), which halves the shuffles; the backward's products need acc.
+// The signs of rotate_half fold into the sin: with s' = -s in the first half and +s in the second, the forward is
+// o = x c + x_partner s' (o1 = x1 c1 - x2 s1, o2 = x2 c2 + x1 s2) and the backward sends g s' to the partner, which
+// adds it (o1 = g1 c1 + g2 s2, o2 = g2 c2 - g1 s1). Negating a factor negates the rounded product exactly.
+template <typename acc>
+__device__ __forceinline__ acc signed_sin(const LaneGeometry& g, acc s) {
+  return g.first_half ? -s : s;
+}
+
+// rotate_lane_sent takes the values to send ready-made (the forward of qk_norm_rope has its normalised values
+// packed as bf16 pairs already); rotate_lane makes them.
 template <bool kBackward, bool kNeox, typename Wire, typename acc, int E>
-__device__ __forceinline__ void rotate_lane(const LaneGeometry& g, int64_t rot_dim, const acc (&x)[E],
-                                            const acc (&c)[E], const acc (&s)[E], acc (&out)[E]) {
+__device__ __forceinline__ void rotate_lane_sent(const LaneGeometry& g, int64_t rot_dim, const acc (&x)[E],
+                                                 const acc (&c)[E], const acc (&s)[E], Wire (&sent)[E],
+                                                 acc (&out)[E]) {
   if constexpr (kNeox) {
-    Wire sent[E];
-#pragma unroll
-    for (int e = 0; e < E; ++e) sent[e] = static_cast<Wire>(kBackward ? mul_rn(x[e], s[e]) : x[e]);
     shuffle(sent, g.partner_lane);
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      const acc term = kBackward ? static_cast<acc>(sent[e]) : mul_rn(static_cast<acc>(sent[e]), s[e]);
-      // forward: o1 = x1 c1 - x2 s1, o2 = x2 c2 + x1 s2; backward: o1 = g1 c1 + g2 s2, o2 = g2 c2 - g1 s1
-      const acc signed_term = (g.first_half != kBackward) ? -term : term;
-      out[e] = g.rotary ? add_rn(mul_rn(x[e], c[e]), signed_term) : x[e];
+      const acc term = kBackward ? static_cast<acc>(sent[e]) : mul_rn(static_cast<acc>(sent[e]), signed_sin(g, s[e]));
+      out[e] = g.rotary ? add_rn(mul_rn(x[e], c[e]), term) : x[e];
     }
   } else {
 #pragma unroll
@@ -163,6 +174,17 @@ __device__ __forceinline__ void rotate_lane(const LaneGeometry& g, int64_t rot_d
       }
     }
   }
+}
+
+template <bool kBackward, bool kNeox, typename Wire, typename acc, int E>
+__device__ __forceinline__ void rotate_lane(const LaneGeometry& g, int64_t rot_dim, const acc (&x)[E],
+                                            const acc (&c)[E], const acc (&s)[E], acc (&out)[E]) {
+  Wire sent[E];
+  if constexpr (kNeox) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) sent[e] = static_cast<Wire>(kBackward ? mul_rn(x[e], signed_sin(g, s[e])) : x[e]);
+  }
+  rotate_lane_sent<kBackward, kNeox>(g, rot_dim, x, c, s, sent, out);
 }
 
 // How the rows of all tokens are dealt to warps (host-computed, passed by value).
