@@ -12,7 +12,7 @@
 #   memcheck     compute-sanitizer memcheck over benchmarks/sanitize_ops.py (every kernel once, tiny shapes)
 #   bench-qk     benchmarks/bench_qk_norm_rope.py (fwd B4 S4096 and B1 S32768, fwd+bwd, decode B64 S1)
 #   bench-rope   benchmarks/bench_rope.py (model-level cos/sin and apply_rope, B4 S4096)
-#   racecheck    compute-sanitizer racecheck over the same script
+#   racecheck    compute-sanitizer racecheck over the kernels with shared memory (qk_norm_rope backward + its sum)
 #   suite        the rest of tests/python (pytest -x, xdist when present)
 # and prints one final table (steps, then each performance target with its measured value) last.
 #
@@ -81,18 +81,18 @@ OP_TESTS="tests/python/test_cuda_kernels.py tests/python/test_apply_rope.py test
 tests/python/test_rope_table.py tests/python/test_opcheck_compile.py"
 [ -f tests/python/test_table_fidelity.py ] && OP_TESTS="$OP_TESTS tests/python/test_table_fidelity.py"
 # shellcheck disable=SC2086
-step op-tests 30 180 $PY -m pytest $OP_TESTS -x -q -p no:cacheprovider $XDIST
+step op-tests 30 150 $PY -m pytest $OP_TESTS -x -q -p no:cacheprovider $XDIST
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$SANITIZER" ]; then
     step memcheck 40 100 "$SANITIZER" --tool memcheck --error-exitcode 99 $PY benchmarks/sanitize_ops.py
 else
     printf "memcheck\tunavailable\t0\tcompute-sanitizer not found\n" >> "$SUMMARY"
 fi
-step bench-qk 60 170 $PY benchmarks/bench_qk_norm_rope.py --json "$OUT/bench_qk_norm_rope.json"
+step bench-qk 60 160 $PY benchmarks/bench_qk_norm_rope.py --json "$OUT/bench_qk_norm_rope.json"
 step bench-rope 40 100 $PY benchmarks/bench_rope.py --json "$OUT/bench_rope.json"
 if [ -x "$SANITIZER" ]; then
     step racecheck 40 100 "$SANITIZER" --tool racecheck --racecheck-report all --error-exitcode 99 \
-        $PY benchmarks/sanitize_ops.py
+        $PY benchmarks/sanitize_ops.py --shared-memory-only
 else
     printf "racecheck\tunavailable\t0\tcompute-sanitizer not found\n" >> "$SUMMARY"
 fi

@@ -19,6 +19,10 @@ def load(path):
         return None
 
 
+def num(v):
+    return "-" if v is None else f"{v:.1f}"
+
+
 def find(results, case_prefix, impl):
     for r in results or []:
         if r["case"].startswith(case_prefix) and r["impl"] == impl:
@@ -57,11 +61,11 @@ def main(out):
     else:
         target("qk_norm_rope fwd+bwd: >= 2x faster than torch.compile", None, "not measured")
     dec = find(qk, "decode", "ropekit")
-    if dec:
+    if dec and dec.get("kernels") is not None:
         target("decode B64 S1: one launch, <= 10 us device", dec["kernels"] == 1 and dec["profiled_us"] <= 10,
                f"{dec['kernels']:.0f} launch(es), {dec['profiled_us']:.1f} us (profiler), "
-               f"{dec['device_us']:.1f} us (L2 flushed), graph {dec.get('graph_us') or float('nan'):.1f} us, "
-               f"host {dec.get('host_us') or float('nan'):.1f} us")
+               f"{dec['device_us']:.1f} us (L2 flushed), graph {num(dec.get('graph_us'))} us, "
+               f"host {num(dec.get('host_us'))} us")
     else:
         target("decode B64 S1: one launch, <= 10 us device", None, "not measured")
     cs = find(rope, "cos/sin", "ropekit (patched module)")

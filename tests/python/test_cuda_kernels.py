@@ -208,9 +208,10 @@ def test_backward_memory_has_no_forward_outputs():
 def test_inplace_qkv_fast_and_generic_paths():
     q, k, qw, kw, cos, sin = make(batch=8, seq=3, heads=4, kv_heads=2, dtype=torch.bfloat16, device="cuda")
     v = torch.randn_like(k)
-    for make_qkv in (lambda t: t, unaligned):
+    for make_qkv, kernel in ((lambda t: t, "qk_norm_rope_vec_kernel"), (unaligned, "qk_norm_rope_generic_kernel")):
         qkv = make_qkv(torch.cat([q, k, v], -1))
         names, _ = cuda_kernels(lambda: ops.qk_norm_rope_qkv_(qkv, qw, kw, cos, sin, EPS, 4, 2))
+        assert len(names) == 1 and kernel in names[0], names
         ref_q, ref_k = ops.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
         torch.testing.assert_close(qkv[..., :512].unflatten(-1, (4, 128)), ref_q.transpose(1, 2), rtol=2 ** -7,
                                    atol=0)
@@ -252,10 +253,10 @@ def test_int64_offsets():
 def test_apply_rope_paths(dtype, cos_dtype, head_dim, rot_dim, is_neox, layout):
     q, k, cos, sin = make_inputs(batch=2, seq=33, heads=8, kv_heads=2, head_dim=head_dim, rot_dim=rot_dim,
                                  dtype=dtype, cos_dtype=cos_dtype, device="cuda", is_neox=is_neox, seed=21)
-    if layout == "unaligned":
-        q, k = unaligned(q), unaligned(k)
-    q, k = q.requires_grad_(), k.requires_grad_()
     gq, gk = torch.randn_like(q, dtype=cos_dtype or dtype), torch.randn_like(k, dtype=cos_dtype or dtype)
+    if layout == "unaligned":  # the backward's input (the gradients) too, so both directions take the generic path
+        q, k, gq, gk = unaligned(q), unaligned(k), unaligned(gq), unaligned(gk)
+    q, k = q.requires_grad_(), k.requires_grad_()
 
     def run():
         out = ops.apply_rope(q, k, cos, sin, is_neox=is_neox)
