@@ -132,3 +132,149 @@ def append_results(title, device, table, notes=""):
     with open(RESULTS, "a") as f:
         f.write(block)
     return block
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU method (DESIGN.md section 5): device medians with the L2 flushed, host-inclusive synchronous times, CUDA-graph
+# replay, per-kernel device times from the profiler, peak memory, and accuracy against float64.
+
+_L2_FLUSH = {}
+
+
+def flush_l2(device):
+    """Overwrite a buffer larger than any L2 (256 MiB), so the next call reads its inputs from device memory."""
+    buf = _L2_FLUSH.get(device)
+    if buf is None:
+        buf = _L2_FLUSH[device] = torch.empty(1 << 26, dtype=torch.int32, device=device)
+    buf.zero_()
+
+
+def bench_device(fn, device, warmup=5, reps=40):
+    """do_bench-style median device time in us: each rep flushes L2, then CUDA events around fn() alone.
+    On CPU: the median wall time (time_us)."""
+    if device.type != "cuda":
+        return time_us(fn, device, warmup=min(warmup, 3), iters=max(5, reps // 4))
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        flush_l2(device)
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+
+
+def bench_host(fn, device, warmup=5, reps=50):
+    """Median host-inclusive synchronous latency in us: synchronize, call, synchronize (what a caller waits)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        samples.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(samples)
+
+
+def bench_graph(fn, device, replays=200):
+    """Median time per CUDA-graph replay of fn in us (launch overhead gone), or (None, reason)."""
+    if device.type != "cuda":
+        return None, "not a CUDA device"
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        for _ in range(5):
+            graph.replay()
+        samples = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays // 5):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) * 1e3 / (replays // 5))
+        return statistics.median(samples), ""
+    except Exception as exc:  # a baseline that syncs or allocates in a way capture refuses
+        torch.cuda.synchronize(device)
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+
+
+def kernel_profile(fn, device, iters=5):
+    """Device time per call (us) and kernels per call from the profiler: (total_us, launches, {kernel: us})."""
+    if device.type != "cuda":
+        return None, None, {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize(device)
+    per_kernel = {}
+    launches = 0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.name.startswith("Memset"):
+            continue
+        per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.device_time / iters
+        launches += 1
+    return sum(per_kernel.values()), launches / iters, per_kernel
+
+
+def peak_memory(fn, device):
+    """Bytes allocated at the peak of fn() beyond what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    sync(device)
+    del result
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def rel_err(out, ref64):
+    out, ref64 = out.detach().double(), ref64.detach().double().to(out.device)
+    return ((out - ref64).norm() / ref64.norm()).item()
+
+
+def short_kernel(name, width=60):
+    name = name.split("(")[0]
+    for prefix in ("void ", "ropekit::", "(anonymous namespace)::"):
+        name = name.replace(prefix, "")
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def liger_source():
+    """Make Liger-Kernel importable from third_party/liger/src (git-ignored copy) if present; returns a note."""
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "third_party", "liger", "src")
+    if os.path.isdir(src) and src not in sys.path:
+        sys.path.insert(0, src)
+    try:
+        import liger_kernel  # noqa: F401
+
+        return "Liger-Kernel from " + (src if os.path.isdir(src) else "site-packages")
+    except Exception as exc:
+        return f"Liger-Kernel unavailable ({type(exc).__name__}: {exc})"
+
+
+def write_json(path, payload):
+    import json
+
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1, default=str)

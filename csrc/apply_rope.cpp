@@ -38,10 +38,11 @@ RopeOperand rope_operand(const at::Tensor& in, const at::Tensor& out, const at::
   op.out = out;
   op.heads = in_rows.size(2);
   op.in_ptr = in_rows.data_ptr();
-  op.out_ptr = out_rows.data_ptr();
   op.in_stride_b = in_rows.stride(0);
   op.in_stride_s = in_rows.stride(1);
   op.in_stride_h = in_rows.stride(2);
+  if (!out_rows.defined()) return op;  // read-only operand (out_ptr stays null)
+  op.out_ptr = out_rows.data_ptr();
   op.out_stride_b = out_rows.stride(0);
   op.out_stride_s = out_rows.stride(1);
   op.out_stride_h = out_rows.stride(2);
@@ -53,7 +54,7 @@ at::ScalarType apply_rope_out_dtype(at::ScalarType x_dtype, at::ScalarType cos_d
 }
 
 RopeArgs prepare_apply_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-                            int64_t unsqueeze_dim, at::ScalarType out_dtype) {
+                            int64_t unsqueeze_dim, at::ScalarType out_dtype, bool is_neox) {
   TORCH_CHECK(q.dim() == 4, "q: expected a 4-D tensor (batch, heads, seq, head_dim) or (batch, seq, heads, "
               "head_dim), got shape ", q.sizes());
   TORCH_CHECK(k.dim() == 4, "k: expected a 4-D tensor like q, got shape ", k.sizes());
@@ -91,6 +92,7 @@ RopeArgs prepare_apply_rope(const at::Tensor& q, const at::Tensor& k, const at::
   a.seq = seq;
   a.head_dim = head_dim;
   a.rot_dim = rot_dim;
+  a.is_neox = is_neox;
   a.cos = cos.stride(-1) == 1 ? cos : cos.contiguous();
   a.sin = sin.stride(-1) == 1 ? sin : sin.contiguous();
   if (a.cos.strides() != a.sin.strides()) {  // the kernels index both with one set of strides
@@ -105,19 +107,20 @@ RopeArgs prepare_apply_rope(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 RopeArgs prepare_apply_rope_backward(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& cos,
-                                     const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType q_dtype) {
+                                     const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType q_dtype,
+                                     bool is_neox) {
   TORCH_CHECK(is_rope_float(q_dtype), "q_dtype: expected float32, float16, bfloat16 or float64, got ", q_dtype);
   const auto expected = apply_rope_out_dtype(q_dtype, cos.scalar_type());
   TORCH_CHECK(grad_q.scalar_type() == expected, "grad_q: expected dtype ", expected, ", got ", grad_q.scalar_type());
   TORCH_CHECK(grad_k.scalar_type() == expected, "grad_k: expected dtype ", expected, ", got ", grad_k.scalar_type());
   TORCH_CHECK(cos.scalar_type() == q_dtype || cos.scalar_type() == at::kFloat, "cos: expected dtype ", q_dtype,
               " or float32, got ", cos.scalar_type());
-  return prepare_apply_rope(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype);
+  return prepare_apply_rope(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox);
 }
 
 namespace {
 
-template <typename Types, bool kBackward>
+template <typename Types, bool kBackward, bool kNeox>
 void rotate_operand_row(const RopeOperand& op, int64_t b, int64_t s, const RopeArgs& a,
                         const typename Types::acc* c, const typename Types::acc* sn) {
   using in_t = typename Types::in_t;
@@ -129,12 +132,13 @@ void rotate_operand_row(const RopeOperand& op, int64_t b, int64_t s, const RopeA
   for (int64_t h = 0; h < op.heads; ++h) {
     const in_t* x = in_base + h * op.in_stride_h;
     out_t* y = out_base + h * op.out_stride_h;
-    for (int64_t j = 0; j < half; ++j) {
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t j1 = pair_first<kNeox>(i, half), j2 = pair_second<kNeox>(i, half);
       acc o1, o2;
-      rotate_pair<kBackward, acc>(static_cast<acc>(x[j]), static_cast<acc>(x[j + half]), c[j], c[j + half], sn[j],
-                                  sn[j + half], o1, o2);
-      y[j] = static_cast<out_t>(o1);
-      y[j + half] = static_cast<out_t>(o2);
+      rotate_pair<kBackward, acc>(static_cast<acc>(x[j1]), static_cast<acc>(x[j2]), c[j1], c[j2], sn[j1], sn[j2],
+                                  o1, o2);
+      y[j1] = static_cast<out_t>(o1);
+      y[j2] = static_cast<out_t>(o2);
     }
     for (int64_t j = a.rot_dim; j < a.head_dim; ++j) y[j] = static_cast<out_t>(static_cast<acc>(x[j]));
   }
@@ -142,8 +146,10 @@ void rotate_operand_row(const RopeOperand& op, int64_t b, int64_t s, const RopeA
 
 template <bool kBackward>
 void apply_rope_cpu_impl(const RopeArgs& a, at::ScalarType x_dtype) {
-  if (a.batch * a.seq == 0) return;
+  if (a.batch * a.seq * (a.q.heads + a.k.heads) * a.head_dim == 0) return;
   dispatch_rope_types<kBackward>(x_dtype, a.cos.scalar_type(), [&](auto types) {
+   dispatch_rope_style(a.is_neox, [&](auto neox) {
+    constexpr bool kNeox = decltype(neox)::value;
     using Types = decltype(types);
     using cs_t = typename Types::cs_t;
     using acc = typename Types::acc;
@@ -161,27 +167,29 @@ void apply_rope_cpu_impl(const RopeArgs& a, at::ScalarType x_dtype) {
           c[j] = static_cast<acc>(cr[j]);
           sn[j] = static_cast<acc>(sr[j]);
         }
-        rotate_operand_row<Types, kBackward>(a.q, b, s, a, c.data(), sn.data());
-        rotate_operand_row<Types, kBackward>(a.k, b, s, a, c.data(), sn.data());
+        rotate_operand_row<Types, kBackward, kNeox>(a.q, b, s, a, c.data(), sn.data());
+        rotate_operand_row<Types, kBackward, kNeox>(a.k, b, s, a, c.data(), sn.data());
       }
     });
+   });
   });
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                                  const at::Tensor& sin, int64_t unsqueeze_dim) {
+                                                  const at::Tensor& sin, int64_t unsqueeze_dim, bool is_neox) {
   RopeArgs a = prepare_apply_rope(q, k, cos, sin, unsqueeze_dim,
-                                  apply_rope_out_dtype(q.scalar_type(), cos.scalar_type()));
+                                  apply_rope_out_dtype(q.scalar_type(), cos.scalar_type()), is_neox);
   apply_rope_cpu_impl<false>(a, q.scalar_type());
   return {a.q.out, a.k.out};
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_backward_cpu(const at::Tensor& grad_q, const at::Tensor& grad_k,
                                                            const at::Tensor& cos, const at::Tensor& sin,
-                                                           int64_t unsqueeze_dim, at::ScalarType q_dtype) {
-  RopeArgs a = prepare_apply_rope_backward(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype);
+                                                           int64_t unsqueeze_dim, at::ScalarType q_dtype,
+                                                           bool is_neox) {
+  RopeArgs a = prepare_apply_rope_backward(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox);
   apply_rope_cpu_impl<true>(a, q_dtype);
   return {a.q.out, a.k.out};
 }
@@ -192,34 +200,39 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_backward_cpu(const at::Tensor& gra
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> call_apply_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                                   const at::Tensor& sin, int64_t unsqueeze_dim) {
+                                                   const at::Tensor& sin, int64_t unsqueeze_dim, bool is_neox) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("ropekit::apply_rope", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const at::Tensor&, int64_t)>();
-  return op.call(q, k, cos, sin, unsqueeze_dim);
+                                                                 const at::Tensor&, const at::Tensor&, int64_t,
+                                                                 bool)>();
+  return op.call(q, k, cos, sin, unsqueeze_dim, is_neox);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_apply_rope_backward(const at::Tensor& grad_q, const at::Tensor& grad_k,
                                                             const at::Tensor& cos, const at::Tensor& sin,
-                                                            int64_t unsqueeze_dim, at::ScalarType q_dtype) {
+                                                            int64_t unsqueeze_dim, at::ScalarType q_dtype,
+                                                            bool is_neox) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("ropekit::apply_rope_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                  const at::Tensor&, const at::Tensor&, int64_t,
-                                                                 at::ScalarType)>();
-  return op.call(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype);
+                                                                 at::ScalarType, bool)>();
+  return op.call(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox);
 }
 
 // d(out)/d(cos) and d(out)/d(sin), reduced over heads (and over the batch when cos broadcasts). Only runs when
 // cos/sin require grad, which transformers' no_grad rotary embedding never does.
 std::tuple<at::Tensor, at::Tensor> cos_sin_grads(const at::Tensor& x, const at::Tensor& g, const at::Tensor& cos,
-                                                 int64_t unsqueeze_dim) {
+                                                 int64_t unsqueeze_dim, bool is_neox) {
   const int64_t rot = cos.size(-1), half = rot / 2;
   const auto acc_dtype = at::promote_types(g.scalar_type(), at::kFloat);
   const at::Tensor xr = x.narrow(-1, 0, rot).to(acc_dtype);
   const at::Tensor gr = g.narrow(-1, 0, rot).to(acc_dtype);
-  const at::Tensor rotated = at::cat({-xr.narrow(-1, half, half), xr.narrow(-1, 0, half)}, -1);
+  // rotate_half(x) = cat(-x2, x1) (neox) or rotate_half_llm(x) = stack((-x[1::2], x[0::2]), -1).flatten(-2)
+  const at::Tensor rotated =
+      is_neox ? at::cat({-xr.narrow(-1, half, half), xr.narrow(-1, 0, half)}, -1)
+              : at::stack({-xr.slice(-1, 1, rot, 2), xr.slice(-1, 0, rot, 2)}, -1).flatten(-2);
   at::Tensor gc = (gr * xr).sum(unsqueeze_dim);
   at::Tensor gs = (gr * rotated).sum(unsqueeze_dim);
   if (cos.size(0) == 1 && gc.size(0) != 1) {
@@ -233,14 +246,15 @@ class ApplyRopeFunction : public torch::autograd::Function<ApplyRopeFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
                                                 const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-                                                int64_t unsqueeze_dim) {
+                                                int64_t unsqueeze_dim, bool is_neox) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [q_out, k_out] = call_apply_rope(q, k, cos, sin, unsqueeze_dim);
+    auto [q_out, k_out] = call_apply_rope(q, k, cos, sin, unsqueeze_dim, is_neox);
     const bool need_table_grad = cos.requires_grad() || sin.requires_grad();
     // q and k are saved only for cos/sin gradients; out-of-place, so nothing saved is ever mutated here.
     ctx->save_for_backward({cos, sin, need_table_grad ? q : at::Tensor(), need_table_grad ? k : at::Tensor()});
     ctx->saved_data["unsqueeze_dim"] = unsqueeze_dim < 0 ? unsqueeze_dim + 4 : unsqueeze_dim;
     ctx->saved_data["q_dtype"] = static_cast<int64_t>(q.scalar_type());
+    ctx->saved_data["is_neox"] = is_neox;
     return {q_out, k_out};
   }
 
@@ -250,19 +264,20 @@ class ApplyRopeFunction : public torch::autograd::Function<ApplyRopeFunction> {
     const at::Tensor &cos = saved[0], &sin = saved[1], &q = saved[2], &k = saved[3];
     const int64_t unsqueeze_dim = ctx->saved_data["unsqueeze_dim"].toInt();
     const auto q_dtype = static_cast<at::ScalarType>(ctx->saved_data["q_dtype"].toInt());
+    const bool is_neox = ctx->saved_data["is_neox"].toBool();
     // Undefined output gradients arrive materialised as zeros (the Function default).
     const at::Tensor &gq = grads[0], &gk = grads[1];
     at::Tensor dq, dk, dcos, dsin;
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
-      std::tie(dq, dk) = call_apply_rope_backward(gq, gk, cos, sin, unsqueeze_dim, q_dtype);
+      std::tie(dq, dk) = call_apply_rope_backward(gq, gk, cos, sin, unsqueeze_dim, q_dtype, is_neox);
     }
     if (ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) {
-      auto [cq, sq] = cos_sin_grads(q, gq, cos, unsqueeze_dim);
-      auto [ck, sk] = cos_sin_grads(k, gk, cos, unsqueeze_dim);
+      auto [cq, sq] = cos_sin_grads(q, gq, cos, unsqueeze_dim, is_neox);
+      auto [ck, sk] = cos_sin_grads(k, gk, cos, unsqueeze_dim, is_neox);
       dcos = (cq + ck).to(cos.scalar_type());
       dsin = (sq + sk).to(sin.scalar_type());
     }
-    return {dq, dk, dcos, dsin, at::Tensor()};
+    return {dq, dk, dcos, dsin, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -270,8 +285,8 @@ class ApplyRopeFunction : public torch::autograd::Function<ApplyRopeFunction> {
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_autograd(const at::Tensor& q, const at::Tensor& k,
                                                        const at::Tensor& cos, const at::Tensor& sin,
-                                                       int64_t unsqueeze_dim) {
-  auto out = ApplyRopeFunction::apply(q, k, cos, sin, unsqueeze_dim);
+                                                       int64_t unsqueeze_dim, bool is_neox) {
+  auto out = ApplyRopeFunction::apply(q, k, cos, sin, unsqueeze_dim, is_neox);
   return {out[0], out[1]};
 }
 

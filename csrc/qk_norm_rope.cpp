@@ -5,7 +5,11 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 
+#include <ATen/MemoryOverlap.h>
+
+#include <algorithm>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 namespace ropekit {
@@ -21,7 +25,9 @@ at::Tensor as_heads(const at::Tensor& x, int64_t head_dim, const char* name) {
               "head_dim), got shape ", x.sizes());
   at::Tensor v = x;
   if (x.dim() == 3) {
-    TORCH_CHECK(head_dim > 0 && x.size(2) % head_dim == 0, name, ": last dimension ", x.size(2),
+    TORCH_CHECK(head_dim > 0, name, ": head_dim is 0 (the norm weights are empty), so a flat (batch, seq, "
+                "heads*head_dim) tensor does not say how many heads it has; pass (batch, seq, heads, 0)");
+    TORCH_CHECK(x.size(2) % head_dim == 0, name, ": last dimension ", x.size(2),
                 " is not a multiple of head_dim ", head_dim, " (the norm weight's length)");
     v = x.stride(2) == 1 ? x.unflatten(2, {x.size(2) / head_dim, head_dim})
                          : x.contiguous().unflatten(2, {x.size(2) / head_dim, head_dim});
@@ -31,8 +37,26 @@ at::Tensor as_heads(const at::Tensor& x, int64_t head_dim, const char* name) {
   return v.stride(3) == 1 ? v : v.contiguous();
 }
 
+// `out_heads` may be undefined (the backward's view of q / k, which writes nothing there).
 RopeOperand make_norm_operand(const at::Tensor& x_heads, const at::Tensor& out_heads) {
   return rope_operand(x_heads, out_heads, x_heads, out_heads);
+}
+
+// True when no two indices of `t` address one element: with the dims of size > 1 ordered by stride, each stride
+// passes the farthest offset the smaller dims reach. (Sufficient; every real qkv buffer, dense or a slice of a
+// wider one, satisfies it. An expanded tensor, with a 0 stride, does not.)
+bool non_overlapping(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return false;
+    reach += (size - 1) * stride;
+  }
+  return true;
 }
 
 void check_common(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight, const at::Tensor& k_weight,
@@ -95,7 +119,7 @@ at::ScalarType qk_norm_rope_out_dtype(at::ScalarType x, at::ScalarType weight, a
 
 NormRopeArgs prepare_qk_norm_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight,
                                   const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin,
-                                  double eps, bool zero_centered) {
+                                  double eps, bool zero_centered, bool is_neox, bool with_outputs) {
   check_common(q, k, q_weight, k_weight, cos, sin, eps);
   const int64_t head_dim = q_weight.size(0);
   const at::Tensor qh = as_heads(q, head_dim, "q"), kh = as_heads(k, head_dim, "k");
@@ -108,12 +132,15 @@ NormRopeArgs prepare_qk_norm_rope(const at::Tensor& q, const at::Tensor& k, cons
   a.head_dim = head_dim;
   a.eps = eps;
   a.zero_centered = zero_centered;
+  a.is_neox = is_neox;
   set_cos_sin(a, cos, sin, batch, seq, head_dim);
-  const auto out_dtype = qk_norm_rope_out_dtype(q.scalar_type(), q_weight.scalar_type(), cos.scalar_type(),
-                                                zero_centered);
-  const auto out_opts = qh.options().dtype(out_dtype);
-  a.q = make_norm_operand(qh, at::empty({batch, seq, qh.size(2), head_dim}, out_opts));
-  a.k = make_norm_operand(kh, at::empty({batch, seq, kh.size(2), head_dim}, out_opts));
+  a.out_dtype = qk_norm_rope_out_dtype(q.scalar_type(), q_weight.scalar_type(), cos.scalar_type(), zero_centered);
+  const auto out_opts = qh.options().dtype(a.out_dtype);
+  auto outputs = [&](const at::Tensor& rows) {
+    return with_outputs ? at::empty({batch, seq, rows.size(2), head_dim}, out_opts) : at::Tensor();
+  };
+  a.q = make_norm_operand(qh, outputs(qh));
+  a.k = make_norm_operand(kh, outputs(kh));
   a.q_weight = q_weight.contiguous();
   a.k_weight = k_weight.contiguous();
   return a;
@@ -121,7 +148,7 @@ NormRopeArgs prepare_qk_norm_rope(const at::Tensor& q, const at::Tensor& k, cons
 
 NormRopeArgs prepare_qk_norm_rope_qkv(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
                                       const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t num_q_heads,
-                                      int64_t num_kv_heads, bool zero_centered) {
+                                      int64_t num_kv_heads, bool zero_centered, bool is_neox) {
   TORCH_CHECK(qkv.dim() == 3, "qkv: expected a packed (batch, seq, (q_heads + 2*kv_heads) * head_dim) tensor, got "
               "shape ", qkv.sizes());
   check_common(qkv, qkv, q_weight, k_weight, cos, sin, eps);
@@ -130,7 +157,16 @@ NormRopeArgs prepare_qk_norm_rope_qkv(const at::Tensor& qkv, const at::Tensor& q
   const int64_t head_dim = q_weight.size(0);
   TORCH_CHECK(qkv.size(2) == (num_q_heads + 2 * num_kv_heads) * head_dim, "qkv: last dimension ", qkv.size(2),
               " != (num_q_heads + 2*num_kv_heads) * head_dim = ", (num_q_heads + 2 * num_kv_heads) * head_dim);
-  TORCH_CHECK(qkv.stride(2) == 1, "qkv: expected a contiguous last dimension to rotate in place");
+  TORCH_CHECK(qkv.stride(2) == 1 || qkv.numel() == 0, "qkv: expected a contiguous last dimension to rotate in place");
+  TORCH_CHECK(non_overlapping(qkv), "qkv: the in-place op writes every element once, so qkv must not overlap "
+              "itself, but its strides ", qkv.strides(), " for shape ", qkv.sizes(), " map several indices to one "
+              "element (an expanded or overlapping view?); pass a tensor with its own storage, e.g. qkv.contiguous()");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q_weight", q_weight},
+                                {"k_weight", k_weight}, {"cos", cos}, {"sin", sin}}) {
+    const auto status = at::get_overlap_status(qkv, t);
+    TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, "qkv: shares memory "
+                "with ", name, ", which the in-place op would overwrite while reading it; pass a copy of ", name);
+  }
   TORCH_CHECK(q_weight.scalar_type() == qkv.scalar_type() && cos.scalar_type() == qkv.scalar_type(),
               "qkv: the in-place op needs q_weight, k_weight, cos and sin in qkv's dtype (", qkv.scalar_type(),
               ") so the result fits back in place; got weight ", q_weight.scalar_type(), " and cos ",
@@ -143,6 +179,8 @@ NormRopeArgs prepare_qk_norm_rope_qkv(const at::Tensor& qkv, const at::Tensor& q
   a.head_dim = head_dim;
   a.eps = eps;
   a.zero_centered = zero_centered;
+  a.is_neox = is_neox;
+  a.out_dtype = qkv.scalar_type();
   set_cos_sin(a, cos, sin, a.batch, a.seq, head_dim);
   a.q = make_norm_operand(qh, qh);
   a.k = make_norm_operand(kh, kh);
@@ -153,7 +191,7 @@ NormRopeArgs prepare_qk_norm_rope_qkv(const at::Tensor& qkv, const at::Tensor& q
 
 NormRopeArgs prepare_qk_norm_rope_backward_grads(const NormRopeArgs& fwd, const at::Tensor& grad_q,
                                                 const at::Tensor& grad_k) {
-  const auto out_dtype = fwd.q.out.scalar_type();
+  const auto out_dtype = fwd.out_dtype;
   NormRopeArgs g = fwd;
   auto operand = [&](const at::Tensor& grad, const RopeOperand& x_op, const char* name) {
     TORCH_CHECK(grad.scalar_type() == out_dtype, name, ": expected the forward output dtype ", out_dtype, ", got ",
@@ -204,7 +242,7 @@ struct RowMath {
 };
 
 // Rows of tokens [begin, end): normalise then rotate; `out_t` results written to the operand's output.
-template <typename Types>
+template <typename Types, bool kNeox>
 void norm_rope_rows(const NormRopeArgs& a, const RopeOperand& op, const at::Tensor& weight, int64_t b, int64_t s,
                     const typename Types::acc* c, const typename Types::acc* sn, typename Types::acc* y) {
   using in_t = typename Types::in_t;
@@ -218,11 +256,12 @@ void norm_rope_rows(const NormRopeArgs& a, const RopeOperand& op, const at::Tens
     for (int64_t j = 0; j < d; ++j) y[j] = static_cast<acc>(x[j]);
     const acc r = RowMath<Types>::rstd(y, d, a.eps);
     for (int64_t j = 0; j < d; ++j) y[j] = normed<Types>(y[j], r, static_cast<acc>(w[j]));
-    for (int64_t j = 0; j < half; ++j) {
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t j1 = pair_first<kNeox>(i, half), j2 = pair_second<kNeox>(i, half);
       acc o1, o2;
-      rotate_pair<false, acc>(y[j], y[j + half], c[j], c[j + half], sn[j], sn[j + half], o1, o2);
-      o[j] = static_cast<out_t>(o1);
-      o[j + half] = static_cast<out_t>(o2);
+      rotate_pair<false, acc>(y[j1], y[j2], c[j1], c[j2], sn[j1], sn[j2], o1, o2);
+      o[j1] = static_cast<out_t>(o1);
+      o[j2] = static_cast<out_t>(o2);
     }
     for (int64_t j = a.rot_dim; j < d; ++j) o[j] = static_cast<out_t>(y[j]);
   }
@@ -233,7 +272,7 @@ void for_each_token(const NormRopeArgs& a, Body&& body) {
   using acc = typename Types::acc;
   using cs_t = typename Types::cs_t;
   const int64_t tokens = a.batch * a.seq;
-  if (tokens == 0) return;
+  if (tokens * (a.q.heads + a.k.heads) * a.head_dim == 0) return;
   const int64_t work = (a.q.heads + a.k.heads) * a.head_dim;
   at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(work, 1)), [&](int64_t lo, int64_t hi) {
     std::vector<acc> c(a.rot_dim), sn(a.rot_dim), scratch(a.head_dim);
@@ -254,10 +293,13 @@ void for_each_token(const NormRopeArgs& a, Body&& body) {
 void qk_norm_rope_cpu_impl(const NormRopeArgs& a) {
   dispatch_norm_rope_types(a.q.in.scalar_type(), a.q_weight.scalar_type(), a.cos.scalar_type(), a.zero_centered,
                            [&](auto types) {
-    using Types = decltype(types);
-    for_each_token<Types>(a, [&](int64_t b, int64_t s, const auto* c, const auto* sn, auto* y) {
-      norm_rope_rows<Types>(a, a.q, a.q_weight, b, s, c, sn, y);
-      norm_rope_rows<Types>(a, a.k, a.k_weight, b, s, c, sn, y);
+    dispatch_rope_style(a.is_neox, [&](auto neox) {
+      using Types = decltype(types);
+      constexpr bool kNeox = decltype(neox)::value;
+      for_each_token<Types>(a, [&](int64_t b, int64_t s, const auto* c, const auto* sn, auto* y) {
+        norm_rope_rows<Types, kNeox>(a, a.q, a.q_weight, b, s, c, sn, y);
+        norm_rope_rows<Types, kNeox>(a, a.k, a.k_weight, b, s, c, sn, y);
+      });
     });
   });
 }
@@ -267,17 +309,17 @@ void qk_norm_rope_cpu_impl(const NormRopeArgs& a) {
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cpu(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& q_weight, const at::Tensor& k_weight,
                                                     const at::Tensor& cos, const at::Tensor& sin, double eps,
-                                                    bool zero_centered) {
-  NormRopeArgs a = prepare_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
+                                                    bool zero_centered, bool is_neox) {
+  NormRopeArgs a = prepare_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, zero_centered, is_neox, true);
   qk_norm_rope_cpu_impl(a);
   return {a.q.out.transpose(1, 2), a.k.out.transpose(1, 2)};
 }
 
 void qk_norm_rope_qkv_cpu(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
                           const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t num_q_heads,
-                          int64_t num_kv_heads, bool zero_centered) {
-  qk_norm_rope_cpu_impl(
-      prepare_qk_norm_rope_qkv(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads, zero_centered));
+                          int64_t num_kv_heads, bool zero_centered, bool is_neox) {
+  qk_norm_rope_cpu_impl(prepare_qk_norm_rope_qkv(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads,
+                                                 zero_centered, is_neox));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -289,7 +331,7 @@ namespace {
 
 constexpr int64_t kWeightGradChunk = 64;  // tokens per partial weight-gradient sum
 
-template <typename Types>
+template <typename Types, bool kNeox>
 void norm_rope_backward_rows(const NormRopeArgs& a, const RopeOperand& grad, const RopeOperand& x_op,
                              const at::Tensor& weight, int64_t b, int64_t s, const typename Types::acc* c,
                              const typename Types::acc* sn, typename Types::acc* buf, typename Types::acc* dw) {
@@ -309,9 +351,10 @@ void norm_rope_backward_rows(const NormRopeArgs& a, const RopeOperand& grad, con
     for (int64_t j = 0; j < d; ++j) n[j] = static_cast<acc>(x[j]);
     const acc r = RowMath<Types>::rstd(n, d, a.eps);
     for (int64_t j = 0; j < d; ++j) n[j] = mul_rn(n[j], r);
-    for (int64_t j = 0; j < half; ++j) {
-      rotate_pair<true, acc>(static_cast<acc>(g[j]), static_cast<acc>(g[j + half]), c[j], c[j + half], sn[j],
-                             sn[j + half], gy[j], gy[j + half]);
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t j1 = pair_first<kNeox>(i, half), j2 = pair_second<kNeox>(i, half);
+      rotate_pair<true, acc>(static_cast<acc>(g[j1]), static_cast<acc>(g[j2]), c[j1], c[j2], sn[j1], sn[j2], gy[j1],
+                             gy[j2]);
     }
     for (int64_t j = a.rot_dim; j < d; ++j) gy[j] = static_cast<acc>(g[j]);
     for (int64_t j = 0; j < d; ++j) {
@@ -334,8 +377,9 @@ void norm_rope_backward_rows(const NormRopeArgs& a, const RopeOperand& grad, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
     const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin, double eps,
-    bool zero_centered) {
-  NormRopeArgs a = prepare_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
+    bool zero_centered, bool is_neox) {
+  // Reads q and k as the forward did; allocates only dq, dk and the weight-gradient partials.
+  NormRopeArgs a = prepare_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, zero_centered, is_neox, false);
   const NormRopeArgs g = prepare_qk_norm_rope_backward_grads(a, grad_q, grad_k);
   const RopeOperand &gq = g.q, &gk = g.k;
   const int64_t tokens = a.batch * a.seq, d = a.head_dim;
@@ -344,9 +388,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward
   at::Tensor dwq_parts = at::zeros({std::max<int64_t>(chunks, 1), d}, q.options().dtype(acc_dtype));
   at::Tensor dwk_parts = at::zeros_like(dwq_parts);
 
-  dispatch_norm_rope_types(q.scalar_type(), q_weight.scalar_type(), cos.scalar_type(), zero_centered,
-                           [&](auto types) {
+  if (d > 0 && a.q.heads + a.k.heads > 0) dispatch_norm_rope_types(q.scalar_type(), q_weight.scalar_type(),
+                                                                    cos.scalar_type(), zero_centered, [&](auto types) {
+   dispatch_rope_style(is_neox, [&](auto neox) {
     using Types = decltype(types);
+    constexpr bool kNeox = decltype(neox)::value;
     using acc = typename Types::acc;
     using cs_t = typename Types::cs_t;
     at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
@@ -363,11 +409,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward
             c[j] = static_cast<acc>(cos_p[row + j]);
             sn[j] = static_cast<acc>(sin_p[row + j]);
           }
-          norm_rope_backward_rows<Types>(a, gq, a.q, a.q_weight, b, s, c.data(), sn.data(), buf.data(), dwq);
-          norm_rope_backward_rows<Types>(a, gk, a.k, a.k_weight, b, s, c.data(), sn.data(), buf.data(), dwk);
+          norm_rope_backward_rows<Types, kNeox>(a, gq, a.q, a.q_weight, b, s, c.data(), sn.data(), buf.data(),
+                                                dwq);
+          norm_rope_backward_rows<Types, kNeox>(a, gk, a.k, a.k_weight, b, s, c.data(), sn.data(), buf.data(),
+                                                dwk);
         }
       }
     });
+   });
   });
   // Ordered sum over chunks (sum over dim 0 of a contiguous tensor reduces in a fixed order on CPU).
   auto finish = [&](const at::Tensor& parts, const at::Tensor& w) { return parts.sum(0).to(w.scalar_type()); };
@@ -388,7 +437,7 @@ class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> 
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
                                                 const at::Tensor& k, const at::Tensor& q_weight,
                                                 const at::Tensor& k_weight, const at::Tensor& cos,
-                                                const at::Tensor& sin, double eps, bool zero_centered) {
+                                                const at::Tensor& sin, double eps, bool zero_centered, bool is_neox) {
     TORCH_CHECK(!(cos.requires_grad() || sin.requires_grad()),
                 "ropekit.qk_norm_rope: cos/sin require grad, but the fused op differentiates q, k and the norm "
                 "weights only (transformers builds cos/sin under no_grad); use norm + apply_rope for cos/sin grads");
@@ -398,12 +447,13 @@ class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> 
                          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                    const at::Tensor&, const at::Tensor&,
                                                                    const at::Tensor&, const at::Tensor&, double,
-                                                                   bool)>();
-    auto [q_out, k_out] = op.call(q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
+                                                                   bool, bool)>();
+    auto [q_out, k_out] = op.call(q, k, q_weight, k_weight, cos, sin, eps, zero_centered, is_neox);
     // Saves the raw inputs (the op never mutates them); the norm statistics are recomputed in the backward.
     ctx->save_for_backward({q, k, q_weight, k_weight, cos, sin});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["zero_centered"] = zero_centered;
+    ctx->saved_data["is_neox"] = is_neox;
     return {q_out, k_out};
   }
 
@@ -414,10 +464,11 @@ class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> 
                          .findSchemaOrThrow("ropekit::qk_norm_rope_backward", "")
                          .typed<FourTensors(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&, double, bool)>();
+                                            const at::Tensor&, const at::Tensor&, double, bool, bool)>();
     auto [dq, dk, dwq, dwk] = op.call(grads[0], grads[1], s[0], s[1], s[2], s[3], s[4], s[5],
-                                      ctx->saved_data["eps"].toDouble(), ctx->saved_data["zero_centered"].toBool());
-    return {dq, dk, dwq, dwk, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+                                      ctx->saved_data["eps"].toDouble(), ctx->saved_data["zero_centered"].toBool(),
+                                      ctx->saved_data["is_neox"].toBool());
+    return {dq, dk, dwq, dwk, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -426,8 +477,8 @@ class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> 
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_autograd(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& q_weight, const at::Tensor& k_weight,
                                                          const at::Tensor& cos, const at::Tensor& sin, double eps,
-                                                         bool zero_centered) {
-  auto out = QkNormRopeFunction::apply(q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
+                                                         bool zero_centered, bool is_neox) {
+  auto out = QkNormRopeFunction::apply(q, k, q_weight, k_weight, cos, sin, eps, zero_centered, is_neox);
   return {out[0], out[1]};
 }
 

@@ -22,6 +22,8 @@ struct NormRopeArgs {
   int64_t cos_stride_b = 0, cos_stride_s = 0;
   double eps = 1e-6;
   bool zero_centered = false;  // Qwen3.5: x * rstd * (1 + w), one rounding
+  bool is_neox = true;         // rotate_half pairs (j, j + R/2), or GPT-J pairs (2i, 2i + 1)
+  at::ScalarType out_dtype = at::kFloat;  // qk_norm_rope_out_dtype(...)
 };
 
 // dtype of the normalised activations: Qwen3 computes weight * norm(x).to(x.dtype) in promote(weight, x);
@@ -31,9 +33,11 @@ at::ScalarType qk_norm_dtype(at::ScalarType x, at::ScalarType weight, bool zero_
 at::ScalarType qk_norm_rope_out_dtype(at::ScalarType x, at::ScalarType weight, at::ScalarType cos,
                                       bool zero_centered);
 
+// Validates the arguments. With `with_outputs`, allocates the (B, S, H, D) result storage (the forward); without,
+// the operands' `out` stays undefined (the backward reads q and k and never needs the forward's outputs).
 NormRopeArgs prepare_qk_norm_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q_weight,
                                   const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin,
-                                  double eps, bool zero_centered);
+                                  double eps, bool zero_centered, bool is_neox, bool with_outputs);
 
 // The backward's operands: they read the output gradients (B, H, S, D) as (B, S, H, D) rows and write dq / dk in
 // the (B, S, H, D) shape of q / k's rows.
@@ -43,38 +47,38 @@ NormRopeArgs prepare_qk_norm_rope_backward_grads(const NormRopeArgs& fwd, const 
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cpu(const at::Tensor& q, const at::Tensor& k,
                                                     const at::Tensor& q_weight, const at::Tensor& k_weight,
                                                     const at::Tensor& cos, const at::Tensor& sin, double eps,
-                                                    bool zero_centered);
+                                                    bool zero_centered, bool is_neox = true);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
     const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin, double eps,
-    bool zero_centered);
+    bool zero_centered, bool is_neox = true);
 void qk_norm_rope_qkv_cpu(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
                           const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t num_q_heads,
-                          int64_t num_kv_heads, bool zero_centered);
+                          int64_t num_kv_heads, bool zero_centered, bool is_neox = true);
 #ifdef ROPEKIT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cuda(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& q_weight, const at::Tensor& k_weight,
                                                      const at::Tensor& cos, const at::Tensor& sin, double eps,
-                                                     bool zero_centered);
+                                                     bool zero_centered, bool is_neox = true);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cuda(
     const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin, double eps,
-    bool zero_centered);
+    bool zero_centered, bool is_neox = true);
 void qk_norm_rope_qkv_cuda(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
                            const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t num_q_heads,
-                           int64_t num_kv_heads, bool zero_centered);
+                           int64_t num_kv_heads, bool zero_centered, bool is_neox = true);
 #endif
 
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_autograd(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& q_weight, const at::Tensor& k_weight,
                                                          const at::Tensor& cos, const at::Tensor& sin, double eps,
-                                                         bool zero_centered);
+                                                         bool zero_centered, bool is_neox = true);
 
 // In-place variant: the views of a packed (B, S, (Hq + 2*Hkv) * D) qkv buffer as q and k operands writing onto
 // themselves. Requires the weights and cos/sin in qkv's dtype so the result fits back in place.
 NormRopeArgs prepare_qk_norm_rope_qkv(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
                                       const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t num_q_heads,
-                                      int64_t num_kv_heads, bool zero_centered);
+                                      int64_t num_kv_heads, bool zero_centered, bool is_neox);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Types and per-element math shared by the CPU and CUDA kernels.

@@ -49,23 +49,24 @@ TensorPair rope_cache_autograd(const at::Tensor& inv_freq, int64_t max_position,
 TensorPair rope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                                  const at::Tensor& position_ids, at::ScalarType dtype,
                                  const std::optional<at::Tensor>& inv_freq, double attention_scaling,
-                                 const std::optional<at::Tensor>& table_inv_freq) {
+                                 const std::optional<at::Tensor>& table_inv_freq, bool is_neox) {
   const at::Tensor f = inv_freq.value_or(at::Tensor());
   const at::Tensor tf = table_inv_freq.value_or(at::Tensor());
   forbid_grad("rope_cos_sin", {{"cos_cache", &cos_cache}, {"sin_cache", &sin_cache}, {"inv_freq", &f},
                                {"table_inv_freq", &tf}});
   static auto op = op_handle<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
-                                        const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&)>(
-      "ropekit::rope_cos_sin");
+                                        const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&,
+                                        bool)>("ropekit::rope_cos_sin");
   return below_autograd([&] {
-    return op.call(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling, table_inv_freq);
+    return op.call(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling, table_inv_freq, is_neox);
   });
 }
 
 TensorPair mrope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                                   const at::Tensor& position_ids, c10::IntArrayRef mrope_section,
                                   at::ScalarType dtype, const std::optional<at::Tensor>& inv_freq,
-                                  double attention_scaling, const std::optional<at::Tensor>& table_inv_freq) {
+                                  double attention_scaling, const std::optional<at::Tensor>& table_inv_freq,
+                                  bool mrope_interleaved, bool is_neox) {
   const at::Tensor f = inv_freq.value_or(at::Tensor());
   const at::Tensor tf = table_inv_freq.value_or(at::Tensor());
   forbid_grad("mrope_cos_sin", {{"cos_cache", &cos_cache}, {"sin_cache", &sin_cache}, {"inv_freq", &f},
@@ -73,21 +74,22 @@ TensorPair mrope_cos_sin_autograd(const at::Tensor& cos_cache, const at::Tensor&
   static auto op =
       op_handle<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
                            at::ScalarType, const std::optional<at::Tensor>&, double,
-                           const std::optional<at::Tensor>&)>("ropekit::mrope_cos_sin");
+                           const std::optional<at::Tensor>&, bool, bool)>("ropekit::mrope_cos_sin");
   return below_autograd([&] {
     return op.call(cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq, attention_scaling,
-                   table_inv_freq);
+                   table_inv_freq, mrope_interleaved, is_neox);
   });
 }
 
 // The backward ops are not differentiable again (double backward / create_graph=True): say so.
 TensorPair apply_rope_backward_autograd(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& cos,
-                                        const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType q_dtype) {
+                                        const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType q_dtype,
+                                        bool is_neox) {
   forbid_grad("apply_rope_backward (double backward)", {{"grad_q", &grad_q}, {"grad_k", &grad_k}, {"cos", &cos},
                                                         {"sin", &sin}});
   static auto op = op_handle<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        int64_t, at::ScalarType)>("ropekit::apply_rope_backward");
-  return below_autograd([&] { return op.call(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype); });
+                                        int64_t, at::ScalarType, bool)>("ropekit::apply_rope_backward");
+  return below_autograd([&] { return op.call(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox); });
 }
 
 using TensorQuad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -95,27 +97,28 @@ using TensorQuad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 TensorQuad qk_norm_rope_backward_autograd(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q,
                                           const at::Tensor& k, const at::Tensor& q_weight, const at::Tensor& k_weight,
                                           const at::Tensor& cos, const at::Tensor& sin, double eps,
-                                          bool zero_centered) {
+                                          bool zero_centered, bool is_neox) {
   forbid_grad("qk_norm_rope_backward (double backward)",
               {{"grad_q", &grad_q}, {"grad_k", &grad_k}, {"q", &q}, {"k", &k}, {"q_weight", &q_weight},
                {"k_weight", &k_weight}});
   static auto op = op_handle<TensorQuad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        double, bool)>("ropekit::qk_norm_rope_backward");
+                                        double, bool, bool)>("ropekit::qk_norm_rope_backward");
   return below_autograd([&] {
-    return op.call(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, zero_centered);
+    return op.call(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, zero_centered, is_neox);
   });
 }
 
 // Inference only: it overwrites q and k inside qkv, which autograd could not undo.
 void qk_norm_rope_qkv_autograd(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
                                const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t num_q_heads,
-                               int64_t num_kv_heads, bool zero_centered) {
+                               int64_t num_kv_heads, bool zero_centered, bool is_neox) {
   forbid_grad("qk_norm_rope_qkv_", {{"qkv", &qkv}, {"q_weight", &q_weight}, {"k_weight", &k_weight}});
   static auto op = op_handle<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                  const at::Tensor&, double, int64_t, int64_t, bool)>("ropekit::qk_norm_rope_qkv_");
+                                  const at::Tensor&, double, int64_t, int64_t, bool, bool)>(
+      "ropekit::qk_norm_rope_qkv_");
   below_autograd([&] {
-    op.call(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads, zero_centered);
+    op.call(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads, zero_centered, is_neox);
     return 0;
   });
   torch::autograd::impl::bump_version(qkv);  // readers of qkv see that it changed
@@ -125,18 +128,19 @@ template <TensorPair (*Gather)(const GatherArgs&)>
 TensorPair rope_cos_sin_impl(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                              const at::Tensor& position_ids, at::ScalarType dtype,
                              const std::optional<at::Tensor>& inv_freq, double attention_scaling,
-                             const std::optional<at::Tensor>& table_inv_freq) {
+                             const std::optional<at::Tensor>& table_inv_freq, bool is_neox) {
   return Gather(check_rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling,
-                                   table_inv_freq));
+                                   table_inv_freq, is_neox));
 }
 
 template <TensorPair (*Gather)(const GatherArgs&)>
 TensorPair mrope_cos_sin_impl(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                               const at::Tensor& position_ids, c10::IntArrayRef mrope_section, at::ScalarType dtype,
                               const std::optional<at::Tensor>& inv_freq, double attention_scaling,
-                              const std::optional<at::Tensor>& table_inv_freq) {
+                              const std::optional<at::Tensor>& table_inv_freq, bool mrope_interleaved,
+                              bool is_neox) {
   return Gather(check_mrope_cos_sin(cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq,
-                                    attention_scaling, table_inv_freq));
+                                    attention_scaling, table_inv_freq, mrope_interleaved, is_neox));
 }
 
 }  // namespace
@@ -146,15 +150,18 @@ TORCH_LIBRARY(ropekit, m) {
   m.def("rope_cache(Tensor inv_freq, int max_position, float attention_scaling=1.0) -> (Tensor cos, Tensor sin)");
   m.def(
       "rope_cos_sin(Tensor cos_cache, Tensor sin_cache, Tensor position_ids, ScalarType dtype, "
-      "Tensor? inv_freq=None, float attention_scaling=1.0, Tensor? table_inv_freq=None) -> (Tensor cos, Tensor sin)");
+      "Tensor? inv_freq=None, float attention_scaling=1.0, Tensor? table_inv_freq=None, bool is_neox=True) -> "
+      "(Tensor cos, Tensor sin)");
   m.def(
       "mrope_cos_sin(Tensor cos_cache, Tensor sin_cache, Tensor position_ids, int[] mrope_section, "
-      "ScalarType dtype, Tensor? inv_freq=None, float attention_scaling=1.0, Tensor? table_inv_freq=None) -> "
-      "(Tensor cos, Tensor sin)");
-  m.def("apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin, int unsqueeze_dim=1) -> (Tensor q_out, Tensor k_out)");
+      "ScalarType dtype, Tensor? inv_freq=None, float attention_scaling=1.0, Tensor? table_inv_freq=None, "
+      "bool mrope_interleaved=True, bool is_neox=True) -> (Tensor cos, Tensor sin)");
+  m.def(
+      "apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin, int unsqueeze_dim=1, bool is_neox=True) -> "
+      "(Tensor q_out, Tensor k_out)");
   m.def(
       "apply_rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, int unsqueeze_dim, "
-      "ScalarType q_dtype) -> (Tensor grad_q_in, Tensor grad_k_in)");
+      "ScalarType q_dtype, bool is_neox=True) -> (Tensor grad_q_in, Tensor grad_k_in)");
   m.def(
       "rope_index(Tensor input_ids, Tensor? image_grid_thw, Tensor? video_grid_thw, Tensor? attention_mask, "
       "Tensor? mm_token_type_ids, int spatial_merge_size, int image_token_id, int video_token_id, "
@@ -173,14 +180,14 @@ TORCH_LIBRARY(ropekit, m) {
       "str algorithm) -> (Tensor position_ids, Tensor deltas)");
   m.def(
       "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
-      "bool zero_centered=False) -> (Tensor q_out, Tensor k_out)");
+      "bool zero_centered=False, bool is_neox=True) -> (Tensor q_out, Tensor k_out)");
   m.def(
       "qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, "
-      "Tensor cos, Tensor sin, float eps, bool zero_centered) -> (Tensor dq, Tensor dk, Tensor dq_weight, "
-      "Tensor dk_weight)");
+      "Tensor cos, Tensor sin, float eps, bool zero_centered, bool is_neox=True) -> (Tensor dq, Tensor dk, "
+      "Tensor dq_weight, Tensor dk_weight)");
   m.def(
       "qk_norm_rope_qkv_(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
-      "int num_q_heads, int num_kv_heads, bool zero_centered=False) -> ()");
+      "int num_q_heads, int num_kv_heads, bool zero_centered=False, bool is_neox=True) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(ropekit, CPU, m) {

@@ -94,8 +94,9 @@ void set_2d_positions(GatherArgs& a, const at::Tensor& p) {
 GatherArgs check_rope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                               const at::Tensor& position_ids, at::ScalarType dtype,
                               const std::optional<at::Tensor>& inv_freq, double attention_scaling,
-                              const std::optional<at::Tensor>& table_inv_freq) {
+                              const std::optional<at::Tensor>& table_inv_freq, bool is_neox) {
   GatherArgs a = make_args(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling, table_inv_freq);
+  a.is_neox = is_neox;
   TORCH_CHECK(position_ids.dim() == 2, "position_ids: expected a 2-D (batch, seq) tensor, got shape ",
               position_ids.sizes());
   set_2d_positions(a, position_ids);
@@ -105,12 +106,18 @@ GatherArgs check_rope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& sin
 GatherArgs check_mrope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                                const at::Tensor& position_ids, c10::IntArrayRef mrope_section,
                                at::ScalarType dtype, const std::optional<at::Tensor>& inv_freq,
-                               double attention_scaling, const std::optional<at::Tensor>& table_inv_freq) {
+                               double attention_scaling, const std::optional<at::Tensor>& table_inv_freq,
+                               bool mrope_interleaved, bool is_neox) {
   GatherArgs a = make_args(cos_cache, sin_cache, position_ids, dtype, inv_freq, attention_scaling, table_inv_freq);
+  a.is_neox = is_neox;
   TORCH_CHECK(mrope_section.size() == 3, "mrope_section: expected 3 entries [t, h, w], got ", mrope_section);
   for (int64_t s : mrope_section) {
     TORCH_CHECK(s >= 0, "mrope_section: expected non-negative entries, got ", mrope_section);
   }
+  TORCH_CHECK(mrope_interleaved || mrope_section[0] + mrope_section[1] + mrope_section[2] == a.half(),
+              "mrope_section: sectioned mRoPE (mrope_interleaved=False) splits the ", a.half(),
+              " frequencies of the table into consecutive [t, h, w] chunks, so the entries must sum to ", a.half(),
+              ", got ", mrope_section);
   if (position_ids.dim() == 2) {
     // (batch, seq): every axis is the text position, as 4.57 expands it. Plain 1-D RoPE.
     set_2d_positions(a, position_ids);
@@ -125,10 +132,7 @@ GatherArgs check_mrope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& si
   a.stride_axis = position_ids.stride(0);
   a.stride_batch = position_ids.stride(1);
   a.stride_seq = position_ids.stride(2);
-  if (a.axes == 3) {
-    a.section_h = mrope_section[1];
-    a.section_w = mrope_section[2];
-  }
+  if (a.axes == 3) a.mrope = MropeLayout{mrope_section[0], mrope_section[1], mrope_section[2], mrope_interleaved};
   return a;
 }
 
@@ -182,7 +186,7 @@ bool table_is_current(const GatherArgs& a) {
 }
 
 // `rows`: how many table rows may be served (0 when the table is stale).
-template <typename out_t, typename index_t>
+template <typename out_t, typename index_t, bool kNeox>
 void gather_cpu_kernel(const GatherArgs& a, int64_t rows, const ExtraRows& extra, at::Tensor& cos_out,
                        at::Tensor& sin_out) {
   const int64_t half = a.half();
@@ -209,20 +213,20 @@ void gather_cpu_kernel(const GatherArgs& a, int64_t rows, const ExtraRows& extra
       const int64_t p2 = a.axes == 3 ? int64_t(tok[2 * a.stride_axis]) : p0;
       out_t* c = cos_dst + n * 2 * half;
       out_t* sn = sin_dst + n * 2 * half;
+      auto put = [&](int64_t j, float cv, float sv) {
+        c[freq_column<kNeox>(j, half, 0)] = c[freq_column<kNeox>(j, half, 1)] = static_cast<out_t>(cv);
+        sn[freq_column<kNeox>(j, half, 0)] = sn[freq_column<kNeox>(j, half, 1)] = static_cast<out_t>(sv);
+      };
       if (p0 == p1 && p0 == p2) {  // text token: one table row
         const float* cr = row_of(cos_tab, cos_ext, p0);
         const float* sr = row_of(sin_tab, sin_ext, p0);
-        for (int64_t j = 0; j < half; ++j) {
-          c[j] = c[j + half] = static_cast<out_t>(cr[j]);
-          sn[j] = sn[j + half] = static_cast<out_t>(sr[j]);
-        }
+        for (int64_t j = 0; j < half; ++j) put(j, cr[j], sr[j]);
         continue;
       }
       const int64_t p[3] = {p0, p1, p2};
       for (int64_t j = 0; j < half; ++j) {
-        const int64_t pj = p[mrope_axis(j, a.section_h, a.section_w)];
-        c[j] = c[j + half] = static_cast<out_t>(row_of(cos_tab, cos_ext, pj)[j]);
-        sn[j] = sn[j + half] = static_cast<out_t>(row_of(sin_tab, sin_ext, pj)[j]);
+        const int64_t pj = p[mrope_axis(j, a.mrope)];
+        put(j, row_of(cos_tab, cos_ext, pj)[j], row_of(sin_tab, sin_ext, pj)[j]);
       }
     }
   });
@@ -267,7 +271,9 @@ std::tuple<at::Tensor, at::Tensor> gather_cos_sin_cpu(const GatherArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "ropekit_gather_cos_sin_cpu", [&] {
     using out_t = scalar_t;
     AT_DISPATCH_INDEX_TYPES(a.positions.scalar_type(), "ropekit_gather_cos_sin_cpu", [&] {
-      gather_cpu_kernel<out_t, index_t>(a, rows, extra, cos_out, sin_out);
+      dispatch_rope_style(a.is_neox, [&](auto neox) {
+        gather_cpu_kernel<out_t, index_t, decltype(neox)::value>(a, rows, extra, cos_out, sin_out);
+      });
     });
   });
   return {cos_out, sin_out};

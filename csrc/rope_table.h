@@ -1,6 +1,8 @@
 // cos/sin tables: build once in fp32, gather by position (1-D RoPE and Qwen3-VL interleaved mRoPE).
 #pragma once
 
+#include "rope_common.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
@@ -17,7 +19,8 @@ struct GatherArgs {
   at::Tensor positions;  // int32 or int64, any strides
   int64_t axes = 1, batch = 0, seq = 0;
   int64_t stride_axis = 0, stride_batch = 0, stride_seq = 0;
-  int64_t section_h = 0, section_w = 0;  // mRoPE interleaving; both 0 for 1-D RoPE
+  MropeLayout mrope;     // which axis each frequency reads; the default (all on axis 0) is 1-D RoPE
+  bool is_neox = true;   // output layout: cat((f, f)) (neox) or repeat_interleave(2) (GPT-J, GLM-4V)
   at::Tensor inv_freq;  // [half] float32 or undefined; defined => rows outside the table (past its end, or negative
                         // positions) are computed exactly; undefined => such positions are an error
   at::Tensor table_inv_freq;  // [half] float32 or undefined: the frequencies the table was built from. Where
@@ -33,11 +36,14 @@ struct GatherArgs {
 GatherArgs check_rope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                               const at::Tensor& position_ids, at::ScalarType dtype,
                               const std::optional<at::Tensor>& inv_freq, double attention_scaling,
-                              const std::optional<at::Tensor>& table_inv_freq);
+                              const std::optional<at::Tensor>& table_inv_freq, bool is_neox);
+// mrope_interleaved: Qwen3-VL's interleaved frequencies (true) or Qwen2-VL / GLM-4V's consecutive sections (false,
+// which needs sum(mrope_section) == the table's columns).
 GatherArgs check_mrope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& sin_cache,
                                const at::Tensor& position_ids, c10::IntArrayRef mrope_section,
                                at::ScalarType dtype, const std::optional<at::Tensor>& inv_freq,
-                               double attention_scaling, const std::optional<at::Tensor>& table_inv_freq);
+                               double attention_scaling, const std::optional<at::Tensor>& table_inv_freq,
+                               bool mrope_interleaved, bool is_neox);
 
 // Rows [start, end) of the table, with the same fp32 ops as transformers' rotary forward:
 // cos[p, j] = cos(fl32(inv_freq[j] * float(p))) * attention_scaling. Runs on inv_freq's device.

@@ -1,7 +1,14 @@
-// apply_rope on CUDA: one block per token. The block stages the token's cos/sin row in shared memory once and
-// reuses it for every q and k head, so cos/sin are read once per token rather than once per head.
+// apply_rope on CUDA, forward and backward (the backward is the transposed rotation of the output gradients).
+//
+// Fast path (rows that split into 16-byte lanes, see rope_vec.cuh): G = D / E lanes per row; a warp takes one token
+// (or a part of its rows when there are few tokens), loads its lanes' cos/sin once, then walks the token's q and k
+// rows 32 / G at a time with kUnroll iterations of 16-byte loads in flight. The rotate-half partner comes across by
+// shuffle; GPT-J pairs sit inside a lane.
+// Generic path (fp64, head_dim or rotary dim that do not split into 16-byte lanes, unaligned views): one thread per
+// rotary pair or pass-through element, cos/sin read from global memory (no shared memory, so any rotary dim works).
+// The host picks the path once per call.
 #include "../apply_rope.h"
-#include "../rope_common.h"
+#include "rope_vec.cuh"
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -11,94 +18,180 @@
 namespace ropekit {
 namespace {
 
-struct OperandParams {
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kUnroll = 4;
+constexpr int kGenericThreads = 256;
+
+struct Operand {
   const void* in;
   void* out;
-  int64_t heads;
-  int64_t in_stride_b, in_stride_s, in_stride_h;
-  int64_t out_stride_b, out_stride_s, out_stride_h;
+  int heads;
+  int64_t in_sb, in_ss, in_sh;
+  int64_t out_sb, out_ss, out_sh;
 };
 
-struct RopeParams {
-  OperandParams q, k;
-  int64_t batch, seq, head_dim, rot_dim;
-  int64_t cos_stride_b, cos_stride_s;
+struct Params {
+  Operand q, k;
+  const void* cos;
+  const void* sin;
+  int64_t seq, tokens, cos_sb, cos_ss;
+  int head_dim, rot_dim;
 };
 
-OperandParams to_params(const RopeOperand& op) {
-  return {op.in_ptr,       op.out_ptr,      op.heads,        op.in_stride_b, op.in_stride_s,
-          op.in_stride_h,  op.out_stride_b, op.out_stride_s, op.out_stride_h};
+Operand make_operand(const RopeOperand& op) {
+  return {op.in_ptr,       op.out_ptr,      static_cast<int>(op.heads), op.in_stride_b, op.in_stride_s,
+          op.in_stride_h,  op.out_stride_b, op.out_stride_s,            op.out_stride_h};
 }
 
-// Work items per head: rot_dim/2 rotary pairs, then head_dim - rot_dim pass-through elements.
-template <typename Types, bool kBackward>
-__device__ __forceinline__ void rope_item(const OperandParams& op, int64_t b, int64_t s, int64_t head,
-                                          int64_t item, int64_t half, int64_t rot_dim,
-                                          const typename Types::acc* c, const typename Types::acc* sn) {
+Params make_params(const RopeArgs& a) {
+  return {make_operand(a.q),  make_operand(a.k), a.cos.data_ptr(), a.sin.data_ptr(), a.seq, a.batch * a.seq,
+          a.cos_stride_b,     a.cos_stride_s,    static_cast<int>(a.head_dim), static_cast<int>(a.rot_dim)};
+}
+
+template <typename Types, bool kBackward, bool kNeox>
+__global__ void __launch_bounds__(kThreads, 4) apply_rope_vec_kernel(const Params p, const vec::Schedule sch) {
   using in_t = typename Types::in_t;
+  using cs_t = typename Types::cs_t;
   using out_t = typename Types::out_t;
   using acc = typename Types::acc;
-  const in_t* x = static_cast<const in_t*>(op.in) + b * op.in_stride_b + s * op.in_stride_s + head * op.in_stride_h;
-  out_t* y = static_cast<out_t*>(op.out) + b * op.out_stride_b + s * op.out_stride_s + head * op.out_stride_h;
-  if (item < half) {
-    acc o1, o2;
-    rotate_pair<kBackward, acc>(static_cast<acc>(x[item]), static_cast<acc>(x[item + half]), c[item],
-                                c[item + half], sn[item], sn[item + half], o1, o2);
-    y[item] = static_cast<out_t>(o1);
-    y[item + half] = static_cast<out_t>(o2);
-  } else {
-    const int64_t j = rot_dim + (item - half);
-    y[j] = static_cast<out_t>(static_cast<acc>(x[j]));
+  constexpr int E = vec::elems_per_lane<in_t, out_t>();
+  // The forward sends x across lanes, exact in its own dtype; the backward sends products g*sin, which need acc.
+  using Wire = std::conditional_t<kBackward, acc, in_t>;
+
+  const int64_t item = (int64_t(blockIdx.x) * kThreads + threadIdx.x) / 32;
+  if (item >= sch.items) return;  // warp-uniform
+  const vec::LaneGeometry g(threadIdx.x % 32, sch.group, E, p.rot_dim);
+  const vec::WarpWork w = vec::warp_work(item, sch.parts, sch.iters_per_part, sch.iters_per_token);
+  const int64_t b = w.token / p.seq, s = w.token - b * p.seq;
+
+  cs_t c_raw[E] = {}, s_raw[E] = {};
+  if (g.rotary) {
+    const int64_t cos_row = b * p.cos_sb + s * p.cos_ss + g.j0;
+    vec::load(static_cast<const cs_t*>(p.cos) + cos_row, c_raw);
+    vec::load(static_cast<const cs_t*>(p.sin) + cos_row, s_raw);
+  }
+  const in_t* q_in = static_cast<const in_t*>(p.q.in) + b * p.q.in_sb + s * p.q.in_ss + g.j0;
+  const in_t* k_in = static_cast<const in_t*>(p.k.in) + b * p.k.in_sb + s * p.k.in_ss + g.j0;
+  out_t* q_out = static_cast<out_t*>(p.q.out) + b * p.q.out_sb + s * p.q.out_ss + g.j0;
+  out_t* k_out = static_cast<out_t*>(p.k.out) + b * p.k.out_sb + s * p.k.out_ss + g.j0;
+  const int rows = p.q.heads + p.k.heads;
+
+  for (int it = w.it_begin; it < w.it_end; it += kUnroll) {
+    in_t x_raw[kUnroll][E];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int row = (it + u) * g.rows_per_warp + g.slot;
+      if (it + u < w.it_end && row < rows) {
+        vec::load(row < p.q.heads ? q_in + row * p.q.in_sh : k_in + (row - p.q.heads) * p.k.in_sh, x_raw[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; ++e) x_raw[u][e] = in_t(0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int row = (it + u) * g.rows_per_warp + g.slot;
+      acc x[E], c[E], sn[E], o[E];
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        x[e] = static_cast<acc>(x_raw[u][e]);
+        c[e] = static_cast<acc>(c_raw[e]);
+        sn[e] = static_cast<acc>(s_raw[e]);
+      }
+      vec::rotate_lane<kBackward, kNeox, Wire>(g, p.rot_dim, x, c, sn, o);
+      if (it + u < w.it_end && row < rows) {
+        vec::store_acc(row < p.q.heads ? q_out + row * p.q.out_sh : k_out + (row - p.q.heads) * p.k.out_sh, o);
+      }
+    }
   }
 }
 
-template <typename Types, bool kBackward>
-__global__ void apply_rope_kernel(RopeParams p, const typename Types::cs_t* __restrict__ cos,
-                                  const typename Types::cs_t* __restrict__ sin) {
+// Generic path: thread i handles item i % items_per_head of row i / items_per_head, an item being a rotary pair
+// (first R/2 items) or a pass-through element.
+template <typename Types, bool kBackward, bool kNeox>
+__global__ void apply_rope_generic_kernel(const Params p, int64_t total_items) {
+  using in_t = typename Types::in_t;
+  using cs_t = typename Types::cs_t;
+  using out_t = typename Types::out_t;
   using acc = typename Types::acc;
-  extern __shared__ unsigned char smem_raw[];
-  acc* c = reinterpret_cast<acc*>(smem_raw);
-  acc* sn = c + p.rot_dim;
-  const int64_t half = p.rot_dim / 2;
-  const int64_t items_per_head = half + (p.head_dim - p.rot_dim);
-  const int64_t q_items = p.q.heads * items_per_head;
-  const int64_t total_items = (p.q.heads + p.k.heads) * items_per_head;
-
-  for (int64_t token = blockIdx.x; token < p.batch * p.seq; token += gridDim.x) {
-    const int64_t b = token / p.seq, s = token % p.seq;
-    const int64_t row = b * p.cos_stride_b + s * p.cos_stride_s;
-    for (int64_t j = threadIdx.x; j < p.rot_dim; j += blockDim.x) {
-      c[j] = static_cast<acc>(cos[row + j]);
-      sn[j] = static_cast<acc>(sin[row + j]);
+  const int half = p.rot_dim / 2;
+  const int items_per_head = half + (p.head_dim - p.rot_dim);
+  const int rows = p.q.heads + p.k.heads;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total_items;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = i / items_per_head;
+    const int item = static_cast<int>(i - row * items_per_head);
+    const int64_t token = row / rows;
+    const int h = static_cast<int>(row - token * rows);
+    const int64_t b = token / p.seq, s = token - b * p.seq;
+    const bool is_q = h < p.q.heads;
+    const Operand& op = is_q ? p.q : p.k;
+    const int head = is_q ? h : h - p.q.heads;
+    const in_t* x = static_cast<const in_t*>(op.in) + b * op.in_sb + s * op.in_ss + head * op.in_sh;
+    out_t* y = static_cast<out_t*>(op.out) + b * op.out_sb + s * op.out_ss + head * op.out_sh;
+    if (item < half) {
+      const int64_t cos_row = b * p.cos_sb + s * p.cos_ss;
+      const cs_t* c = static_cast<const cs_t*>(p.cos) + cos_row;
+      const cs_t* sn = static_cast<const cs_t*>(p.sin) + cos_row;
+      const int j1 = pair_first<kNeox>(item, half), j2 = pair_second<kNeox>(item, half);
+      acc o1, o2;
+      rotate_pair<kBackward, acc>(static_cast<acc>(x[j1]), static_cast<acc>(x[j2]), static_cast<acc>(c[j1]),
+                                  static_cast<acc>(c[j2]), static_cast<acc>(sn[j1]), static_cast<acc>(sn[j2]), o1,
+                                  o2);
+      y[j1] = static_cast<out_t>(o1);
+      y[j2] = static_cast<out_t>(o2);
+    } else {
+      const int j = p.rot_dim + (item - half);
+      y[j] = static_cast<out_t>(static_cast<acc>(x[j]));
     }
-    __syncthreads();
-    for (int64_t i = threadIdx.x; i < total_items; i += blockDim.x) {
-      const bool is_q = i < q_items;
-      const int64_t local = is_q ? i : i - q_items;
-      rope_item<Types, kBackward>(is_q ? p.q : p.k, b, s, local / items_per_head, local % items_per_head, half,
-                                  p.rot_dim, c, sn);
-    }
-    __syncthreads();  // the next token overwrites the staged row
   }
+}
+
+bool operand_aligned(const RopeOperand& op, int64_t in_size, int64_t out_size) {
+  return aligned_16(op.in_ptr) && strides_aligned_16({op.in_stride_b, op.in_stride_s, op.in_stride_h}, in_size) &&
+         aligned_16(op.out_ptr) && strides_aligned_16({op.out_stride_b, op.out_stride_s, op.out_stride_h}, out_size);
+}
+
+// Lanes per row of the fast path, or 0 for the generic path.
+int vector_group(const RopeArgs& a, at::ScalarType in_dtype, at::ScalarType out_dtype) {
+  if (in_dtype == at::kDouble || out_dtype == at::kDouble) return 0;
+  const int64_t in_size = c10::elementSize(in_dtype), out_size = c10::elementSize(out_dtype);
+  const int elems = static_cast<int>(vec::kVecBytes / std::min(in_size, out_size));
+  const int group = lanes_per_row(a.head_dim, elems);
+  if (group == 0 || !rotary_vectorizable(a.rot_dim, elems, a.is_neox)) return 0;
+  if (!aligned_16(a.cos.data_ptr()) || !aligned_16(a.sin.data_ptr()) ||
+      !strides_aligned_16({a.cos_stride_b, a.cos_stride_s}, a.cos.element_size())) {
+    return 0;
+  }
+  return operand_aligned(a.q, in_size, out_size) && operand_aligned(a.k, in_size, out_size) ? group : 0;
 }
 
 template <bool kBackward>
 void launch_apply_rope(const RopeArgs& a, at::ScalarType x_dtype) {
-  const int64_t tokens = a.batch * a.seq;
-  if (tokens == 0) return;
+  const int64_t tokens = a.batch * a.seq, rows = tokens * (a.q.heads + a.k.heads);
+  if (rows == 0 || a.head_dim == 0) return;
   const c10::cuda::CUDAGuard guard(a.cos.device());
-  RopeParams p{to_params(a.q), to_params(a.k), a.batch, a.seq, a.head_dim, a.rot_dim, a.cos_stride_b,
-               a.cos_stride_s};
-  const int64_t items = (a.q.heads + a.k.heads) * (a.rot_dim / 2 + a.head_dim - a.rot_dim);
-  const int threads = static_cast<int>(std::min<int64_t>(256, std::max<int64_t>(32, (items + 31) / 32 * 32)));
-  const int64_t blocks = std::min<int64_t>(tokens, int64_t{1} << 20);
   auto stream = at::cuda::getCurrentCUDAStream();
+  const Params p = make_params(a);
+  const int group = vector_group(a, a.q.in.scalar_type(), a.q.out.scalar_type());
   dispatch_rope_types<kBackward>(x_dtype, a.cos.scalar_type(), [&](auto types) {
-    using Types = decltype(types);
-    using cs_t = typename Types::cs_t;
-    const size_t smem = 2 * a.rot_dim * sizeof(typename Types::acc);
-    apply_rope_kernel<Types, kBackward><<<blocks, threads, smem, stream>>>(p, a.cos.template data_ptr<cs_t>(),
-                                                                           a.sin.template data_ptr<cs_t>());
+    dispatch_rope_style(a.is_neox, [&](auto neox) {
+      using Types = decltype(types);
+      constexpr bool kNeox = decltype(neox)::value;
+      if constexpr (!std::is_same_v<typename Types::acc, double>) {
+        if (group > 0) {
+          const vec::Schedule sch = make_schedule(tokens, a.q.heads + a.k.heads, group,
+                                                  at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+          const int64_t blocks = (sch.items + kWarps - 1) / kWarps;
+          apply_rope_vec_kernel<Types, kBackward, kNeox><<<blocks, kThreads, 0, stream>>>(p, sch);
+          return;
+        }
+      }
+      const int64_t items = rows * (a.rot_dim / 2 + a.head_dim - a.rot_dim);
+      const int64_t blocks = std::min<int64_t>((items + kGenericThreads - 1) / kGenericThreads, int64_t{1} << 20);
+      apply_rope_generic_kernel<Types, kBackward, kNeox><<<blocks, kGenericThreads, 0, stream>>>(p, items);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -107,17 +200,18 @@ void launch_apply_rope(const RopeArgs& a, at::ScalarType x_dtype) {
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_cuda(const at::Tensor& q, const at::Tensor& k,
                                                    const at::Tensor& cos, const at::Tensor& sin,
-                                                   int64_t unsqueeze_dim) {
+                                                   int64_t unsqueeze_dim, bool is_neox) {
   RopeArgs a = prepare_apply_rope(q, k, cos, sin, unsqueeze_dim,
-                                  apply_rope_out_dtype(q.scalar_type(), cos.scalar_type()));
+                                  apply_rope_out_dtype(q.scalar_type(), cos.scalar_type()), is_neox);
   launch_apply_rope<false>(a, q.scalar_type());
   return {a.q.out, a.k.out};
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_backward_cuda(const at::Tensor& grad_q, const at::Tensor& grad_k,
                                                             const at::Tensor& cos, const at::Tensor& sin,
-                                                            int64_t unsqueeze_dim, at::ScalarType q_dtype) {
-  RopeArgs a = prepare_apply_rope_backward(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype);
+                                                            int64_t unsqueeze_dim, at::ScalarType q_dtype,
+                                                            bool is_neox) {
+  RopeArgs a = prepare_apply_rope_backward(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox);
   launch_apply_rope<true>(a, q_dtype);
   return {a.q.out, a.k.out};
 }

@@ -40,8 +40,16 @@ def rope_cos_sin(
     inv_freq: torch.Tensor | None = None,
     attention_scaling: float = 1.0,
     table_inv_freq: torch.Tensor | None = None,
+    *,
+    is_neox: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather transformers-layout cos/sin ``(B, S, 2*half)`` of ``dtype`` for ``position_ids`` ``(B, S)``.
+
+    ``cos_cache`` / ``sin_cache`` are the float32 ``[P, half]`` tables of :func:`rope_cache`; ``position_ids`` is
+    int64 or int32. ``is_neox=True`` duplicates each frequency's value as transformers' ``cat((freqs, freqs), -1)``
+    (columns ``j`` and ``j + half``, Qwen / Llama); ``is_neox=False`` as ``repeat_interleave(2, -1)`` (columns
+    ``2j`` and ``2j + 1``, GLM-4V's GPT-J layout for :func:`apply_rope` with ``is_neox=False``). The values are
+    bit-identical to transformers' rotary forward.
 
     A position outside the table (past its end, or negative: transformers produces negative positions for padding
     slots after adding negative mRoPE deltas) is an error unless ``inv_freq`` (any float dtype, read as float32
@@ -56,7 +64,7 @@ def rope_cos_sin(
     host sync). Not differentiable.
     """
     return _ops.rope_cos_sin(cos_cache, sin_cache, position_ids, dtype, inv_freq, float(attention_scaling),
-                             table_inv_freq)
+                             table_inv_freq, bool(is_neox))
 
 
 def mrope_cos_sin(
@@ -68,30 +76,58 @@ def mrope_cos_sin(
     inv_freq: torch.Tensor | None = None,
     attention_scaling: float = 1.0,
     table_inv_freq: torch.Tensor | None = None,
+    *,
+    mrope_interleaved: bool = True,
+    is_neox: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen3-VL interleaved mRoPE cos/sin ``(B, S, 2*half)``.
+    """Multimodal-RoPE cos/sin ``(B, S, 2*half)``: each frequency reads the position of one axis.
 
     ``position_ids`` is ``(3, B, S)`` (temporal, height, width), ``(1, B, S)`` or ``(B, S)``; the last two are
-    plain 1-D RoPE. Frequency ``j`` reads axis 1 if ``j % 3 == 1 and j < 3*mrope_section[1]``, axis 2 if
-    ``j % 3 == 2 and j < 3*mrope_section[2]``, else axis 0. Same position rules as :func:`rope_cos_sin`.
+    plain 1-D RoPE. ``mrope_section = [t, h, w]`` says which axis each of the ``half`` frequencies takes:
+
+    - ``mrope_interleaved=True`` (Qwen3-VL, Qwen3.5): frequency ``j`` reads axis 1 if
+      ``j % 3 == 1 and j < 3*h``, axis 2 if ``j % 3 == 2 and j < 3*w``, else axis 0.
+    - ``mrope_interleaved=False`` (Qwen2-VL, Qwen2.5-VL, GLM-4V): consecutive sections, transformers'
+      ``cat([m[i % 3] for i, m in enumerate(freqs.split(mrope_section, -1))], -1)``: axis 0 for ``j < t``, axis 1
+      for ``j < t + h``, else axis 2. Needs ``t + h + w == half``; otherwise ``RuntimeError`` naming
+      ``mrope_section``.
+
+    ``is_neox`` picks the duplicated layout as in :func:`rope_cos_sin` (``False``: GLM-4V's
+    ``repeat_interleave(2)``). Same position and ``table_inv_freq`` rules as :func:`rope_cos_sin`; bit-identical to
+    transformers' rotary forward.
     """
     return _ops.mrope_cos_sin(
         cos_cache, sin_cache, position_ids, [int(s) for s in mrope_section], dtype, inv_freq,
-        float(attention_scaling), table_inv_freq,
+        float(attention_scaling), table_inv_freq, bool(mrope_interleaved), bool(is_neox),
     )
 
 
 def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+    *,
+    is_neox: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-in for transformers' ``apply_rotary_pos_emb``: ``x*cos + rotate_half(x)*sin`` for q and k.
 
     ``q``/``k`` are ``(B, H, S, D)`` (``unsqueeze_dim=1``, transposed views welcome, no copy) or ``(B, S, H, D)``
-    (``unsqueeze_dim=2``); ``cos``/``sin`` are ``(B or 1, S, R)`` with ``R <= D`` even: only the first ``R``
-    channels rotate, the rest pass through (partial rotary). Out-of-place; the output dtype is
-    ``promote(q.dtype, cos.dtype)`` and math runs in fp32 (fp64 for fp64). Differentiable in q, k, cos and sin.
+    (``unsqueeze_dim=2``), float32/bfloat16/float16/float64; ``cos``/``sin`` are ``(B or 1, S, R)`` in q's dtype or
+    float32, with ``R <= D`` even: only the first ``R`` channels rotate, the rest pass through (partial rotary,
+    ``torch.cat([x_embed, x_pass], -1)``). Out-of-place; the output dtype is ``promote(q.dtype, cos.dtype)`` and
+    math runs in fp32 (fp64 for fp64), each product and the sum rounded once (bit-identical to eager in fp32).
+
+    ``is_neox=True`` (Qwen, Llama) rotates halves, ``rotate_half(x) = cat(-x[R/2:], x[:R/2])``.
+    ``is_neox=False`` is GPT-J style (GLM-4V's ``apply_rotary_pos_emb``): pairs ``(x[2i], x[2i+1])`` rotate, with
+    ``rotate_half_llm(x) = stack((-x[1::2], x[0::2]), -1).flatten(-2)`` and cos/sin in the
+    ``repeat_interleave(2)`` layout (``cos[..., 2i] == cos[..., 2i+1]``) GLM-4V's rotary embedding returns.
+
+    Differentiable in q, k, cos and sin. Raises ``RuntimeError`` naming the argument for a wrong rank, dtype,
+    device, an odd rotary dim, ``R > D`` or mismatched batch/seq.
     """
-    return _ops.apply_rope(q, k, cos, sin, int(unsqueeze_dim))
+    return _ops.apply_rope(q, k, cos, sin, int(unsqueeze_dim), bool(is_neox))
 
 
 def rope_index(
@@ -176,6 +212,8 @@ def qk_norm_rope(
     sin: torch.Tensor,
     eps: float = 1e-6,
     zero_centered: bool = False,
+    *,
+    is_neox: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3's per-head ``q_norm`` / ``k_norm`` (RMSNorm over head_dim) and RoPE as one pass over q and k.
 
@@ -185,10 +223,12 @@ def qk_norm_rope(
     ``(B or 1, S, R)`` with ``R <= D`` (partial rotary passes the rest through); 1-D and interleaved-mRoPE cos/sin
     are both just values here. ``zero_centered=True`` is Qwen3.5's ``x * rstd * (1 + w)`` with a single rounding;
     the default is Qwen3's ``w * (x * rstd).to(x.dtype)``. The output dtype is promote(norm dtype, cos dtype).
+    ``is_neox`` selects the rotation as in :func:`apply_rope` (``False``: GPT-J pairs, GLM-4V).
+    q and k are float32/bfloat16/float16/float64; the weights and cos/sin are in q's dtype or float32.
     Differentiable in q, k and both weights; the weight gradients are reduced in a fixed order (same bits on every
-    run, no float atomics).
+    run, no float atomics). Raises ``RuntimeError`` naming the argument for bad shapes, dtypes or devices.
     """
-    return _ops.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, float(eps), bool(zero_centered))
+    return _ops.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, float(eps), bool(zero_centered), bool(is_neox))
 
 
 def qk_norm_rope_qkv_(
@@ -201,12 +241,15 @@ def qk_norm_rope_qkv_(
     num_q_heads: int,
     num_kv_heads: int,
     zero_centered: bool = False,
+    *,
+    is_neox: bool = True,
 ) -> torch.Tensor:
     """In-place inference variant on a packed ``(B, S, (Hq + 2*Hkv) * D)`` qkv projection: normalises and rotates
     the q and k heads where they are, leaves v untouched, and returns ``qkv``. One kernel launch (the decode path).
-    Weights and cos/sin must have qkv's dtype. Refuses tensors that require grad."""
+    Weights and cos/sin must have qkv's dtype. Refuses tensors that require grad, a ``qkv`` that overlaps itself
+    (an expanded view such as ``qkv.expand(2, -1, -1)``) and weights or cos/sin that share memory with ``qkv``."""
     _ops.qk_norm_rope_qkv_(qkv, q_weight, k_weight, cos, sin, float(eps), int(num_q_heads), int(num_kv_heads),
-                           bool(zero_centered))
+                           bool(zero_centered), bool(is_neox))
     return qkv
 
 
@@ -225,14 +268,14 @@ def _gather_fake(cos_cache, batch, seq, dtype):
 
 
 def _rope_cos_sin_fake(cos_cache, sin_cache, position_ids, dtype, inv_freq=None, attention_scaling=1.0,
-                       table_inv_freq=None):
+                       table_inv_freq=None, is_neox=True):
     torch._check(position_ids.dim() == 2, lambda: "position_ids: expected a 2-D (batch, seq) tensor")
     return _gather_fake(cos_cache, position_ids.shape[0], position_ids.shape[1], dtype)
 
 
 def _mrope_cos_sin_fake(
     cos_cache, sin_cache, position_ids, mrope_section, dtype, inv_freq=None, attention_scaling=1.0,
-    table_inv_freq=None,
+    table_inv_freq=None, mrope_interleaved=True, is_neox=True,
 ):
     batch, seq = position_ids.shape[-2], position_ids.shape[-1]
     return _gather_fake(cos_cache, batch, seq, dtype)
@@ -246,12 +289,12 @@ def _rope_outputs_like(x, dtype):
     return torch.empty_like(x, dtype=dtype)
 
 
-def _apply_rope_fake(q, k, cos, sin, unsqueeze_dim=1):
+def _apply_rope_fake(q, k, cos, sin, unsqueeze_dim=1, is_neox=True):
     out_dtype = torch.promote_types(q.dtype, cos.dtype)
     return _rope_outputs_like(q, out_dtype), _rope_outputs_like(k, out_dtype)
 
 
-def _apply_rope_backward_fake(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype):
+def _apply_rope_backward_fake(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox=True):
     return _rope_outputs_like(grad_q, q_dtype), _rope_outputs_like(grad_k, q_dtype)
 
 
@@ -280,18 +323,20 @@ def _heads_view_shape(x, head_dim):
     return (x.shape[0], x.shape[1], x.shape[2] // head_dim if x.dim() == 3 else x.shape[2], head_dim)
 
 
-def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps, zero_centered=False):
+def _qk_norm_rope_fake(q, k, q_weight, k_weight, cos, sin, eps, zero_centered=False, is_neox=True):
     dtype = _norm_out_dtype(q, q_weight, cos, zero_centered)
     head_dim = q_weight.shape[0]
     outs = [x.new_empty(_heads_view_shape(x, head_dim), dtype=dtype).transpose(1, 2) for x in (q, k)]
     return outs[0], outs[1]
 
 
-def _qk_norm_rope_backward_fake(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, zero_centered):
+def _qk_norm_rope_backward_fake(grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, eps, zero_centered,
+                                is_neox=True):
     return q.new_empty(q.shape), k.new_empty(k.shape), torch.empty_like(q_weight), torch.empty_like(k_weight)
 
 
-def _qk_norm_rope_qkv_fake(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads, zero_centered=False):
+def _qk_norm_rope_qkv_fake(qkv, q_weight, k_weight, cos, sin, eps, num_q_heads, num_kv_heads, zero_centered=False,
+                           is_neox=True):
     return None
 
 

@@ -27,18 +27,19 @@ TensorPair rope_cos_sin(const at::Tensor& c, const at::Tensor& s, const at::Tens
                        .findSchemaOrThrow("ropekit::rope_cos_sin", "")
                        .typed<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
                                          const std::optional<at::Tensor>&, double,
-                                         const std::optional<at::Tensor>&)>();
-  return op.call(c, s, pos, dtype, inv_freq, scaling, std::nullopt);
+                                         const std::optional<at::Tensor>&, bool)>();
+  return op.call(c, s, pos, dtype, inv_freq, scaling, std::nullopt, true);
 }
 
 TensorPair mrope_cos_sin(const at::Tensor& c, const at::Tensor& s, const at::Tensor& pos,
-                         std::vector<int64_t> section, at::ScalarType dtype) {
+                         std::vector<int64_t> section, at::ScalarType dtype, bool interleaved = true,
+                         bool is_neox = true) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("ropekit::mrope_cos_sin", "")
                        .typed<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
                                          at::ScalarType, const std::optional<at::Tensor>&, double,
-                                         const std::optional<at::Tensor>&)>();
-  return op.call(c, s, pos, section, dtype, std::nullopt, 1.0, std::nullopt);
+                                         const std::optional<at::Tensor>&, bool, bool)>();
+  return op.call(c, s, pos, section, dtype, std::nullopt, 1.0, std::nullopt, interleaved, is_neox);
 }
 
 std::vector<float> inv_freq_values(int64_t half, double base) {
@@ -128,7 +129,7 @@ TEST(MropeCosSin, InterleavedAxesMatchScalarRule) {
     for (int64_t s = 0; s < 7; ++s)
       for (int64_t j = 0; j < half; ++j) {
         const int64_t axis = (j % 3 == 1 && j < 3 * section[1]) ? 1 : (j % 3 == 2 && j < 3 * section[2]) ? 2 : 0;
-        EXPECT_EQ(axis, ropekit::mrope_axis(j, section[1], section[2]));
+        EXPECT_EQ(axis, ropekit::mrope_axis(j, ropekit::MropeLayout{section[0], section[1], section[2], true}));
         EXPECT_EQ(co[b][s][j], ct[pa[axis][b][s]][j]);
         EXPECT_EQ(co[b][s][j + half], ct[pa[axis][b][s]][j]);
       }
@@ -138,6 +139,40 @@ TEST(MropeCosSin, InterleavedAxesMatchScalarRule) {
   auto [c1, s1] = rope_cos_sin(cos_t, sin_t, text, at::kFloat, std::nullopt, 1.0);
   EXPECT_TRUE(at::equal(c3, c1));
   EXPECT_TRUE(at::equal(s3, s1));
+}
+
+}  // namespace
+
+namespace {
+
+TEST(MropeCosSin, SectionedAxesAndGptjLayout) {
+  // Qwen2-VL / GLM-4V sections: frequency j < t reads axis 0, j < t + h axis 1, the rest axis 2; GPT-J layout puts
+  // frequency j at columns 2j and 2j + 1.
+  const int64_t half = 16;
+  auto [cos_t, sin_t] = rope_cache(to_tensor(inv_freq_values(half, 1e4)), 40, 1.0);
+  const at::Tensor pos = at::randint(0, 40, {3, 2, 5}, at::kLong);
+  const std::vector<int64_t> section{8, 4, 4};
+  for (const bool is_neox : {true, false}) {
+    auto [cos, sin] = mrope_cos_sin(cos_t, sin_t, pos, section, at::kFloat, /*interleaved=*/false, is_neox);
+    auto pa = pos.accessor<int64_t, 3>();
+    auto ct = cos_t.accessor<float, 2>();
+    auto st = sin_t.accessor<float, 2>();
+    auto co = cos.accessor<float, 3>();
+    auto so = sin.accessor<float, 3>();
+    for (int64_t b = 0; b < 2; ++b)
+      for (int64_t s = 0; s < 5; ++s)
+        for (int64_t j = 0; j < half; ++j) {
+          const int64_t axis = j < 8 ? 0 : (j < 12 ? 1 : 2);
+          EXPECT_EQ(axis, ropekit::mrope_axis(j, ropekit::MropeLayout{8, 4, 4, false}));
+          const int64_t c0 = is_neox ? j : 2 * j, c1 = is_neox ? j + half : 2 * j + 1;
+          EXPECT_EQ(co[b][s][c0], ct[pa[axis][b][s]][j]);
+          EXPECT_EQ(co[b][s][c1], ct[pa[axis][b][s]][j]);
+          EXPECT_EQ(so[b][s][c0], st[pa[axis][b][s]][j]);
+          EXPECT_EQ(so[b][s][c1], st[pa[axis][b][s]][j]);
+        }
+  }
+  // Sections that do not cover the frequencies are an error in sectioned mode.
+  EXPECT_THROW(mrope_cos_sin(cos_t, sin_t, pos, {6, 5, 4}, at::kFloat, false), c10::Error);
 }
 
 }  // namespace

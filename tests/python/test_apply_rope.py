@@ -15,20 +15,32 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def eager_rope(q, k, cos, sin, unsqueeze_dim=1):
-    """transformers' apply_rotary_pos_emb, with Qwen3.5's partial-rotary pass-through when cos is narrower."""
+def rotate_half_llm(x):
+    """GLM-4V's GPT-J-style rotation (transformers.models.glm4v.modeling_glm4v.rotate_half_llm)."""
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def eager_rope(q, k, cos, sin, unsqueeze_dim=1, is_neox=True):
+    """transformers' apply_rotary_pos_emb, with Qwen3.5's / GLM-4V's partial-rotary pass-through when cos is
+    narrower; is_neox=False is GLM-4V's form (rotate_half_llm on repeat_interleave(2) cos/sin)."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     rot = cos.shape[-1]
+    rotate = rotate_half if is_neox else rotate_half_llm
 
     def one(x):
         x_rot, x_pass = x[..., :rot], x[..., rot:]
-        return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+        return torch.cat([x_rot * cos + rotate(x_rot) * sin, x_pass], dim=-1)
 
     return one(q), one(k)
 
 
+def cos_sin_layout(freqs, is_neox):
+    """transformers' duplicated layout: cat((f, f)) for neox, repeat_interleave(2) for GPT-J (GLM-4V)."""
+    return torch.cat([freqs, freqs], -1) if is_neox else freqs.repeat_interleave(2, dim=-1)
+
+
 def make_inputs(batch=2, seq=11, heads=4, kv_heads=2, head_dim=64, rot_dim=None, dtype=torch.float32,
-                cos_dtype=None, cos_batch=None, device="cpu", layout="bhsd", seed=0):
+                cos_dtype=None, cos_batch=None, device="cpu", layout="bhsd", seed=0, is_neox=True):
     """q/k as transformers hands them over: transposed (B, H, S, D) views of (B, S, H, D) projections."""
     gen = torch.Generator().manual_seed(seed)
     rot_dim = head_dim if rot_dim is None else rot_dim
@@ -39,7 +51,7 @@ def make_inputs(batch=2, seq=11, heads=4, kv_heads=2, head_dim=64, rot_dim=None,
     pos = torch.randint(0, 4096, (cos_batch or batch, seq), generator=gen).double()
     inv = 1.0 / (1e6 ** (torch.arange(0, rot_dim, 2).double() / rot_dim))
     freqs = pos[..., None] * inv
-    emb = torch.cat([freqs, freqs], -1)
+    emb = cos_sin_layout(freqs, is_neox)
     cos_dtype = cos_dtype or dtype
     return q, k, emb.cos().to(device, cos_dtype), emb.sin().to(device, cos_dtype)
 
@@ -238,3 +250,87 @@ def test_cos_and_sin_with_different_strides(device):
     assert wide.stride() != cos.stride()
     for o, e in zip(ops.apply_rope(q, k, cos, wide), eager_rope(q, k, cos, sin)):
         assert torch.equal(o, e)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPT-J style (is_neox=False): GLM-4V's apply_rotary_pos_emb, rotate_half_llm pairs (2i, 2i+1), partial rotary.
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim,rot_dim", [(64, 64), (128, 64), (64, 20), (40, 40)])
+def test_gptj_forward_accuracy(device, dtype, head_dim, rot_dim):
+    q, k, cos, sin = make_inputs(head_dim=head_dim, rot_dim=rot_dim, dtype=dtype, device=device, is_neox=False)
+    ours = ops.apply_rope(q, k, cos, sin, is_neox=False)
+    eager = eager_rope(q, k, cos, sin, is_neox=False)
+    ref = eager_rope(q.double(), k.double(), cos.double(), sin.double(), is_neox=False)
+    neox = ops.apply_rope(q, k, cos, sin)
+    for o, e, r, n in zip(ours, eager, ref, neox):
+        assert o.dtype == e.dtype and o.shape == e.shape
+        assert not torch.equal(o, n), "the two styles must differ on the same inputs"
+        if dtype == torch.float32:
+            assert torch.equal(o, e), "fp32 GPT-J rounds exactly like eager's q*cos + rotate_half_llm(q)*sin"
+            assert rel_err(o, r) <= 1e-6
+        else:
+            assert rel_err(o, r) <= rel_err(e, r)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32])
+def test_gptj_fp32_cos_and_bshd_layout(device, q_dtype):
+    q, k, cos, sin = make_inputs(dtype=q_dtype, cos_dtype=torch.float32, device=device, layout="bshd",
+                                 rot_dim=32, is_neox=False)
+    ours = ops.apply_rope(q, k, cos, sin, 2, is_neox=False)
+    for o, e in zip(ours, eager_rope(q, k, cos, sin, unsqueeze_dim=2, is_neox=False)):
+        assert o.dtype == torch.float32 and torch.equal(o, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rot_dim", [64, 32])
+def test_gptj_backward_accuracy(device, dtype, rot_dim):
+    q, k, cos, sin = make_inputs(kv_heads=1, dtype=dtype, device=device, seed=5, rot_dim=rot_dim, is_neox=False)
+    gen = torch.Generator().manual_seed(6)
+    gq = torch.randn(q.shape, generator=gen).to(device, dtype)
+    gk = torch.randn(k.shape, generator=gen).to(device, dtype)
+
+    def grads(fn, q, k, cos, sin):
+        q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+        out_q, out_k = fn(q, k, cos, sin)
+        return torch.autograd.grad([out_q, out_k], [q, k], [gq.to(out_q.dtype), gk.to(out_k.dtype)])
+
+    gptj = lambda *a: ops.apply_rope(*a, is_neox=False)  # noqa: E731
+    eager = lambda *a: eager_rope(*a, is_neox=False)  # noqa: E731
+    ours = grads(gptj, q, k, cos, sin)
+    ref = grads(eager, q.double(), k.double(), cos.double(), sin.double())
+    theirs = grads(eager, q, k, cos, sin)
+    for o, e, r in zip(ours, theirs, ref):
+        assert o.dtype == dtype
+        if dtype == torch.float32:
+            assert rel_err(o, r) <= 1e-6
+        else:
+            assert rel_err(o, r) <= rel_err(e, r)
+
+
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+@pytest.mark.parametrize("rot_dim", [8, 4])
+def test_gptj_gradcheck_fp64(unsqueeze_dim, rot_dim):
+    """Gradients in q, k, cos and sin (the cos/sin path uses rotate_half_llm too)."""
+    layout = "bhsd" if unsqueeze_dim == 1 else "bshd"
+    q, k, cos, sin = make_inputs(batch=2, seq=3, heads=3, kv_heads=1, head_dim=8, rot_dim=rot_dim,
+                                 dtype=torch.float64, cos_batch=1, layout=layout, is_neox=False)
+    args = [t.detach().requires_grad_() for t in (q, k, cos, sin)]
+    assert torch.autograd.gradcheck(
+        lambda *a: ops.apply_rope(*a, unsqueeze_dim=unsqueeze_dim, is_neox=False), args)
+    # and the cos/sin gradients equal eager's (not only self-consistent)
+    ours = torch.autograd.grad(sum(o.sum() for o in ops.apply_rope(*args, unsqueeze_dim, is_neox=False)), args[2:])
+    theirs = torch.autograd.grad(sum(o.sum() for o in eager_rope(*args, unsqueeze_dim, is_neox=False)), args[2:])
+    for o, e in zip(ours, theirs):
+        torch.testing.assert_close(o, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_head_dim_zero(device, is_neox):
+    q, k, cos, sin = make_inputs(head_dim=0, rot_dim=0, device=device, is_neox=is_neox)
+    q.requires_grad_()
+    out_q, out_k = ops.apply_rope(q, k, cos, sin, is_neox=is_neox)
+    assert out_q.shape == q.shape and out_k.shape == k.shape
+    (grad,) = torch.autograd.grad(out_q.sum(), q)
+    assert grad.shape == q.shape

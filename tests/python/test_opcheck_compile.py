@@ -34,12 +34,24 @@ def op_cases(device):
         (torch.ops.ropekit.rope_cos_sin.default, (cos_t, sin_t, past, torch.float32, inv, 1.0)),
         (torch.ops.ropekit.mrope_cos_sin.default, (cos_t, sin_t, pos3, [6, 5, 5], torch.float16, None, 1.0)),
         (torch.ops.ropekit.mrope_cos_sin.default, (cos_t, sin_t, pos, [6, 5, 5], torch.float32, None, 1.0)),
+        # GPT-J layout (GLM-4V) and sectioned mRoPE (Qwen2-VL, Qwen2.5-VL, GLM-4V), with rows computed past the table
+        (torch.ops.ropekit.rope_cos_sin.default, (cos_t, sin_t, past, torch.bfloat16, inv, 1.0, inv, False)),
+        (torch.ops.ropekit.mrope_cos_sin.default, (cos_t, sin_t, pos3, [8, 4, 4], torch.float32, None, 1.0, None,
+                                                   False, True)),
+        (torch.ops.ropekit.mrope_cos_sin.default, (cos_t, sin_t, pos3, [8, 4, 4], torch.bfloat16, inv, 1.0, None,
+                                                   False, False)),
         (torch.ops.ropekit.apply_rope.default, (q, k, cos, sin, 1)),
         (torch.ops.ropekit.apply_rope.default, (*rg(q, k), cos, sin, 1)),
         (torch.ops.ropekit.apply_rope.default, (*rg(qd, kd, cosd, sind), 1)),
         (torch.ops.ropekit.apply_rope.default, (*rg(qb, kb), cosb.float(), sinb.float(), 1)),
         (torch.ops.ropekit.apply_rope.default, (*rg(q.transpose(1, 2), k.transpose(1, 2)), cos, sin, 2)),
         (torch.ops.ropekit.apply_rope_backward.default, (q, k, cos, sin, 1, torch.float32)),
+        # GPT-J style (GLM-4V): every apply_rope variant again with is_neox=False
+        (torch.ops.ropekit.apply_rope.default, (*rg(q, k), cos, sin, 1, False)),
+        (torch.ops.ropekit.apply_rope.default, (*rg(qd, kd, cosd, sind), 1, False)),
+        (torch.ops.ropekit.apply_rope.default, (*rg(qb, kb), cosb.float(), sinb.float(), 1, False)),
+        (torch.ops.ropekit.apply_rope.default, (*rg(q.transpose(1, 2), k.transpose(1, 2)), cos, sin, 2, False)),
+        (torch.ops.ropekit.apply_rope_backward.default, (q, k, cos, sin, 1, torch.float32, False)),
         *rope_index_cases(device),
         *qk_norm_rope_cases(device),
     ]
@@ -66,6 +78,13 @@ def qk_norm_rope_cases(device):
         (op, (*rg(zc), 1e-5, True)),
         (torch.ops.ropekit.qk_norm_rope_backward.default, (gq, gk, *f32, 1e-6, False)),
         (torch.ops.ropekit.qk_norm_rope_qkv_.default, (qkv, qw, kw, cos, sin, 1e-6, 4, 2, False)),
+        # GPT-J style (GLM-4V)
+        (op, (*rg(f32), 1e-6, False, False)),
+        (op, (*rg(f64), 1e-6, False, False)),
+        (op, (*rg(mixed), 1e-6, False, False)),
+        (op, (*rg(zc), 1e-5, True, False)),
+        (torch.ops.ropekit.qk_norm_rope_backward.default, (gq, gk, *f32, 1e-6, False, False)),
+        (torch.ops.ropekit.qk_norm_rope_qkv_.default, (qkv, qw, kw, cos, sin, 1e-6, 4, 2, False, False)),
     ]
 
 
@@ -97,9 +116,11 @@ def test_compile_fullgraph_no_graph_break(device):
         c, s = ops.rope_cache(inv, 128)
         cos, sin = ops.rope_cos_sin(c, s, position_ids, q.dtype, inv)
         cos3, sin3 = ops.mrope_cos_sin(c, s, position_ids_3d, [12, 10, 10], q.dtype)
+        cos_j, sin_j = ops.mrope_cos_sin(c, s, position_ids_3d, [16, 8, 8], q.dtype, mrope_interleaved=False,
+                                         is_neox=False)
         q1, k1 = ops.apply_rope(q, k, cos, sin)
         q2, k2 = ops.apply_rope(q1, k1, cos3, sin3)
-        return q2, k2
+        return ops.apply_rope(q2, k2, cos_j, sin_j, is_neox=False)
 
     q, k, _, _ = make_inputs(device=device, seq=9)
     q.requires_grad_()
@@ -128,7 +149,7 @@ def test_compile_qk_norm_rope_fullgraph(device):
     q, k, qw, kw, cos, sin = make(dtype=torch.float32, device=device, seq=7)
     q.requires_grad_()
     qw.requires_grad_()
-    fn = lambda *a: ops.qk_norm_rope(*a, 1e-6)  # noqa: E731
+    fn = lambda *a: (*ops.qk_norm_rope(*a, 1e-6), *ops.qk_norm_rope(*a, 1e-6, is_neox=False))  # noqa: E731
     explanation = torch._dynamo.explain(fn)(q, k, qw, kw, cos, sin)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     out = torch.compile(fn, fullgraph=True)(q, k, qw, kw, cos, sin)

@@ -8,7 +8,7 @@ import torch
 from ropekit import ops
 
 from conftest import requires_cuda
-from test_apply_rope import eager_rope, rel_err
+from test_apply_rope import cos_sin_layout, eager_rope, rel_err
 
 EPS = 1e-6
 
@@ -28,19 +28,19 @@ def ref_norm64(x, weight, eps, zero_centered):
     return n * (1.0 + weight.double()) if zero_centered else weight.double() * n
 
 
-def eager_qk_norm_rope(q, k, qw, kw, cos, sin, eps=EPS, zero_centered=False, norm=eager_norm):
+def eager_qk_norm_rope(q, k, qw, kw, cos, sin, eps=EPS, zero_centered=False, norm=eager_norm, is_neox=True):
     d = qw.shape[0]
     qh = norm(q.unflatten(-1, (-1, d)) if q.dim() == 3 else q, qw, eps, zero_centered).transpose(1, 2)
     kh = norm(k.unflatten(-1, (-1, d)) if k.dim() == 3 else k, kw, eps, zero_centered).transpose(1, 2)
-    return eager_rope(qh, kh, cos, sin)
+    return eager_rope(qh, kh, cos, sin, is_neox=is_neox)
 
 
-def ref_qk_norm_rope64(q, k, qw, kw, cos, sin, eps=EPS, zero_centered=False):
-    return eager_qk_norm_rope(q, k, qw, kw, cos.double(), sin.double(), eps, zero_centered, ref_norm64)
+def ref_qk_norm_rope64(q, k, qw, kw, cos, sin, eps=EPS, zero_centered=False, is_neox=True):
+    return eager_qk_norm_rope(q, k, qw, kw, cos.double(), sin.double(), eps, zero_centered, ref_norm64, is_neox)
 
 
 def make(batch=2, seq=9, heads=4, kv_heads=2, head_dim=128, rot_dim=None, dtype=torch.bfloat16, w_dtype=None,
-         cos_dtype=None, zero_centered=False, device="cpu", seed=0, flat=True):
+         cos_dtype=None, zero_centered=False, device="cpu", seed=0, flat=True, is_neox=True):
     gen = torch.Generator().manual_seed(seed)
     rot_dim = head_dim if rot_dim is None else rot_dim
     shape = lambda h: (batch, seq, h * head_dim) if flat else (batch, seq, h, head_dim)  # noqa: E731
@@ -51,7 +51,7 @@ def make(batch=2, seq=9, heads=4, kv_heads=2, head_dim=128, rot_dim=None, dtype=
     kw = (torch.randn(head_dim, generator=gen) * scale + (0 if zero_centered else 1)).to(device, w_dtype or dtype)
     pos = torch.randint(0, 8192, (batch, seq), generator=gen).double()
     inv = 1.0 / (1e6 ** (torch.arange(0, rot_dim, 2).double() / rot_dim))
-    emb = torch.cat([pos[..., None] * inv] * 2, -1)
+    emb = cos_sin_layout(pos[..., None] * inv, is_neox)
     cd = cos_dtype or dtype
     return q, k, qw, kw, emb.cos().to(device, cd), emb.sin().to(device, cd)
 
@@ -101,8 +101,7 @@ def test_fp32_master_weights_and_cos_promote(device, zero_centered):
 def grads(fn, args, gq, gk, zero_centered):
     q, k, qw, kw, cos, sin = [a.detach().requires_grad_(i < 4) for i, a in enumerate(args)]
     out_q, out_k = fn(q, k, qw, kw, cos, sin, EPS, zero_centered)
-    torch.autograd.backward([out_q, out_k], [gq.to(out_q.dtype), gk.to(out_k.dtype)])
-    return q.grad, k.grad, qw.grad, kw.grad
+    return torch.autograd.grad([out_q, out_k], [q, k, qw, kw], [gq.to(out_q.dtype), gk.to(out_k.dtype)])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -267,3 +266,140 @@ def test_double_backward_is_refused_clearly():
     out_q, _ = ops.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out_q.square().sum(), q, create_graph=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GPT-J style (is_neox=False, GLM-4V): the same kernels with pairs (2i, 2i+1).
+
+GPTJ_CASES = [  # head_dim, rot_dim, heads, kv_heads, zero_centered
+    (128, 64, 4, 2, False),  # GLM-4V: partial rotary 0.5
+    (128, 128, 3, 1, False),
+    (64, 20, 2, 1, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("head_dim,rot_dim,heads,kv_heads,zero_centered", GPTJ_CASES)
+def test_gptj_forward_accuracy(device, dtype, head_dim, rot_dim, heads, kv_heads, zero_centered):
+    args = make(head_dim=head_dim, rot_dim=rot_dim, heads=heads, kv_heads=kv_heads, dtype=dtype,
+                zero_centered=zero_centered, device=device, is_neox=False)
+    ours = ops.qk_norm_rope(*args, EPS, zero_centered, is_neox=False)
+    eager = eager_qk_norm_rope(*args, zero_centered=zero_centered, is_neox=False)
+    ref = ref_qk_norm_rope64(*args, zero_centered=zero_centered, is_neox=False)
+    neox = ops.qk_norm_rope(*args, EPS, zero_centered)
+    for o, e, r, n in zip(ours, eager, ref, neox):
+        assert o.dtype == e.dtype and o.shape == e.shape
+        assert not torch.equal(o, n)
+        if dtype == torch.float32:
+            assert rel_err(o, r) <= 1e-6
+        else:
+            assert rel_err(o, r) <= rel_err(e, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim,rot_dim,heads,kv_heads,zero_centered", GPTJ_CASES)
+def test_gptj_backward_accuracy(device, dtype, head_dim, rot_dim, heads, kv_heads, zero_centered):
+    args = make(head_dim=head_dim, rot_dim=rot_dim, heads=heads, kv_heads=kv_heads, dtype=dtype, seq=13,
+                zero_centered=zero_centered, device=device, seed=7, is_neox=False)
+    gen = torch.Generator().manual_seed(8)
+    gq = torch.randn(2, heads, 13, head_dim, generator=gen).to(device)
+    gk = torch.randn(2, kv_heads, 13, head_dim, generator=gen).to(device)
+    ours_fn = lambda *a: ops.qk_norm_rope(*a, is_neox=False)  # noqa: E731
+    eager_fn = lambda q, k, qw, kw, c, s, eps, zc: eager_qk_norm_rope(q, k, qw, kw, c, s, eps, zc,  # noqa: E731
+                                                                      is_neox=False)
+    ref_fn = lambda q, k, qw, kw, c, s, eps, zc: ref_qk_norm_rope64(q, k, qw, kw, c, s, eps, zc,  # noqa: E731
+                                                                    is_neox=False)
+    ours = grads(ours_fn, args, gq, gk, zero_centered)
+    eager = grads(eager_fn, args, gq, gk, zero_centered)
+    ref = grads(ref_fn, [a.double() for a in args], gq.double(), gk.double(), zero_centered)
+    for name, o, e, r in zip(("dq", "dk", "dq_weight", "dk_weight"), ours, eager, ref):
+        assert o.dtype == e.dtype and o.shape == e.shape, name
+        if dtype == torch.float32:
+            assert rel_err(o, r) <= 1e-6, name
+        else:
+            assert rel_err(o, r) <= rel_err(e, r), name
+
+
+@pytest.mark.parametrize("zero_centered", [False, True])
+@pytest.mark.parametrize("rot_dim", [8, 4])
+def test_gptj_gradcheck_fp64(zero_centered, rot_dim):
+    args = make(batch=2, seq=3, heads=2, kv_heads=1, head_dim=8, rot_dim=rot_dim, dtype=torch.float64,
+                zero_centered=zero_centered, is_neox=False)
+    q, k, qw, kw, cos, sin = [a.detach().requires_grad_(i < 4) for i, a in enumerate(args)]
+    assert torch.autograd.gradcheck(
+        lambda *a: ops.qk_norm_rope(*a, cos, sin, EPS, zero_centered, is_neox=False), (q, k, qw, kw))
+
+
+def test_gptj_inplace_qkv_matches_out_of_place(device):
+    q, k, qw, kw, cos, sin = make(dtype=torch.bfloat16, device=device, seq=1, batch=5, rot_dim=64, is_neox=False)
+    v = torch.randn_like(k)
+    qkv = torch.cat([q, k, v], -1)
+    ops.qk_norm_rope_qkv_(qkv, qw, kw, cos, sin, EPS, 4, 2, is_neox=False)
+    ref_q, ref_k = ops.qk_norm_rope(q, k, qw, kw, cos, sin, EPS, is_neox=False)
+    assert torch.equal(qkv[..., :512].unflatten(-1, (4, 128)), ref_q.transpose(1, 2))
+    assert torch.equal(qkv[..., 512:768].unflatten(-1, (2, 128)), ref_k.transpose(1, 2))
+    assert torch.equal(qkv[..., 768:], v)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Edge cases: overlapping in-place buffers, head_dim 0, memory of the backward.
+
+
+def test_inplace_qkv_rejects_overlapping_buffers(device):
+    q, k, qw, kw, cos, sin = make(dtype=torch.float32, device=device, seq=3, batch=1)
+    qkv = torch.cat([q, k, torch.randn_like(k)], -1)
+    cos2, sin2 = cos.expand(2, -1, -1), sin.expand(2, -1, -1)
+    with pytest.raises(RuntimeError, match="qkv: the in-place op writes every element once"):
+        ops.qk_norm_rope_qkv_(qkv.expand(2, -1, -1), qw, kw, cos2, sin2, EPS, 4, 2)
+    wide = torch.randn(1, 3, 2 * qkv.shape[-1], device=device)
+    overlapping = wide.as_strided(qkv.shape, (wide.shape[1] * wide.shape[2], 64, 1))  # rows 64 apart, 1024 long
+    with pytest.raises(RuntimeError, match="qkv: the in-place op writes every element once"):
+        ops.qk_norm_rope_qkv_(overlapping, qw, kw, cos, sin, EPS, 4, 2)
+    shared = qkv[0, 0, :128].clone()
+    buf = torch.cat([qkv.flatten(), shared])
+    with pytest.raises(RuntimeError, match="qkv: shares memory with q_weight"):
+        ops.qk_norm_rope_qkv_(buf[: qkv.numel()].view(qkv.shape), buf[:128], kw, cos, sin, EPS, 4, 2)
+    # A slice of a wider buffer (strided but not overlapping) is fine and leaves the rest alone.
+    padded = torch.randn(1, 3, qkv.shape[-1] + 16, device=device)
+    padded[..., : qkv.shape[-1]] = qkv
+    tail = padded[..., qkv.shape[-1]:].clone()
+    ops.qk_norm_rope_qkv_(padded[..., : qkv.shape[-1]], qw, kw, cos, sin, EPS, 4, 2)
+    ops.qk_norm_rope_qkv_(qkv, qw, kw, cos, sin, EPS, 4, 2)
+    assert torch.equal(padded[..., : qkv.shape[-1]], qkv) and torch.equal(padded[..., qkv.shape[-1]:], tail)
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_head_dim_zero(device, is_neox):
+    q, k, qw, kw, cos, sin = make(head_dim=0, rot_dim=0, dtype=torch.float32, device=device, flat=False,
+                                  is_neox=is_neox)
+    q.requires_grad_()
+    qw.requires_grad_()
+    out_q, out_k = ops.qk_norm_rope(q, k, qw, kw, cos, sin, EPS, is_neox=is_neox)
+    assert out_q.shape == (2, 4, 9, 0) and out_k.shape == (2, 2, 9, 0)
+    dq, dqw = torch.autograd.grad(out_q.sum() + out_k.sum(), [q, qw], allow_unused=True)
+    assert dq.shape == q.shape and dqw.shape == (0,)
+    qkv = torch.empty(2, 9, 0, device=device)
+    ops.qk_norm_rope_qkv_(qkv, qw.detach(), kw, cos, sin, EPS, 4, 2, is_neox=is_neox)
+    with pytest.raises(RuntimeError, match="head_dim is 0"):
+        ops.qk_norm_rope(q.detach().flatten(2), k.flatten(2), qw, kw, cos, sin, EPS)
+
+
+def _cpu_bytes_allocated(fn):
+    """Bytes of CPU memory the ops inside fn allocate (each op's own allocations, from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+
+
+def test_backward_allocates_no_forward_outputs():
+    """The backward reads q and k; it allocates dq, dk and the small weight-gradient partials, never a copy of the
+    forward's outputs (which would double its footprint)."""
+    q, k, qw, kw, cos, sin = make(batch=2, seq=64, heads=8, kv_heads=4, dtype=torch.float32)
+    gq = torch.randn(2, 8, 64, 128)
+    gk = torch.randn(2, 4, 64, 128)
+    op = torch.ops.ropekit.qk_norm_rope_backward.default
+    allocated = _cpu_bytes_allocated(lambda: op(gq, gk, q, k, qw, kw, cos, sin, EPS, False))
+    grads_bytes = (q.numel() + k.numel()) * 4
+    assert grads_bytes <= allocated < grads_bytes + 64 * 1024, (allocated, grads_bytes)

@@ -300,3 +300,99 @@ def test_cuda_mismatched_devices():
         ops.rope_cos_sin(cos_t, sin_t, torch.zeros(1, 2, dtype=torch.long), torch.float32)
     with pytest.raises(RuntimeError, match="sin_cache: expected device"):
         ops.rope_cos_sin(cos_t, sin_t.cpu(), torch.zeros(1, 2, dtype=torch.long, device="cuda"), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sectioned mRoPE (Qwen2-VL, Qwen2.5-VL, GLM-4V) and the GPT-J duplicated layout (GLM-4V), against transformers'
+# own formulas written with torch ops on the same device: bit-identical.
+
+
+def transformers_mrope(inv, pos3, section, interleaved, is_neox, scaling=1.0):
+    """(3, B, S) positions -> cos/sin (B, S, 2*half) exactly as the transformers rotary forwards compute them:
+    Qwen3-VL (interleaved), Qwen2-VL / Qwen2.5-VL (sectioned, cat((f, f)) then split by mrope_section * 2) and
+    GLM-4V (sectioned recomposition of freqs, then repeat_interleave(2))."""
+    inv_e = inv[None, None, :, None].float().expand(3, pos3.shape[1], -1, 1)
+    freqs = (inv_e @ pos3[:, :, None, :].float()).transpose(2, 3)  # (3, B, S, half), one rounded product each
+    if interleaved:  # Qwen3-VL's apply_interleaved_mrope on freqs, then cat((f, f))
+        f = freqs[0].clone()
+        for axis, length in ((1, section[1]), (2, section[2])):
+            idx = slice(axis, length * 3, 3)
+            f[..., idx] = freqs[axis, ..., idx]
+        emb = torch.cat((f, f), -1) if is_neox else f.repeat_interleave(2, -1)
+        return emb.cos() * scaling, emb.sin() * scaling
+    if is_neox:  # Qwen2-VL: cos of the duplicated emb, then the sections of mrope_section * 2
+        emb = torch.cat((freqs, freqs), -1)
+        cos, sin = emb.cos() * scaling, emb.sin() * scaling
+        pick = lambda t: torch.cat([m[i % 3] for i, m in enumerate(t.split(list(section) * 2, -1))], -1)  # noqa: E731
+        return pick(cos), pick(sin)
+    cos, sin = freqs.cos() * scaling, freqs.sin() * scaling  # GLM-4V: recomposition_frequencies
+    pick = lambda t: torch.cat([m[i % 3] for i, m in enumerate(t.split(list(section), -1))], -1)  # noqa: E731
+    return pick(cos).repeat_interleave(2, -1), pick(sin).repeat_interleave(2, -1)
+
+
+LAYOUTS = [  # mrope_section (half = 16), interleaved, is_neox
+    ((6, 5, 5), True, True),  # Qwen3-VL
+    ((4, 6, 6), False, True),  # Qwen2-VL / Qwen2.5-VL (default [16, 24, 24] of 64, scaled down)
+    ((8, 4, 4), False, False),  # GLM-4V ([8, 12, 12] of 32, scaled down)
+    ((6, 5, 5), True, False),
+]
+
+
+@pytest.mark.parametrize("section,interleaved,is_neox", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mrope_layouts_bit_identical_to_transformers(device, section, interleaved, is_neox, dtype):
+    gen = torch.Generator().manual_seed(4)
+    inv = default_inv_freq(base=5e6).to(device)
+    tables = ops.rope_cache(inv, 300, 0.5)
+    pos = torch.randint(0, 300, (3, 2, 33), generator=gen).to(device)
+    pos[:, :, :5] = pos[0, :, :5]  # text tokens: every axis equal
+    expect = [t.to(dtype) for t in transformers_mrope(inv, pos, section, interleaved, is_neox, 0.5)]
+    ours = ops.mrope_cos_sin(*tables, pos, list(section), dtype, mrope_interleaved=interleaved, is_neox=is_neox)
+    assert_same_cos_sin(ours, expect)
+    # positions outside the table (and negative), computed from inv_freq: still transformers' values
+    far = pos.clone()
+    far[:, 0, 7:12] = torch.tensor([300, 4000, -5, 123456, 77], device=device)[:, None].T
+    far[1, 1, 3], far[2, 1, 4] = 5000, -2  # a vision token with one axis outside the table
+    expect = [t.to(dtype) for t in transformers_mrope(inv, far, section, interleaved, is_neox, 0.5)]
+    ours = ops.mrope_cos_sin(*tables, far, list(section), dtype, inv, 0.5, mrope_interleaved=interleaved,
+                             is_neox=is_neox)
+    assert_same_cos_sin(ours, expect)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gptj_rope_cos_sin_is_repeat_interleave(device, dtype):
+    """GLM-4V's text rotary layout: each frequency twice in a row (repeat_interleave(2)), bit-identical."""
+    gen = torch.Generator().manual_seed(5)
+    inv = default_inv_freq().to(device)
+    tables = ops.rope_cache(inv, 128)
+    pos = torch.randint(0, 128, (3, 19), generator=gen).to(device)
+    pos[0, -3:] = torch.tensor([128, 1000, -7], device=device)
+    freqs = (inv[None, :, None].expand(3, -1, 1) @ pos[:, None, :].float()).transpose(1, 2)
+    emb = freqs.repeat_interleave(2, -1)
+    ours = ops.rope_cos_sin(*tables, pos, dtype, inv, is_neox=False)
+    assert_same_cos_sin(ours, (emb.cos().to(dtype), emb.sin().to(dtype)))
+    neox = ops.rope_cos_sin(*tables, pos, dtype, inv)
+    assert torch.equal(ours[0][..., 0::2], neox[0][..., :HALF]) and torch.equal(ours[0][..., 1::2], neox[0][..., HALF:])
+
+
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_stale_columns_computed_in_either_layout(device, is_neox):
+    """A frequency changed since the table was built (table_inv_freq) is computed from inv_freq, in its own
+    columns of whichever layout."""
+    inv = default_inv_freq().to(device)
+    tables = ops.rope_cache(inv, 64)
+    now = inv.clone()
+    now[3] *= 1.5
+    now[HALF - 1] = 0.25
+    pos = torch.randint(0, 64, (3, 2, 9), generator=torch.Generator().manual_seed(6)).to(device)
+    ours = ops.mrope_cos_sin(*tables, pos, [8, 4, 4], torch.float32, now, 1.0, inv, mrope_interleaved=False,
+                             is_neox=is_neox)
+    assert_same_cos_sin(ours, transformers_mrope(now, pos, (8, 4, 4), False, is_neox))
+
+
+def test_sectioned_mrope_section_must_cover_the_frequencies():
+    cos_t, sin_t = ops.rope_cache(default_inv_freq(), 32)
+    pos = torch.zeros(3, 1, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"mrope_section: sectioned mRoPE .* must sum to 16, got \[6, 5, 4\]"):
+        ops.mrope_cos_sin(cos_t, sin_t, pos, [6, 5, 4], torch.float32, mrope_interleaved=False)
+    ops.mrope_cos_sin(cos_t, sin_t, pos, [6, 5, 4], torch.float32)  # interleaved: any sections (transformers')

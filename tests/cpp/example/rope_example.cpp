@@ -25,18 +25,18 @@ int main() {
   auto rope_cache = ropekit_op<Pair(const at::Tensor&, int64_t, double)>("ropekit::rope_cache");
   auto rope_cos_sin = ropekit_op<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::ScalarType,
                                       const std::optional<at::Tensor>&, double,
-                                      const std::optional<at::Tensor>&)>("ropekit::rope_cos_sin");
+                                      const std::optional<at::Tensor>&, bool)>("ropekit::rope_cos_sin");
   auto apply_rope = ropekit_op<Pair(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    int64_t)>("ropekit::apply_rope");
+                                    int64_t, bool)>("ropekit::apply_rope");
 
   auto [cos_table, sin_table] = rope_cache.call(inv_freq, 4096, 1.0);
   const auto position_ids = torch::arange(seq, torch::kLong).unsqueeze(0);
   auto [cos, sin] = rope_cos_sin.call(cos_table, sin_table, position_ids, at::kFloat, std::nullopt, 1.0,
-                                      std::nullopt);
+                                      std::nullopt, /*is_neox=*/true);
 
   auto q = torch::randn({1, seq, heads, head_dim}).transpose(1, 2).requires_grad_();
   auto k = torch::randn({1, seq, kv_heads, head_dim}).transpose(1, 2).requires_grad_();
-  auto [q_rot, k_rot] = apply_rope.call(q, k, cos, sin, 1);
+  auto [q_rot, k_rot] = apply_rope.call(q, k, cos, sin, /*unsqueeze_dim=*/1, /*is_neox=*/true);
   (q_rot.square().sum() + k_rot.square().sum()).backward();
 
   // A rotation preserves each pair's norm, so |rope(q)| == |q| and d|rope(q)|^2/dq == 2q.

@@ -1,0 +1,118 @@
+"""Every CUDA kernel of the ops once, on tiny shapes, for compute-sanitizer (memcheck, racecheck):
+
+    compute-sanitizer --tool memcheck --error-exitcode 99 python benchmarks/sanitize_ops.py
+
+Runs both paths (16-byte and generic) of qk_norm_rope forward / backward / in-place qkv, apply_rope forward /
+backward, and the cos/sin gather (16-byte, exact rows, scalar), in bf16 and fp32, neox and GPT-J, and checks each
+result against the CPU kernels so a kernel that wrote nothing cannot pass. Exits non-zero on a mismatch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ropekit import ops
+
+EPS = 1e-6
+# --device cpu runs the same script on the CPU kernels (a dry run of the script itself, no GPU needed)
+DEV = torch.device(sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cuda")
+failures = []
+
+
+def close(name, gpu, cpu, rtol):
+    for a, b in zip(gpu, cpu):
+        if not torch.allclose(a.float().cpu(), b.float(), rtol=rtol, atol=1e-3):
+            failures.append(name)
+            print("MISMATCH", name, (a.float().cpu() - b.float()).abs().max().item(), flush=True)
+            return
+    print("ok", name, flush=True)
+
+
+def unaligned(x):
+    flat = torch.empty(x.numel() + 8, dtype=x.dtype, device=x.device)  # 2 bytes (bf16) / 4 (fp32) off alignment
+    view = flat[1: 1 + x.numel()].view(x.shape)
+    view.copy_(x)
+    return view
+
+
+def main():
+    # --shared-memory-only: the kernels that use shared memory or cross-block tickets (racecheck's subject): the
+    # qk_norm_rope backward and its weight-gradient sum.
+    smem_only = "--shared-memory-only" in sys.argv
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        rtol = 2 ** -6 if dtype == torch.bfloat16 else 1e-5
+        for is_neox in (True, False):
+            for head_dim, rot_dim in ((128, 128), (64, 32), (36, 20)):
+                b, s, h, hk = 2, 3, 3, 1
+                q = torch.randn(b, s, h * head_dim, generator=gen).to(dtype)
+                k = torch.randn(b, s, hk * head_dim, generator=gen).to(dtype)
+                qw = (torch.randn(head_dim, generator=gen) * 0.1 + 1).to(dtype)
+                kw = (torch.randn(head_dim, generator=gen) * 0.1 + 1).to(dtype)
+                cos = torch.randn(b, s, rot_dim, generator=gen).to(dtype)
+                sin = torch.randn(b, s, rot_dim, generator=gen).to(dtype)
+                gq = torch.randn(b, h, s, head_dim, generator=gen).to(dtype)
+                gk = torch.randn(b, hk, s, head_dim, generator=gen).to(dtype)
+                tag = f"{dtype} neox={is_neox} D{head_dim} R{rot_dim}"
+                if smem_only:
+                    cpu_b = torch.ops.ropekit.qk_norm_rope_backward(gq, gk, q, k, qw, kw, cos, sin, EPS, False,
+                                                                    is_neox)
+                    dev = [t.to(DEV) for t in (q, k, qw, kw, cos, sin, gq, gk)]
+                    for layout, (qd, kd) in (("aligned", dev[:2]), ("unaligned", (unaligned(dev[0]),
+                                                                                   unaligned(dev[1])))):
+                        close(f"qk_norm_rope bwd {tag} {layout}",
+                              torch.ops.ropekit.qk_norm_rope_backward(dev[6], dev[7], qd, kd, *dev[2:6], EPS, False,
+                                                                      is_neox), cpu_b, max(rtol, 1e-4))
+                    continue
+                cpu_f = ops.qk_norm_rope(q, k, qw, kw, cos, sin, EPS, is_neox=is_neox)
+                cpu_b = torch.ops.ropekit.qk_norm_rope_backward(gq, gk, q, k, qw, kw, cos, sin, EPS, False, is_neox)
+                dev = [t.to(DEV) for t in (q, k, qw, kw, cos, sin, gq, gk)]
+                for layout, (qd, kd) in (("aligned", dev[:2]), ("unaligned", (unaligned(dev[0]), unaligned(dev[1])))):
+                    args = (qd, kd, *dev[2:6])
+                    close(f"qk_norm_rope fwd {tag} {layout}", ops.qk_norm_rope(*args, EPS, is_neox=is_neox), cpu_f,
+                          rtol)
+                    close(f"qk_norm_rope bwd {tag} {layout}",
+                          torch.ops.ropekit.qk_norm_rope_backward(dev[6], dev[7], *args, EPS, False, is_neox),
+                          cpu_b, max(rtol, 1e-4))
+                qkv = torch.cat([q, k, torch.randn(b, s, hk * head_dim, generator=gen).to(dtype)], -1)
+                expect = qkv.clone()
+                ops.qk_norm_rope_qkv_(expect, qw, kw, cos, sin, EPS, h, hk, is_neox=is_neox)
+                got = qkv.to(DEV)
+                ops.qk_norm_rope_qkv_(got, *dev[2:6], EPS, h, hk, is_neox=is_neox)
+                close(f"qk_norm_rope_qkv_ {tag}", [got], [expect], rtol)
+                q4, k4 = q.view(b, s, h, head_dim).transpose(1, 2), k.view(b, s, hk, head_dim).transpose(1, 2)
+                cpu_r = ops.apply_rope(q4, k4, cos, sin, is_neox=is_neox)
+                cpu_rb = torch.ops.ropekit.apply_rope_backward(gq, gk, cos, sin, 1, dtype, is_neox)
+                for layout, conv in (("aligned", lambda t: t.to(DEV)), ("unaligned", lambda t: unaligned(t.to(DEV)))):
+                    close(f"apply_rope fwd {tag} {layout}",
+                          ops.apply_rope(conv(q4), conv(k4), cos.to(DEV), sin.to(DEV), is_neox=is_neox), cpu_r, rtol)
+                    close(f"apply_rope bwd {tag} {layout}",
+                          torch.ops.ropekit.apply_rope_backward(conv(gq), conv(gk), cos.to(DEV), sin.to(DEV), 1, dtype,
+                                                                is_neox), cpu_rb, rtol)
+    # gather: 16-byte path, exact rows (past the table, negative, stale column), scalar path (fp64, odd half)
+    for half in () if smem_only else (64, 12):
+        inv = 1.0 / (1e6 ** (torch.arange(0, 2 * half, 2).float() / (2 * half)))
+        now = inv.clone()
+        now[1] *= 1.5
+        pos = torch.randint(0, 48, (3, 2, 5), generator=gen)
+        pos[:, 0, 0] = torch.tensor([100, -3, 47])
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            for interleaved, is_neox, section in ((True, True, [half // 4, half // 4, half // 4]),
+                                                  (False, False, [half // 2, half // 4, half // 4])):
+                tables = ops.rope_cache(inv, 48)
+                tag = f"gather half{half} {dtype} interleaved={interleaved} neox={is_neox}"
+                cpu = ops.mrope_cos_sin(*tables, pos, section, dtype, now, 1.0, inv, mrope_interleaved=interleaved,
+                                        is_neox=is_neox)
+                gpu = ops.mrope_cos_sin(*[t.to(DEV) for t in tables], pos.to(DEV), section, dtype, now.to(DEV), 1.0,
+                                        inv.to(DEV), mrope_interleaved=interleaved, is_neox=is_neox)
+                close(tag, gpu, cpu, 1e-6)
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"{len(failures)} mismatches", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
