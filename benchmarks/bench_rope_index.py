@@ -1,16 +1,24 @@
-"""Benchmark: Qwen3-VL get_rope_index, transformers vs ropekit (host path and device path).
+"""Benchmark: get_rope_index, transformers vs ropekit (host loop, fused device kernel, ATen reference).
 
-Inputs live on the benchmark device (GPU if present). transformers runs its own Python implementation (with its
-per-row / per-span host syncs on a GPU); ropekit's host path pulls the inputs once; its device path never syncs.
-Appends the table to benchmarks/RESULTS.md.
+Part 1, Qwen3-VL scenarios (DESIGN section 5 targets on a GPU: B2 S4096 with 8 images + 2 videos <= 65 us, B64 S1024
+with 64 images <= 150 us, zero host syncs). Part 2, every mRoPE family's own get_rope_index on one scenario in its
+own token layout (Qwen2-VL / Qwen2.5-VL whole videos with time scaling, Qwen3-VL / Qwen3.5 / Qwen4-Exp timestamped
+frames, GLM-4V frames inside video brackets).
 
-    python benchmarks/bench_rope_index.py [--device cpu|cuda]
+Inputs live on the benchmark device. transformers runs its own Python code (with its per-row / per-span host syncs on
+a GPU); ropekit's host loop pulls the inputs once; the device algorithm never syncs (checked with
+torch.cuda.set_sync_debug_mode("error")). Every ropekit result is checked torch.equal to transformers before timing.
+Device times: CUDA events (median), also as CUDA-graph replays; host loop and transformers: synchronous wall time.
+Appends both tables to benchmarks/RESULTS.md; --json writes the numbers for gpu_summary.py.
+
+    python benchmarks/bench_rope_index.py [--device cpu|cuda] [--json out.json] [--no-families]
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import random
 import sys
 
@@ -18,8 +26,10 @@ import torch
 
 import ropekit
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from common import append_results, format_table, time_us  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "python"))  # the families' token layouts
+from common import append_results, bench_graph, bench_host, format_table, time_us, write_json  # noqa: E402
 
 MERGE = 2
 IMAGE, VIDEO, START, END = 151655, 151656, 151652, 151653
@@ -29,9 +39,10 @@ SCENARIOS = [
     ("B2 S4096, 8 images + 2 videos", 2, 4096, 4, (1, 4), 0),
     ("B4 S8192, 16 images + 4 videos x 4 frames", 4, 8192, 4, (1, 4), 0),
     ("B1 S16384, 8 videos x 16 frames", 1, 16384, 0, (8, 16), 0),
-    ("B64 S1024, one image per row", 64, 1024, 1, (0, 0), 0),
+    ("B64 S1024, 64 images", 64, 1024, 1, (0, 0), 0),
     ("B8 S2048 ragged (left pad), 2 images + 1 video x 3 frames", 8, 2048, 2, (1, 3), 1500),
 ]
+TARGETS_US = {"B2 S4096, 8 images + 2 videos": 65.0, "B64 S1024, 64 images": 150.0}
 
 
 def build_inputs(batch, seq, images_per_row, videos, max_pad, device, rng):
@@ -80,17 +91,53 @@ def tiny_vl_model():
     return Qwen3VLModel(Qwen3VLConfig(text_config=text, vision_config=vision))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-record", action="store_true")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+def sync_free(fn, device) -> bool | None:
+    """Whether fn runs without a host sync (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    fn()
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize(device)
+
+
+def same(out, ref):
+    return torch.equal(out[0], ref[0]) and torch.equal(out[1].to(ref[1].device), ref[1])
+
+
+def time_impls(name, device, run_hf, run_host, run_dev, run_ref, results, rows, target=None):
+    ref = run_hf()
+    for label, run in (("host", run_host), ("device", run_dev), ("reference", run_ref)):
+        if run is not None:
+            assert same(run(), ref), f"{name}: ropekit {label} differs from transformers"
+    t_hf = bench_host(run_hf, device, warmup=1, reps=5)
+    t_host = bench_host(run_host, device, warmup=2, reps=20)
+    t_dev = time_us(run_dev, device, warmup=3, iters=30)
+    t_ref = time_us(run_ref, device, warmup=2, iters=10) if run_ref is not None else None
+    graph, why = bench_graph(run_dev, device, replays=100)
+    free = sync_free(run_dev, device)
+    record = dict(case=name, transformers_us=t_hf, host_us=t_host, device_us=t_dev, reference_us=t_ref,
+                  graph_us=graph, graph_note=why, sync_free=free, target_us=target)
+    results.append(record)
+    verdict = "" if target is None or device.type != "cuda" else (" PASS" if t_dev <= target and free else " MISS")
+    rows.append([name, f"{t_hf:,.0f}", f"{t_host:,.0f}", f"{t_dev:,.1f}",
+                 "-" if t_ref is None else f"{t_ref:,.0f}", "-" if graph is None else f"{graph:,.1f}",
+                 {None: "-", True: "0", False: "SYNCS"}[free], f"{t_hf / min(t_host, t_dev):,.0f}x",
+                 "-" if target is None else f"<= {target:.0f}{verdict}"])
+
+
+def qwen3_vl_scenarios(device, rng, results):
     model = tiny_vl_model()
     hf = type(model).get_rope_index
     hf = getattr(hf, "__ropekit_original__", hf)
     token_types = "mm_token_type_ids" in inspect.signature(hf).parameters
-    rng = random.Random(0)
     rows = []
     for name, batch, seq, images, videos, pad in SCENARIOS:
         ids, mask, types, image_grid, video_grid = build_inputs(batch, seq, images, videos, pad, device, rng)
@@ -103,22 +150,85 @@ def main():
                       convention="token_types" if token_types else "vision_start")
         run_host = lambda: ropekit.rope_index(ids, image_grid, video_grid, mask, on_host=True, **common)  # noqa: E731
         run_dev = lambda: ropekit.rope_index(ids, image_grid, video_grid, mask, on_host=False, **common)  # noqa: E731
-        ref = run_hf()
-        for run in (run_host, run_dev):
-            out = run()
-            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1]), f"{name}: ropekit differs"
-        t_hf = time_us(run_hf, device, warmup=1, iters=5, min_time_s=0.0)
-        t_host = time_us(run_host, device, warmup=2, iters=20)
-        t_dev = time_us(run_dev, device, warmup=2, iters=20)
-        rows.append([name, f"{t_hf:,.0f}", f"{t_host:,.0f}", f"{t_dev:,.0f}", f"{t_hf / min(t_host, t_dev):,.0f}x"])
-    headers = ["scenario", "transformers us", "ropekit host us", "ropekit device us", "best speed-up"]
+        positional = [common[k] for k in ("mm_token_type_ids", "spatial_merge_size", "image_token_id",
+                                          "video_token_id", "vision_start_token_id", "convention")]
+        run_ref = lambda: torch.ops.ropekit._rope_index_algorithm(  # noqa: E731
+            ids, image_grid, video_grid, mask, *positional, algorithm="reference")
+        time_impls(name, device, run_hf, run_host, run_dev, run_ref, results, rows, TARGETS_US.get(name))
+    convention = "5.x (mm_token_type_ids)" if token_types else "4.57 (token ids)"
+    return rows, convention
+
+
+def family_scenarios(device, results):
+    """Each family's own get_rope_index on one B2 prompt of ~4K tokens in its layout: 4 images and a video each."""
+    from family_cases import (FAMILIES, Image, Text, Video, build_family_case, rope_index_model, ropekit_kwargs,
+                              tiny_config)
+
+    from ropekit.transformers._patching import original
+
+    rows = []
+    for family in FAMILIES.values():
+        if not family.available():
+            continue
+        config = tiny_config(family)
+        row = [Text(40), Image(28, 28), Text(30), Image(20, 36), Text(200), Video(4, 24, 24, [4] * 4), Text(500),
+               Image(32, 28), Text(60), Image(16, 16), Text(700)]
+        seconds = torch.tensor([2.0, 0.5], dtype=torch.float32) if family.time_scaled else None
+        fc = build_family_case(family, config, [row, row[::-1]], m=MERGE, seed=0, second_per_grid_ts=seconds,
+                               tokens_per_second=2 if family.time_scaled else None)
+        config.vision_config.spatial_merge_size = MERGE
+        if family.time_scaled:
+            config.vision_config.tokens_per_second = 2
+        model = rope_index_model(family, config)
+        fn = original(family.model_class(), "get_rope_index")
+        case = fc.case.to(device)
+        kwargs = ropekit_kwargs(fc)
+        for key in ("image_grid_thw", "video_grid_thw", "attention_mask", "mm_token_type_ids", "second_per_grid_ts"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = kwargs[key].to(device)
+        hf_kwargs = dict(input_ids=case.input_ids, image_grid_thw=kwargs["image_grid_thw"],
+                         video_grid_thw=kwargs["video_grid_thw"], attention_mask=kwargs["attention_mask"])
+        if "mm_token_type_ids" in kwargs:
+            hf_kwargs["mm_token_type_ids"] = kwargs["mm_token_type_ids"]
+        if family.time_scaled:
+            hf_kwargs["second_per_grid_ts"] = kwargs["second_per_grid_ts"]
+        run_hf = lambda: fn(model, **hf_kwargs)  # noqa: E731
+        run_host = lambda: ropekit.rope_index(case.input_ids, **kwargs, on_host=True)  # noqa: E731
+        run_dev = lambda: ropekit.rope_index(case.input_ids, **kwargs, on_host=False)  # noqa: E731
+        name = f"{family.name}: B2 S{case.input_ids.shape[1]}, 8 images + 2 videos"
+        time_impls(name, device, run_hf, run_host, run_dev, None, results, rows)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--no-families", action="store_true")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    results = []
+    headers = ["scenario", "transformers us", "ropekit host us", "ropekit device us", "ATen reference us",
+               "device graph us", "syncs", "best speed-up", "target us"]
+    rows, convention = qwen3_vl_scenarios(device, random.Random(0), results)
     table = format_table(headers, rows)
-    notes = (f"inputs on {device.type}; transformers {'5.x (mm_token_type_ids)' if token_types else '4.57 (token ids)'}"
-             " convention; every ropekit result checked torch.equal to transformers before timing")
+    notes = (f"Qwen3-VL get_rope_index; inputs on {device.type}; transformers {convention} convention; device = the "
+             "fused kernel on CUDA (on the CPU: the ATen reference); every result torch.equal to transformers")
     print(table)
     print(notes)
     if not args.no_record:
-        append_results("get_rope_index", device, table, notes)
+        append_results("get_rope_index (Qwen3-VL)", device, table, notes)
+    if not args.no_families:
+        family_rows = family_scenarios(device, results)
+        table = format_table(headers, family_rows)
+        notes = (f"each family's own get_rope_index on its own token layout; inputs on {device.type}; every result "
+                 "torch.equal to transformers")
+        print(table)
+        print(notes)
+        if not args.no_record:
+            append_results("get_rope_index (every mRoPE family)", device, table, notes)
+    write_json(args.json, {"device": str(device), "results": results})
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@
 #   sass         tests/python/test_sass.py: 16-byte global accesses, no local memory in the bf16 fast paths
 #   op-tests     the CUDA op tests against float64: both paths of every op (tests/python/test_cuda_kernels.py), sync-
 #                debug mode, CUDA-graph capture, bit-identity of the gather, and the op test files on cuda
+#   rope-index   the fused rope_index kernel on CUDA against transformers and the ATen reference (clean, perturbed and
+#                packed cases of every family), sync-free, CUDA-graph capture, the device-side assert
 #   memcheck     compute-sanitizer memcheck over benchmarks/sanitize_ops.py (every kernel once, tiny shapes)
 #   bench-qk     benchmarks/bench_qk_norm_rope.py (fwd B4 S4096 and B1 S32768, fwd+bwd, decode B64 S1)
 #   bench-rope   benchmarks/bench_rope.py (model-level cos/sin and apply_rope, B4 S4096)
+#   bench-index  benchmarks/bench_rope_index.py (get_rope_index: B2 S4096 and B64 S1024 targets, every family)
 #   racecheck    compute-sanitizer racecheck over the kernels with shared memory (qk_norm_rope backward + its sum)
 #   suite        the rest of tests/python (pytest -x, xdist when present)
 # and prints one final table (steps, then each performance target with its measured value) last.
@@ -82,6 +85,10 @@ tests/python/test_rope_table.py tests/python/test_opcheck_compile.py"
 [ -f tests/python/test_table_fidelity.py ] && OP_TESTS="$OP_TESTS tests/python/test_table_fidelity.py"
 # shellcheck disable=SC2086
 step op-tests 30 150 $PY -m pytest $OP_TESTS -x -q -p no:cacheprovider $XDIST
+RI_TESTS="tests/python/test_rope_index.py tests/python/test_families_rope_index.py"
+export ROPEKIT_RI_CASES=1000 ROPEKIT_RI_WILD_CASES=1000 ROPEKIT_FAMILY_CASES=600  # the CPU-side references
+# shellcheck disable=SC2086
+step rope-index 30 120 $PY -m pytest $RI_TESTS -x -q -p no:cacheprovider -k "cuda or packed" $XDIST
 SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$SANITIZER" ]; then
     step memcheck 40 100 "$SANITIZER" --tool memcheck --error-exitcode 99 $PY benchmarks/sanitize_ops.py
@@ -90,6 +97,7 @@ else
 fi
 step bench-qk 60 160 $PY benchmarks/bench_qk_norm_rope.py --json "$OUT/bench_qk_norm_rope.json"
 step bench-rope 40 100 $PY benchmarks/bench_rope.py --json "$OUT/bench_rope.json"
+step bench-index 30 90 $PY benchmarks/bench_rope_index.py --json "$OUT/bench_rope_index.json"
 if [ -x "$SANITIZER" ]; then
     step racecheck 40 100 "$SANITIZER" --tool racecheck --racecheck-report all --error-exitcode 99 \
         $PY benchmarks/sanitize_ops.py --shared-memory-only
@@ -97,7 +105,7 @@ else
     printf "racecheck\tunavailable\t0\tcompute-sanitizer not found\n" >> "$SUMMARY"
 fi
 IGNORE=""
-for f in $OP_TESTS; do IGNORE="$IGNORE --ignore=$f"; done
+for f in $OP_TESTS $RI_TESTS; do IGNORE="$IGNORE --ignore=$f"; done
 # shellcheck disable=SC2086
 step suite 30 600 $PY -m pytest tests/python -x -q -p no:cacheprovider $XDIST $IGNORE
 

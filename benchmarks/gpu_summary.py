@@ -79,9 +79,24 @@ def main(out):
         if r and r["case"] == case:
             target(f"{case}: (no target) vs byte floor", None,
                    f"{r['device_us']:.1f} us = {r['vs_floor']:.2f}x floor")
+    index = (load(os.path.join(out, "bench_rope_index.json")) or {}).get("results") or []
+    for r in index:
+        if r.get("target_us") is None:
+            continue
+        ok = r["device_us"] <= r["target_us"] and r.get("sync_free") is True
+        target(f"get_rope_index {r['case']}: <= {r['target_us']:.0f} us, zero syncs", ok,
+               f"{r['device_us']:.1f} us (graph {num(r.get('graph_us'))} us), "
+               f"{'no sync' if r.get('sync_free') else 'SYNCS'}; transformers {r['transformers_us']:.0f} us")
+    if not any(r.get("target_us") for r in index):
+        target("get_rope_index B2 S4096 / B64 S1024 targets", None, "not measured")
     width = max(len(c[0]) for c in checks)
     lines += ["", "=== gpu_check: targets (DESIGN.md section 5)"]
     lines += [f"{name:<{width}}  {verdict:<5} {measured}" for name, measured, verdict in checks]
+    if index:
+        lines += ["", "=== get_rope_index (us: transformers, host loop, fused kernel, CUDA-graph replay)"]
+        for r in index:
+            lines.append(f"{r['case']:<58} {r['transformers_us']:>9.0f} {r['host_us']:>8.0f} {r['device_us']:>8.1f} "
+                         f"{num(r.get('graph_us')):>8}")
     if qk:
         lines += ["", "=== qk_norm_rope (device us, L2 flushed; x byte floor; rel err vs fp64)"]
         for r in qk:
