@@ -15,6 +15,7 @@
 #   bench-qk     benchmarks/bench_qk_norm_rope.py (fwd B4 S4096 and B1 S32768, fwd+bwd, decode B64 S1)
 #   bench-rope   benchmarks/bench_rope.py (model-level cos/sin and apply_rope, B4 S4096)
 #   bench-index  benchmarks/bench_rope_index.py (get_rope_index: B2 S4096 and B64 S1024 targets, every family)
+#   bench-host   benchmarks/bench_host_overhead.py (host time per call of the patched rotary forward, decode launches)
 #   racecheck    compute-sanitizer racecheck over the kernels with shared memory (qk_norm_rope backward + its sum)
 #   suite        the rest of tests/python (pytest -x, xdist when present)
 # and prints one final table (steps, then each performance target with its measured value) last.
@@ -98,6 +99,7 @@ fi
 step bench-qk 60 160 $PY benchmarks/bench_qk_norm_rope.py --json "$OUT/bench_qk_norm_rope.json"
 step bench-rope 40 100 $PY benchmarks/bench_rope.py --json "$OUT/bench_rope.json"
 step bench-index 30 90 $PY benchmarks/bench_rope_index.py --json "$OUT/bench_rope_index.json"
+step bench-host 15 40 $PY benchmarks/bench_host_overhead.py --json "$OUT/bench_host_overhead.json"
 if [ -x "$SANITIZER" ]; then
     step racecheck 40 100 "$SANITIZER" --tool racecheck --racecheck-report all --error-exitcode 99 \
         $PY benchmarks/sanitize_ops.py --shared-memory-only
