@@ -1,0 +1,330 @@
+"""Model level, for the mRoPE families beyond Qwen3-VL / Qwen3.5: Qwen2-VL, Qwen2.5-VL, Qwen4-Exp (5.x), GLM-4V,
+GLM-4V-MoE and GLM-4.6V (5.x). Tiny models built from their config classes with random weights (norm weights
+included), shared across tests (family_models.shared_model); every test runs under whichever transformers line is
+installed (CI: 5.18.0 and 4.57.6) and checks against the unpatched model:
+
+- the patched rotary forward returns exactly (``torch.equal``, same shape and dtype) what the family's own rotary
+  forward returns: 5.x's recomposed (B, S, D) cos/sin, 4.57's per-axis (3, B, S, D) ones; fp32, bf16, fp16;
+- ``apply_rotary_pos_emb`` / 4.57's ``apply_multimodal_rotary_pos_emb``: bit-identical in fp32, forward and backward;
+  Qwen4-Exp's ``k=None`` form (its sparse-attention indexer) included;
+- fp32 logits within 1e-5 (images, multi-frame videos, text only; left padding), the same rope deltas;
+- one training step's loss and every parameter gradient, gradient checkpointing on and off;
+- greedy generate: the same tokens and rope deltas (Qwen2.5-VL with second_per_grid_ts not 1);
+- packed batches: several samples per row with ropekit.data's packed positions and a mask that keeps them apart give
+  each sample's own logits;
+- every test asserts the patch ran: the table was built, the ops were called as often as the layers ask.
+
+GLM-4V takes images or videos in one batch, not both: its placeholder mask counts every image token as an image and
+as a video token (video frames carry image_token_id), so transformers itself rejects a batch with both. Its tests
+use an images batch and a videos batch.
+
+With ``ROPEKIT_FAMILY_DIFFS=<file>`` the measured maximum differences are appended to that file as a table.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import ropekit
+from family_models import (FAMILIES, PAD, assert_inputs_unchanged, clone_inputs, family_params, has_module,
+                           language_model, multimodal_inputs, qwen4_exp_text_config, reset, shared_model,
+                           takes_token_types)
+from ropekit.transformers._patching import original
+
+pytestmark = pytest.mark.transformers
+
+ALL = family_params()
+DIFFS: list[tuple[str, str, float]] = []
+
+IMAGE_ROWS = [[("text", 3), ("image", 4, 6), ("text", 2), ("image", 4, 4), ("text", 2)],
+              [("text", 2), ("image", 4, 4), ("text", 3)]]
+VIDEO_ROWS = [[("text", 3), ("video", 2, 4, 4), ("text", 2), ("video", 3, 4, 6), ("text", 2)],
+              [("text", 2), ("video", 2, 4, 4), ("text", 3)]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def diff_table():
+    yield
+    path = os.environ.get("ROPEKIT_FAMILY_DIFFS")
+    if not path or not DIFFS:
+        return
+    import transformers
+
+    lines = [f"\ntorch {torch.__version__}, transformers {transformers.__version__}: max |patched - unpatched|\n",
+             "| family | what | max abs difference |", "|---|---|---|"]
+    lines += [f"| {family} | {what} | {diff:.3g} |" for family, what, diff in DIFFS]
+    with open(path, "a") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def record(family, what, ours, ref):
+    diff = (ours.double() - ref.double()).nan_to_num().abs().max().item() if ours.numel() else 0.0
+    DIFFS.append((family.id, what, diff))
+    return diff
+
+
+def batches(family, config, seed=0):
+    """name -> inputs: images and multi-frame videos with a left-padded row (GLM-4V: one batch of each)."""
+    if family.layout == "glm":
+        return {"images": multimodal_inputs(family, config, seed, rows=IMAGE_ROWS),
+                "videos": multimodal_inputs(family, config, seed + 1, rows=VIDEO_ROWS)}
+    return {"images+videos": multimodal_inputs(family, config, seed)}
+
+
+def text_inputs(seed=0, lengths=(19, 12, 7)):
+    """A ragged text batch, left-padded."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lengths), max(lengths)), PAD)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(2, 240, (n,), generator=gen)
+        mask[row, -n:] = 1
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+def rotary_module(family):
+    config = family.config()
+    return getattr(family.modeling(), family.rotary)(config.text_config)
+
+
+def spy_get_rope_index(model):
+    """Counts this instance's get_rope_index calls, whichever implementation its class has."""
+    calls = []
+    inner = model.model
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return type(inner).get_rope_index(inner, *args, **kwargs)
+
+    inner.get_rope_index = spy
+    return calls
+
+
+def unspy(model):
+    vars(model.model).pop("get_rope_index", None)
+
+
+def attention_layers(model):
+    return sum(hasattr(layer, "self_attn") for layer in language_model(model).layers)
+
+
+def assert_patch_ran(family, model, counts, forwards, rope_index_calls=None, get_rope_index_calls=None):
+    """The table was built; every attention layer of every forward rotated through ropekit (the fused q/k norm +
+    RoPE where the family has q/k norms, apply_rope otherwise); every get_rope_index call went to rope_index."""
+    fused, applied = counts
+    table = vars(language_model(model).rotary_emb).get("_ropekit_table")
+    assert table is not None and table.rows > 0, "the patched rotary forward did not serve from its table"
+    layers = attention_layers(model)
+    if family.fused:
+        assert len(fused) == forwards * layers, "a forward skipped the fused q/k norm + RoPE"
+        # Qwen4-Exp's indexer rotates its queries through apply_rotary_pos_emb(q, k=None)
+        assert len(applied) == forwards * layers, "the indexer's k=None rotation bypassed ropekit.apply_rope"
+    else:
+        assert not fused and len(applied) == forwards * layers, "a layer bypassed ropekit.apply_rope"
+    if get_rope_index_calls is not None:
+        assert get_rope_index_calls, "get_rope_index was not called"
+        assert len(rope_index_calls) == len(get_rope_index_calls), "a get_rope_index call bypassed ropekit"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The rotary forward and apply_rotary_pos_emb, bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("family", ALL)
+def test_rotary_forward_bit_identical(unpatch_after, family, dtype):
+    """Positions (3, B, S) and (1, B, S), past the table's first rows and negative (5.x's padding slots after
+    negative deltas): the patched forward returns transformers' own tensors, shape, dtype and bits; also with an
+    inv_freq cast to bf16 by model.to()."""
+    module = rotary_module(family)
+    family.apply()
+    rotary_cls = type(module)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, dtype=dtype)
+    positions = [torch.randint(-5, 700, (3, 2, 40), generator=gen), torch.randint(0, 300, (1, 2, 40), generator=gen)]
+    for inv_freq_dtype in (torch.float32, torch.bfloat16):
+        if inv_freq_dtype != torch.float32:
+            module = copy.deepcopy(module).to(inv_freq_dtype)
+        for pos in positions:
+            ours, ref = module(x, pos), original(rotary_cls, "forward")(module, x, pos)
+            for a, b in zip(ours, ref):
+                assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride()
+                assert torch.equal(a, b)
+    per_axis = has_module(family.module) and hasattr(family.modeling(), "apply_multimodal_rotary_pos_emb")
+    assert ours[0].dim() == (4 if per_axis else 3), "4.57's per-axis layout is (3, B, S, D)"
+    assert vars(module)["_ropekit_table"].rows > 0
+
+
+def _apply_fn(family):
+    """(patched function, original, extra args) of the family's text rotation in the installed line."""
+    module = family.modeling()
+    if hasattr(module, "apply_multimodal_rotary_pos_emb"):  # 4.57
+        section = family.config().text_config.rope_scaling["mrope_section"]
+        return module.apply_multimodal_rotary_pos_emb, original(module, "apply_multimodal_rotary_pos_emb"), (section,)
+    return module.apply_rotary_pos_emb, original(module, "apply_rotary_pos_emb"), ()
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_apply_rotary_pos_emb_bit_identical(unpatch_after, count_apply_rope, family):
+    """fp32 q/k as the attention passes them (transposed (B, H, S, D) views, GQA), cos/sin from the rotary forward:
+    outputs and the gradients of q and k equal transformers' bit for bit (GLM-4V: GPT-J pairs with partial rotary;
+    GLM-4V-MoE and Qwen4-Exp: partial rotary; 4.57: the sections picked from per-axis cos/sin)."""
+    config = family.config().text_config
+    module = rotary_module(family)
+    family.apply()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    gen = torch.Generator().manual_seed(2)
+    pos = torch.randint(0, 90, (3, 2, 17), generator=gen)
+    cos, sin = module(torch.zeros(1), pos)
+    patched, unpatched, extra = _apply_fn(family)
+    assert patched is not unpatched
+
+    def run(fn):
+        q = torch.randn(2, 17, 4, head_dim, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        k = torch.randn(2, 17, 2, head_dim, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        out_q, out_k = fn(q.transpose(1, 2), k.transpose(1, 2), cos, sin, *extra)
+        (out_q * torch.linspace(-1, 1, out_q.numel()).view_as(out_q)).sum().backward(retain_graph=True)
+        (out_k * torch.linspace(1, -2, out_k.numel()).view_as(out_k)).sum().backward()
+        return out_q.detach(), out_k.detach(), q.grad, k.grad
+
+    for ours, ref, name in zip(run(patched), run(unpatched), ("q", "k", "dq", "dk")):
+        assert ours.shape == ref.shape and torch.equal(ours, ref), name
+    assert len(count_apply_rope) == 1
+
+
+@pytest.mark.parametrize("family", family_params(ids={"qwen4_exp"}))
+def test_qwen4_exp_rotation_of_queries_alone(unpatch_after, count_apply_rope, family):
+    """Qwen4-Exp's indexer calls apply_rotary_pos_emb(q, cos=..., sin=..., unsqueeze_dim=2) with no k on (B, S, H,
+    D) queries, and on pooled block keys as 3-D (n, 1, D) with 2-D cos/sin: both keep working, return a single
+    tensor, and equal transformers (the 3-D call runs transformers' code, outside the op's shapes)."""
+    module = family.modeling()
+    rotary = rotary_module(family)
+    ropekit.apply_to_qwen4_exp()
+    cos, sin = rotary(torch.zeros(1), torch.randint(0, 60, (3, 2, 9), generator=torch.Generator().manual_seed(5)))
+    unpatched = original(module, "apply_rotary_pos_emb")
+
+    def run(fn):
+        q = torch.randn(2, 9, 2, 32, generator=torch.Generator().manual_seed(6)).requires_grad_()
+        out = fn(q, cos=cos, sin=sin, unsqueeze_dim=2)
+        assert isinstance(out, torch.Tensor)
+        out.pow(2).sum().backward()
+        return out.detach(), q.grad
+
+    for ours, ref in zip(run(module.apply_rotary_pos_emb), run(unpatched)):
+        assert torch.equal(ours, ref)
+    assert len(count_apply_rope) == 1
+    keys = torch.randn(4, 32, generator=torch.Generator().manual_seed(7)).unsqueeze(1)
+    block_cos, block_sin = cos[0, :4], sin[0, :4]
+    assert torch.equal(module.apply_rotary_pos_emb(keys, cos=block_cos, sin=block_sin),
+                       unpatched(keys, cos=block_cos, sin=block_sin))
+    q, k = (torch.randn(2, 4, 9, 64, generator=torch.Generator().manual_seed(s)) for s in (8, 9))
+    assert all(torch.equal(a, b) for a, b in zip(module.apply_rotary_pos_emb(q, k, cos, sin), unpatched(q, k, cos, sin)))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Model level
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_logits_match(unpatch_after, count_fused, count_apply_rope, count_rope_index, family):
+    """fp32 logits within 1e-5 of the unpatched model's (NaN where transformers gives NaN: Qwen4-Exp's padding
+    slots), for images + multi-frame videos with a left-padded row and for a left-padded text batch; the same rope
+    deltas; the caller's tensors untouched."""
+    model = shared_model(family)
+    cases = dict(batches(family, model.config), text=text_inputs())
+    refs = {}
+    with torch.no_grad():
+        for name, inputs in cases.items():
+            reset(model)
+            refs[name] = model(**inputs).logits, model.model.rope_deltas
+        ropekit.apply_to_model(model)
+        calls = spy_get_rope_index(model)
+        forwards = 0
+        for name, inputs in cases.items():
+            before = clone_inputs(inputs)
+            reset(model)
+            ours = model(**inputs).logits
+            forwards += 1
+            ref, ref_deltas = refs[name]
+            assert torch.equal(ours.isnan(), ref.isnan())
+            assert record(family, f"fp32 logits ({name})", ours, ref) <= 1e-5, name
+            if ref_deltas is not None:
+                assert torch.equal(model.model.rope_deltas, ref_deltas), name
+            assert_inputs_unchanged(inputs, before)
+    unspy(model)
+    assert_patch_ran(family, model, (count_fused, count_apply_rope), forwards, count_rope_index, calls)
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_generate_same_tokens(unpatch_after, count_fused, count_apply_rope, count_rope_index, family):
+    """Greedy generate of 16 tokens after images and multi-frame videos with a left-padded row (Qwen2.5-VL: videos
+    of second_per_grid_ts 1.5 and 0.5), patched through apply_to_model: the same tokens and rope deltas (4.57
+    decodes from the deltas; 5.x continues from the prompt's last positions)."""
+    model = shared_model(family)
+    greedy = dict(do_sample=False, max_new_tokens=16, min_new_tokens=16, eos_token_id=1, pad_token_id=PAD)
+    cases = batches(family, model.config, seed=3)
+    refs = {}
+    with torch.no_grad():
+        for name, inputs in cases.items():
+            reset(model)
+            refs[name] = model.generate(**inputs, **greedy), model.model.rope_deltas.clone()
+        ropekit.apply_to_model(model)
+        calls = spy_get_rope_index(model)
+        for name, inputs in cases.items():
+            before = clone_inputs(inputs)
+            reset(model)
+            ours = model.generate(**inputs, **greedy)
+            assert ours.shape[1] == inputs["input_ids"].shape[1] + 16
+            assert torch.equal(ours, refs[name][0]), name
+            assert torch.equal(model.model.rope_deltas, refs[name][1]), name
+            assert_inputs_unchanged(inputs, before)
+    unspy(model)
+    assert_patch_ran(family, model, (count_fused, count_apply_rope), 16 * len(cases), count_rope_index, calls)
+
+
+def training_inputs(family, config):
+    """Images and videos (GLM-4V: videos) with a left-padded row; Qwen4-Exp without padding: transformers' indexed
+    attention gives NaN at fully masked padding queries, and its loss and gradients with them."""
+    if family.id == "qwen4_exp":
+        row = [("text", 3), ("image", 4, 6), ("text", 2), ("video", 2, 4, 4), ("text", 2)]
+        inputs = multimodal_inputs(family, config, 4, rows=[row, row])
+    else:
+        inputs = batches(family, config, seed=4)["videos" if family.layout == "glm" else "images+videos"]
+    inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    return inputs
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("family", ALL)
+def test_training_step_matches(unpatch_after, count_fused, count_apply_rope, family, checkpointing):
+    """One training step on images and videos, with and without gradient checkpointing: the same loss and the same
+    gradient for every parameter (vision tower included)."""
+    base = shared_model(family)
+    inputs = training_inputs(family, base.config)
+
+    def step():
+        model = copy.deepcopy(base).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        loss = model(**inputs).loss
+        loss.backward()
+        return model, loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    _, ref_loss, ref_grads = step()
+    assert torch.isfinite(ref_loss)
+    ropekit.apply_to_model(base)
+    model, loss, grads = step()
+    assert set(grads) == set(ref_grads)
+    assert record(family, "fp32 loss" + (" (checkpointing)" if checkpointing else ""), loss, ref_loss) <= 1e-5
+    worst = 0.0
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        worst = max(worst, (grads[name] - ref_grads[name]).abs().max().item())
+    DIFFS.append((family.id, "fp32 gradients" + (" (checkpointing)" if checkpointing else ""), worst))
+    if family.fused:
+        assert any("q_norm" in name for name in grads)
+    assert_patch_ran(family, model, (count_fused, count_apply_rope), 2 if checkpointing else 1)
