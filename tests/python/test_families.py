@@ -328,3 +328,146 @@ def test_training_step_matches(unpatch_after, count_fused, count_apply_rope, fam
     if family.fused:
         assert any("q_norm" in name for name in grads)
     assert_patch_ran(family, model, (count_fused, count_apply_rope), 2 if checkpointing else 1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Packed batches
+
+
+def packed_samples(family):
+    """name -> (row 0's samples, row 1's samples): each sample a list of items, as multimodal_inputs takes them.
+    GLM-4V: an images case and a videos case (one batch never holds both)."""
+    image_a, image_b = [("text", 3), ("image", 4, 6), ("text", 2)], [("text", 2), ("image", 4, 4), ("text", 4)]
+    video_a, video_b = [("text", 2), ("video", 2, 4, 4), ("text", 3)], [("text", 3), ("video", 3, 4, 6), ("text", 1)]
+    text = [("text", 5)]
+    if family.layout == "glm":
+        return {"images": ([image_a, text, image_b], [image_b, image_a]),
+                "videos": ([video_a, text], [video_b, video_a])}
+    return {"images+videos": ([image_a, video_a, text], [video_b, image_b])}
+
+
+def pack(family, config, rows_of_samples, seed):
+    """Each sample alone (its own B=1 inputs) and the packed batch: samples concatenated per row, right-padded,
+    attention_mask holding segment ids (1, 2, ... per sample in a row, 0 for padding), grids, pixels and
+    timestamps in the samples' order."""
+    alone, rows, segments = [], [], []
+    for row in rows_of_samples:
+        ids, segs = [], []
+        for samples_in_row, items in enumerate(row, start=1):
+            sample = multimodal_inputs(family, config, seed + len(alone), rows=[items])
+            alone.append(sample)
+            ids.append(sample)
+            segs.append(torch.full((sample["input_ids"].shape[1],), samples_in_row))
+        rows.append(ids)
+        segments.append(torch.cat(segs))
+    seq = max(len(s) for s in segments)
+    batch = {}
+    for key in ("input_ids", "mm_token_type_ids"):
+        if key in alone[0]:
+            batch[key] = torch.stack([torch.nn.functional.pad(torch.cat([s[key][0] for s in row]),
+                                                              (0, seq - len(seg)), value=PAD if key == "input_ids" else 0)
+                                      for row, seg in zip(rows, segments)])
+    batch["attention_mask"] = torch.stack([torch.nn.functional.pad(seg, (0, seq - len(seg))) for seg in segments])
+    for key in ("image_grid_thw", "pixel_values", "video_grid_thw", "pixel_values_videos", "second_per_grid_ts"):
+        parts = [s[key] for s in alone if key in s]
+        if parts:
+            batch[key] = torch.cat(parts)
+    return alone, batch
+
+
+def block_diagonal_mask(segments, dtype=torch.float32):
+    """(B, 1, S, S) additive mask: causal inside each sample, nothing across samples; a padding slot sees itself."""
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(segments.shape[1], segments.shape[1], dtype=torch.bool).tril()
+    allowed = (same & causal & (segments[:, :, None] > 0)) | torch.eye(segments.shape[1], dtype=torch.bool)
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+
+
+def splits_text_positions(family) -> bool:
+    """Whether the family's text model splits a (4, B, S) position tensor into text positions (row 0, for masks and
+    packed-sequence detection) and mRoPE positions: every family in 5.x and 4.57's Qwen2-VL / Qwen2.5-VL; not 4.57's
+    GLM-4V text models, which hand all rows to the mask code and the rotary embedding."""
+    import inspect as inspect_
+
+    text_model = type(language_model(shared_model(family)))
+    return "text_position_ids" in inspect_.getsource(text_model.forward)
+
+
+def packed_model(family):
+    """The shared model; for Qwen4-Exp one whose layers are all indexed attention: transformers' linear-attention
+    layers (GatedDeltaNet) carry their recurrent and convolution state across the samples of a row (its CPU
+    reference ignores cu_seqlens), so no mask keeps packed samples apart there."""
+    if family.id != "qwen4_exp":
+        return shared_model(family)
+    config = family.config()
+    config.text_config.layer_types = ["indexed_attention", "indexed_attention"]
+    return family.build(seed=1, config=config).eval()
+
+
+@pytest.mark.parametrize("route", ["4d_mask", "packed_positions"])
+@pytest.mark.parametrize("family", ALL)
+def test_packed_batch_matches_samples_alone(unpatch_after, count_fused, count_apply_rope, family, route):
+    """Several samples per row, positions from ropekit.data.mrope_position_ids(packed=True, text_positions=True),
+    and a mask that keeps the samples apart, given to transformers either way it takes one on CPU:
+    ``4d_mask``: a (B, 1, S, S) block-diagonal causal mask (transformers uses a 4-D mask as it is) with the (3, B, S)
+    mRoPE positions; ``packed_positions``: attention_mask=None and the (4, B, S) positions, whose row 0 (each token's
+    index in its sample) transformers' mask code reads as packed sequences (position restarting at 0 = a new
+    sample). Every sample's logits equal the sample run alone (the model's own get_rope_index, patched), and the
+    patched packed forward equals the unpatched one on the same inputs."""
+    model = packed_model(family)
+    config = model.config
+    if route == "packed_positions" and not splits_text_positions(family):
+        # 4.57's GLM-4V text models hand the whole (4, B, S) tensor to the mask code, whose packed-sequence
+        # detection fails on it (and the rotary embedding would take all four rows): transformers raises, with and
+        # without ropekit. There the 4-D mask is the way.
+        alone, batch = pack(family, config, packed_samples(family)[next(iter(packed_samples(family)))], seed=20)
+        positions, _ = ropekit.data.mrope_position_ids(batch, config, packed=True, text_positions=True)
+        inputs = {k: v for k, v in batch.items() if k != "attention_mask"}
+        for patched in (False, True):
+            if patched:
+                ropekit.apply_to_model(model)
+            with pytest.raises(RuntimeError), torch.no_grad():
+                model(**inputs, position_ids=positions, use_cache=False)
+        return
+    ropekit.apply_to_model(model)
+    forwards = 0
+    for name, rows_of_samples in packed_samples(family).items():
+        alone, batch = pack(family, config, rows_of_samples, seed=20)
+        segments = batch["attention_mask"]
+        positions, _ = ropekit.data.mrope_position_ids(batch, config, packed=True, text_positions=True)
+        inputs = {k: v for k, v in batch.items() if k != "attention_mask"}
+        if route == "4d_mask":
+            inputs.update(attention_mask=block_diagonal_mask(segments), position_ids=positions[1:])
+        else:
+            inputs.update(position_ids=positions)
+        with torch.no_grad():
+            reset(model)
+            packed = model(**inputs, use_cache=False).logits
+            forwards += 1
+            logits_alone = []
+            for sample in alone:
+                reset(model)
+                logits_alone.append(model(**sample, use_cache=False).logits[0])
+                forwards += 1
+            ropekit.unpatch()
+            unpatched = model(**inputs, use_cache=False).logits
+            ropekit.apply_to_model(model)
+        assert record(family, f"packed fp32 logits vs unpatched ({name}, {route})", packed, unpatched) <= 1e-5
+        if route == "4d_mask":  # the check has teeth: a 2-D padding mask lets a row's later samples see earlier ones
+            with torch.no_grad():
+                leaky = model(**dict(inputs, attention_mask=(segments > 0).long()), use_cache=False).logits
+                forwards += 1
+            later = segments[0] > 1
+            assert not torch.allclose(leaky[0, later], packed[0, later], atol=1e-3)
+        worst, sample = 0.0, 0
+        for row in range(segments.shape[0]):
+            for seg in range(1, int(segments[row].max()) + 1):
+                ours = packed[row, segments[row] == seg]
+                ref = logits_alone[sample]
+                assert ours.shape == ref.shape
+                torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5, msg=f"row {row} sample {seg}")
+                worst = max(worst, (ours - ref).abs().max().item())
+                sample += 1
+        assert sample == len(alone)
+        DIFFS.append((family.id, f"packed vs alone fp32 logits ({name}, {route})", worst))
+    assert_patch_ran(family, model, (count_fused, count_apply_rope), forwards)
