@@ -471,3 +471,170 @@ def test_packed_batch_matches_samples_alone(unpatch_after, count_fused, count_ap
         assert sample == len(alone)
         DIFFS.append((family.id, f"packed vs alone fp32 logits ({name}, {route})", worst))
     assert_patch_ran(family, model, (count_fused, count_apply_rope), forwards)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Patching: entry points, dispatch, idempotence, unpatch, switches, PEFT, hooks
+
+
+NEW_FAMILIES = ("Qwen2-VL", "Qwen2.5-VL", "Qwen4-Exp", "GLM-4V")
+
+
+def patched_attributes():
+    """(owner, name) -> object, for everything ropekit patches for the new families in the installed transformers."""
+    from ropekit.transformers import _FAMILIES
+    from ropekit.transformers._patching import import_optional
+
+    out = {}
+    for family in NEW_FAMILIES:
+        for spec in _FAMILIES[family]:
+            module = import_optional(spec.name)
+            if module is None:
+                continue
+            if spec.rotary:
+                rotary = getattr(module, spec.rotary)
+                out[(rotary, "forward")] = rotary.__dict__["forward"]
+                name = ("apply_multimodal_rotary_pos_emb" if hasattr(module, "apply_multimodal_rotary_pos_emb")
+                        else "apply_rotary_pos_emb")
+                out[(module, name)] = getattr(module, name)
+            if spec.attention:
+                attention = getattr(module, spec.attention)
+                out[(attention, "forward")] = attention.__dict__["forward"]
+            model_cls = getattr(module, spec.vl_model)
+            out[(model_cls, "get_rope_index")] = model_cls.__dict__["get_rope_index"]
+    return out
+
+
+def test_patch_is_idempotent_and_unpatch_restores_identity(unpatch_after):
+    before = patched_attributes()
+    assert before
+    for _ in range(2):
+        for apply in (ropekit.apply_to_qwen2_vl, ropekit.apply_to_qwen2_5_vl, ropekit.apply_to_glm4v):
+            apply()
+        if has_module("qwen4_exp"):
+            ropekit.apply_to_qwen4_exp()
+    patched = patched_attributes()
+    for key, old in before.items():
+        assert patched[key] is not old and patched[key].__ropekit_original__ is old, key
+    ropekit.unpatch()
+    after = patched_attributes()
+    assert all(after[key] is old for key, old in before.items())
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_apply_to_model_dispatches_on_every_model_type(unpatch_after, family):
+    """The conditional-generation model and its text model (the text sub-config's model type) are both recognised,
+    instances included (model=); a model of another family is refused."""
+    from ropekit.transformers import _FAMILY_MODEL_TYPES, _MODEL_TYPES
+
+    model = shared_model(family)
+    rotary = getattr(family.modeling(), family.rotary)
+    for target in (model, language_model(model)):
+        assert target.config.model_type in _MODEL_TYPES, target.config.model_type
+        ropekit.unpatch()
+        ropekit.apply_to_model(target)
+        assert rotary.__dict__["forward"].__ropekit_original__ is not None
+        assert _MODEL_TYPES[target.config.model_type] is family.apply
+    covered = {t for family_, types in _FAMILY_MODEL_TYPES.items() for t in types if _MODEL_TYPES[t] is family.apply}
+    assert {model.config.model_type, model.config.text_config.model_type} <= covered
+    other = shared_model(FAMILIES["qwen2_vl" if family.id != "qwen2_vl" else "glm4v"])
+    with pytest.raises(ValueError, match=rf"{family.apply.__name__} patches model types .*{other.config.model_type!r}"):
+        family.apply(other)
+
+
+def test_switches(unpatch_after):
+    """rope / rope_index switch their parts; families without q/k norms have no qk_norm_rope switch of their own,
+    and apply_to_model drops it for them (nothing to fuse)."""
+    from transformers.models.qwen2_vl import modeling_qwen2_vl as m
+
+    name = "apply_multimodal_rotary_pos_emb" if hasattr(m, "apply_multimodal_rotary_pos_emb") else "apply_rotary_pos_emb"
+    apply, get_rope_index = getattr(m, name), m.Qwen2VLModel.get_rope_index
+    ropekit.apply_to_qwen2_vl(rope=False)
+    assert getattr(m, name) is apply and m.Qwen2VLModel.get_rope_index is not get_rope_index
+    ropekit.unpatch()
+    ropekit.apply_to_qwen2_vl(rope_index=False)
+    assert getattr(m, name) is not apply and m.Qwen2VLModel.get_rope_index is get_rope_index
+    ropekit.unpatch()
+    with pytest.raises(TypeError):
+        ropekit.apply_to_qwen2_vl(qk_norm_rope=True)
+    ropekit.apply_to_model(shared_model(FAMILIES["qwen2_vl"]), qk_norm_rope=False)
+    assert getattr(m, name) is not apply
+    with pytest.raises(TypeError):
+        ropekit.apply_to_model(shared_model(FAMILIES["qwen2_vl"]), no_such_switch=True)
+
+
+@pytest.mark.skipif(has_module("qwen4_exp"), reason="checks the error on a transformers without Qwen4-Exp (4.57)")
+def test_qwen4_exp_needs_transformers_5(unpatch_after):
+    from ropekit.transformers import _patching
+
+    with pytest.raises(RuntimeError, match=r"has no Qwen4-Exp modeling module; .* \(Qwen4-Exp needs transformers 5\.x\)"):
+        ropekit.apply_to_qwen4_exp()
+    assert not _patching._ORIGINALS, "nothing was patched"
+    ropekit.apply_to_glm4v()  # GLM-4V and GLM-4V-MoE exist in 4.57; GLM-4.6V (5.x only) is skipped
+    assert _patching._ORIGINALS
+
+
+@pytest.mark.parametrize("family", family_params(ids={"qwen4_exp"}))
+def test_qwen4_exp_switches_and_hooks(unpatch_after, count_fused, family):
+    """qk_norm_rope=False leaves the attention alone; a forward hook on q_norm makes the layer run the unfused
+    steps (the hook fires, the numbers are the same)."""
+    from transformers.models.qwen4_exp import modeling_qwen4_exp as m
+
+    forward = m.Qwen4ExpTextAttention.forward
+    ropekit.apply_to_qwen4_exp(qk_norm_rope=False)
+    assert m.Qwen4ExpTextAttention.forward is forward
+    ropekit.unpatch()
+    model = shared_model(family)
+    inputs = text_inputs(lengths=(9, 9))
+    seen = []
+    attention = next(layer.self_attn for layer in language_model(model).layers if hasattr(layer, "self_attn"))
+    handle = attention.q_norm.register_forward_hook(lambda *a: seen.append(1))
+    try:
+        with torch.no_grad():
+            ref = model(**inputs).logits
+            ropekit.apply_to_model(model)
+            ours = model(**inputs).logits
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and not count_fused
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        model(**inputs)
+    assert len(count_fused) == attention_layers(model), "without the hook the layer fuses again"
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_peft_lora(unpatch_after, count_fused, count_apply_rope, family):
+    """LoRA on q_proj / k_proj (and, where the family has q/k norms, trainable modules_to_save copies of them, which
+    the fused op uses): the same loss and trainable gradients patched (model=) and unpatched."""
+    peft = pytest.importorskip("peft", reason="PEFT integration: peft is in requirements/dev.txt")
+    modules_to_save = ["q_norm", "k_norm"] if family.fused else None
+    model = peft.get_peft_model(copy.deepcopy(shared_model(family)),
+                                peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj"],
+                                                modules_to_save=modules_to_save))
+    gen = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    inputs = training_inputs(family, model.config)
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        reset(model.base_model.model)
+        loss = model(**inputs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref_grads = loss_and_grads()
+    family.apply(model)
+    loss, grads = loss_and_grads()
+    assert any("lora_A" in name for name in grads)
+    if family.fused:
+        assert count_fused and any("modules_to_save" in name and "q_norm" in name for name in grads)
+    else:
+        assert count_apply_rope
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
