@@ -69,7 +69,7 @@ def qwen2_vl_config(version: str = "2"):
     return config
 
 
-def glm4v_config(kind: str = "glm4v"):
+def glm4v_config(kind: str = "glm4v", **text_overrides):
     """GLM-4V ("glm4v"), GLM-4V-MoE ("glm4v_moe") or GLM-4.6V ("glm46v"): head_dim 32 with partial rotary 0.5, so 16
     rotary channels, 8 frequencies in sections [2, 3, 3]; the other 16 channels pass through."""
     import transformers
@@ -86,6 +86,7 @@ def glm4v_config(kind: str = "glm4v"):
         text["model_type"], vision["model_type"] = "glm4v_text", "glm4v_vision"
     else:
         cls = transformers.Glm4vConfig
+    text.update(text_overrides)
     config = cls(text_config=text, vision_config=vision, **GLM_IDS)
     config._attn_implementation = "eager"
     return config
@@ -113,12 +114,13 @@ def qwen4_exp_text_config(**overrides):
     return config
 
 
-def qwen4_exp_config():
+def qwen4_exp_config(**text_overrides):
     from transformers import Qwen4ExpConfig
 
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=4,
                   spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
-    config = Qwen4ExpConfig(text_config=qwen4_exp_text_config().to_dict(), vision_config=vision, **QWEN_IDS)
+    text = qwen4_exp_text_config(**text_overrides).to_dict()
+    config = Qwen4ExpConfig(text_config=text, vision_config=vision, **QWEN_IDS)
     config._attn_implementation = "eager"
     return config
 
@@ -179,6 +181,23 @@ FAMILIES = {
                "glm4v", "Glm4vTextRotaryEmbedding", "glm"),
     )
 }
+
+
+def without_discrete_choices(family: Family):
+    """The family's tiny config with no data-dependent top-k choice left: GLM-4V-MoE with dense MLPs in every layer
+    (first_k_dense_replace), Qwen4-Exp with one routed expert and an indexer budget above the sequence length (every
+    block selected). Routing and block selection are discrete: where two scores nearly tie, any change of rounding
+    (ropekit's, or another kernel's) can flip the choice and move that token's output by the difference between the
+    two experts or blocks, outside any rounding criterion. ropekit changes neither; the bf16 comparison measures the
+    rounding of what it does change. Other families: their usual config."""
+    if family.id == "glm4v_moe":
+        return glm4v_config("glm4v_moe", first_k_dense_replace=TEXT["num_hidden_layers"])
+    if family.id == "qwen4_exp":
+        return qwen4_exp_config(**DENSE_QWEN4_EXP)
+    return family.config()
+
+
+DENSE_QWEN4_EXP = dict(num_experts=1, num_experts_per_tok=1, indexer_budget=128)  # see without_discrete_choices
 
 
 def family_params(ids=None, needs=None):
