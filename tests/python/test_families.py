@@ -30,9 +30,9 @@ import pytest
 import torch
 
 import ropekit
+from conftest import requires_cuda
 from family_models import (FAMILIES, PAD, assert_inputs_unchanged, clone_inputs, family_params, has_module,
-                           language_model, multimodal_inputs, qwen4_exp_text_config, reset, shared_model,
-                           takes_token_types)
+                           language_model, multimodal_inputs, reset, shared_model)
 from ropekit.transformers._patching import original
 
 pytestmark = pytest.mark.transformers
@@ -136,16 +136,17 @@ def assert_patch_ran(family, model, counts, forwards, rope_index_calls=None, get
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("family", ALL)
-def test_rotary_forward_bit_identical(unpatch_after, family, dtype):
+def test_rotary_forward_bit_identical(unpatch_after, device, family, dtype):
     """Positions (3, B, S) and (1, B, S), past the table's first rows and negative (5.x's padding slots after
     negative deltas): the patched forward returns transformers' own tensors, shape, dtype and bits; also with an
-    inv_freq cast to bf16 by model.to()."""
-    module = rotary_module(family)
+    inv_freq cast to bf16 by model.to(). On CUDA too where there is one (the gather kernel vs torch's cosf)."""
+    module = rotary_module(family).to(device)
     family.apply()
     rotary_cls = type(module)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, dtype=dtype)
-    positions = [torch.randint(-5, 700, (3, 2, 40), generator=gen), torch.randint(0, 300, (1, 2, 40), generator=gen)]
+    x = torch.randn(2, 3, dtype=dtype, device=device)
+    positions = [torch.randint(-5, 700, (3, 2, 40), generator=gen).to(device),
+                 torch.randint(0, 300, (1, 2, 40), generator=gen).to(device)]
     for inv_freq_dtype in (torch.float32, torch.bfloat16):
         if inv_freq_dtype != torch.float32:
             module = copy.deepcopy(module).to(inv_freq_dtype)
@@ -169,26 +170,26 @@ def _apply_fn(family):
 
 
 @pytest.mark.parametrize("family", ALL)
-def test_apply_rotary_pos_emb_bit_identical(unpatch_after, count_apply_rope, family):
+def test_apply_rotary_pos_emb_bit_identical(unpatch_after, count_apply_rope, device, family):
     """fp32 q/k as the attention passes them (transposed (B, H, S, D) views, GQA), cos/sin from the rotary forward:
     outputs and the gradients of q and k equal transformers' bit for bit (GLM-4V: GPT-J pairs with partial rotary;
     GLM-4V-MoE and Qwen4-Exp: partial rotary; 4.57: the sections picked from per-axis cos/sin)."""
     config = family.config().text_config
-    module = rotary_module(family)
+    module = rotary_module(family).to(device)
     family.apply()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     gen = torch.Generator().manual_seed(2)
-    pos = torch.randint(0, 90, (3, 2, 17), generator=gen)
-    cos, sin = module(torch.zeros(1), pos)
+    pos = torch.randint(0, 90, (3, 2, 17), generator=gen).to(device)
+    cos, sin = module(torch.zeros(1, device=device), pos)
     patched, unpatched, extra = _apply_fn(family)
     assert patched is not unpatched
 
     def run(fn):
-        q = torch.randn(2, 17, 4, head_dim, generator=torch.Generator().manual_seed(3)).requires_grad_()
-        k = torch.randn(2, 17, 2, head_dim, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        q = torch.randn(2, 17, 4, head_dim, generator=torch.Generator().manual_seed(3)).to(device).requires_grad_()
+        k = torch.randn(2, 17, 2, head_dim, generator=torch.Generator().manual_seed(4)).to(device).requires_grad_()
         out_q, out_k = fn(q.transpose(1, 2), k.transpose(1, 2), cos, sin, *extra)
-        (out_q * torch.linspace(-1, 1, out_q.numel()).view_as(out_q)).sum().backward(retain_graph=True)
-        (out_k * torch.linspace(1, -2, out_k.numel()).view_as(out_k)).sum().backward()
+        (out_q * torch.linspace(-1, 1, out_q.numel(), device=device).view_as(out_q)).sum().backward(retain_graph=True)
+        (out_k * torch.linspace(1, -2, out_k.numel(), device=device).view_as(out_k)).sum().backward()
         return out_q.detach(), out_k.detach(), q.grad, k.grad
 
     for ours, ref, name in zip(run(patched), run(unpatched), ("q", "k", "dq", "dk")):
@@ -222,7 +223,8 @@ def test_qwen4_exp_rotation_of_queries_alone(unpatch_after, count_apply_rope, fa
     assert torch.equal(module.apply_rotary_pos_emb(keys, cos=block_cos, sin=block_sin),
                        unpatched(keys, cos=block_cos, sin=block_sin))
     q, k = (torch.randn(2, 4, 9, 64, generator=torch.Generator().manual_seed(s)) for s in (8, 9))
-    assert all(torch.equal(a, b) for a, b in zip(module.apply_rotary_pos_emb(q, k, cos, sin), unpatched(q, k, cos, sin)))
+    ours, ref = module.apply_rotary_pos_emb(q, k, cos, sin), unpatched(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(ours, ref))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -257,6 +259,32 @@ def test_logits_match(unpatch_after, count_fused, count_apply_rope, count_rope_i
             assert_inputs_unchanged(inputs, before)
     unspy(model)
     assert_patch_ran(family, model, (count_fused, count_apply_rope), forwards, count_rope_index, calls)
+
+
+@requires_cuda
+@pytest.mark.parametrize("family", ALL)
+def test_logits_match_on_cuda(unpatch_after, count_fused, count_apply_rope, count_rope_index, family):
+    """The same on a GPU: the table gather and rotation kernels, the fused kernel where the family has q/k norms, and
+    get_rope_index on the device algorithm (no host sync), against the unpatched model on the same GPU."""
+    model = copy.deepcopy(shared_model(family)).cuda()
+    cases = {name: {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+             for name, inputs in dict(batches(family, model.config), text=text_inputs()).items()}
+    with torch.no_grad():
+        refs = {}
+        for name, inputs in cases.items():
+            reset(model)
+            refs[name] = model(**inputs).logits, model.model.rope_deltas
+        ropekit.apply_to_model(model)
+        for name, inputs in cases.items():
+            reset(model)
+            ours = model(**inputs).logits
+            ref, ref_deltas = refs[name]
+            assert torch.equal(ours.isnan(), ref.isnan())
+            assert record(family, f"fp32 logits on CUDA ({name})", ours, ref) <= 1e-5, name
+            if ref_deltas is not None:
+                assert torch.equal(model.model.rope_deltas, ref_deltas), name
+    assert_patch_ran(family, model, (count_fused, count_apply_rope), len(cases))
+    assert count_rope_index
 
 
 @pytest.mark.parametrize("family", ALL)
@@ -364,8 +392,9 @@ def pack(family, config, rows_of_samples, seed):
     batch = {}
     for key in ("input_ids", "mm_token_type_ids"):
         if key in alone[0]:
+            fill = PAD if key == "input_ids" else 0
             batch[key] = torch.stack([torch.nn.functional.pad(torch.cat([s[key][0] for s in row]),
-                                                              (0, seq - len(seg)), value=PAD if key == "input_ids" else 0)
+                                                              (0, seq - len(seg)), value=fill)
                                       for row, seg in zip(rows, segments)])
     batch["attention_mask"] = torch.stack([torch.nn.functional.pad(seg, (0, seq - len(seg))) for seg in segments])
     for key in ("image_grid_thw", "pixel_values", "video_grid_thw", "pixel_values_videos", "second_per_grid_ts"):
@@ -547,7 +576,9 @@ def test_switches(unpatch_after):
     and apply_to_model drops it for them (nothing to fuse)."""
     from transformers.models.qwen2_vl import modeling_qwen2_vl as m
 
-    name = "apply_multimodal_rotary_pos_emb" if hasattr(m, "apply_multimodal_rotary_pos_emb") else "apply_rotary_pos_emb"
+    name = "apply_rotary_pos_emb"
+    if hasattr(m, "apply_multimodal_rotary_pos_emb"):  # 4.57
+        name = "apply_multimodal_rotary_pos_emb"
     apply, get_rope_index = getattr(m, name), m.Qwen2VLModel.get_rope_index
     ropekit.apply_to_qwen2_vl(rope=False)
     assert getattr(m, name) is apply and m.Qwen2VLModel.get_rope_index is not get_rope_index
@@ -567,7 +598,7 @@ def test_switches(unpatch_after):
 def test_qwen4_exp_needs_transformers_5(unpatch_after):
     from ropekit.transformers import _patching
 
-    with pytest.raises(RuntimeError, match=r"has no Qwen4-Exp modeling module; .* \(Qwen4-Exp needs transformers 5\.x\)"):
+    with pytest.raises(RuntimeError, match=r"no Qwen4-Exp modeling module; .* \(Qwen4-Exp needs transformers 5\.x\)"):
         ropekit.apply_to_qwen4_exp()
     assert not _patching._ORIGINALS, "nothing was patched"
     ropekit.apply_to_glm4v()  # GLM-4V and GLM-4V-MoE exist in 4.57; GLM-4.6V (5.x only) is skipped
