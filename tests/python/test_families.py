@@ -160,6 +160,33 @@ def test_rotary_forward_bit_identical(unpatch_after, device, family, dtype):
     assert vars(module)["_ropekit_table"].rows > 0
 
 
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic"])
+@pytest.mark.parametrize("family", ALL)
+def test_rotary_forward_other_rope_types(unpatch_after, family, rope_type):
+    """yarn (static, attention_scaling != 1): served from the table, bit-identical. dynamic NTK (inv_freq depends on
+    the largest position): transformers' own forward runs, on both sides of the switch, and no table is built."""
+    from conftest import uses_rope_parameters
+
+    text_config = family.config().text_config
+    params = {"factor": 4.0, "original_max_position_embeddings": 64} if rope_type == "yarn" else {"factor": 2.0}
+    if uses_rope_parameters():
+        text_config.rope_parameters = dict(text_config.rope_parameters, rope_type=rope_type, **params)
+    else:
+        text_config.rope_scaling = dict(text_config.rope_scaling, rope_type=rope_type, **params)
+    module = getattr(family.modeling(), family.rotary)(text_config)
+    reference = copy.deepcopy(module)
+    family.apply()
+    x = torch.zeros(1)
+    for top in (100, 600):  # below and past max_position_embeddings (256): dynamic NTK switches
+        pos = torch.randint(0, top, (3, 2, 30), generator=torch.Generator().manual_seed(top))
+        ours, ref = module(x, pos), original(type(module), "forward")(reference, x, pos)
+        assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(ours, ref)), top
+    if rope_type == "yarn":
+        assert module.attention_scaling != 1.0 and vars(module)["_ropekit_table"].rows > 0
+    else:
+        assert "_ropekit_table" not in vars(module)
+
+
 def _apply_fn(family):
     """(patched function, original, extra args) of the family's text rotation in the installed line."""
     module = family.modeling()
