@@ -288,6 +288,30 @@ def test_logits_match(unpatch_after, count_fused, count_apply_rope, count_rope_i
     assert_patch_ran(family, model, (count_fused, count_apply_rope), forwards, count_rope_index, calls)
 
 
+@pytest.mark.parametrize("seconds", ["fp64", "absent", "fractional"])
+@pytest.mark.parametrize("family", family_params(ids={"qwen2_5_vl"}))
+def test_qwen2_5_vl_second_per_grid_ts(unpatch_after, count_rope_index, family, seconds):
+    """Qwen2.5-VL's temporal scaling at model level, beyond the fp32 (1.5, 0.5) of the other tests: fp64 timestamps
+    (transformers' arithmetic in fp64), none (the factor is tokens_per_second alone), and fractional ones (1/3, 2.7:
+    4.57 truncates each to an integer first, 5.x scales in floating point). The same logits (bit for bit here: no
+    fused norm) and rope deltas; images are never scaled."""
+    model = shared_model(family)
+    inputs = batches(family, model.config, seed=6)["images+videos"]
+    if seconds == "absent":
+        del inputs["second_per_grid_ts"]
+    else:
+        values, dtype = ((2.5, 1 / 3), torch.float64) if seconds == "fp64" else ((1 / 3, 2.7), torch.float32)
+        inputs["second_per_grid_ts"] = torch.tensor(values, dtype=dtype)
+    with torch.no_grad():
+        reset(model)
+        ref, ref_deltas = model(**inputs).logits, model.model.rope_deltas
+        ropekit.apply_to_model(model)
+        reset(model)
+        ours = model(**inputs).logits
+    assert count_rope_index
+    assert torch.equal(ours, ref) and torch.equal(model.model.rope_deltas, ref_deltas)
+
+
 @requires_cuda
 @pytest.mark.parametrize("family", ALL)
 def test_logits_match_on_cuda(unpatch_after, count_fused, count_apply_rope, count_rope_index, family):
