@@ -128,6 +128,7 @@ def _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, live):
         or q.dim() != 4
         or (k is not None and (not isinstance(k, torch.Tensor) or k.dim() != 4 or k.dtype != q.dtype))
         or cos.dim() != 3
+        or sin.shape != cos.shape
         or q.dtype not in _SUPPORTED_DTYPES
         or cos.dtype not in (q.dtype, torch.float32)
         or unsqueeze_dim not in (1, 2, -3, -2)
