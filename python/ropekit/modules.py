@@ -118,17 +118,22 @@ class RopeTable:
         position_ids: torch.Tensor,
         dtype: torch.dtype,
         mrope_section: Sequence[int] | None = None,
+        *,
+        mrope_interleaved: bool = True,
+        is_neox: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of ``dtype`` for ``position_ids`` (1-D RoPE, or mRoPE when ``mrope_section`` is given), exactly
-        as transformers computes them from the current ``inv_freq`` and ``attention_scaling``."""
+        as transformers computes them from the current ``inv_freq`` and ``attention_scaling``.
+        ``mrope_interleaved=False``: Qwen2-VL / Qwen2.5-VL / GLM-4V sectioned mRoPE; ``is_neox=False``: GLM-4V's
+        ``repeat_interleave(2)`` layout (see :func:`ropekit.mrope_cos_sin`)."""
         device = position_ids.device
         cos_t, sin_t, table_inv = self.tables(inv_freq, attention_scaling, device, self.min_rows_for(position_ids))
         if inv_freq.device != device:
             inv_freq = inv_freq.to(device)
         if mrope_section is None:
-            return _rope_cos_sin(cos_t, sin_t, position_ids, dtype, inv_freq, attention_scaling, table_inv)
+            return _rope_cos_sin(cos_t, sin_t, position_ids, dtype, inv_freq, attention_scaling, table_inv, is_neox)
         return _mrope_cos_sin(cos_t, sin_t, position_ids, mrope_section, dtype, inv_freq, attention_scaling,
-                              table_inv)
+                              table_inv, mrope_interleaved, is_neox)
 
 
 class CachedRotaryEmbedding(nn.Module):

@@ -147,10 +147,11 @@ def build(cls, config, device, seed=0):
     """A model with random weights, norm weights included (their init of ones/zeros would hide weight mistakes)."""
     torch.manual_seed(seed)
     model = cls(config)
+    zero_centred = any(family in type(model).__module__ for family in ("qwen3_5", "qwen4_exp"))  # (1 + w) norms
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
-                param.normal_(0.0 if "qwen3_5" in type(model).__module__ else 1.0, 0.2)
+                param.normal_(0.0 if zero_centred else 1.0, 0.2)
     return model.to(device).eval()
 
 
@@ -166,6 +167,12 @@ def _count_calls(monkeypatch, op_name: str) -> list:
 def count_fused(monkeypatch):
     """Counts calls of the fused q/k norm + RoPE op made by the patched attention."""
     return _count_calls(monkeypatch, "qk_norm_rope")
+
+
+@pytest.fixture
+def count_apply_rope(monkeypatch):
+    """Counts calls of ropekit.apply_rope made by the patched apply_rotary_pos_emb (families without q/k norms)."""
+    return _count_calls(monkeypatch, "apply_rope")
 
 
 @pytest.fixture

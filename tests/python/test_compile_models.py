@@ -15,6 +15,7 @@ that file as a markdown table.
 from __future__ import annotations
 
 import collections
+import copy
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 from torch._dynamo.backends.debugging import ExplainWithBackend
 from torch._dynamo.utils import counters
 
+import family_models
 import ropekit
 
 from conftest import (TINY, TINY_MOE, build, has_qwen3_5, multimodal_batch, tiny_qwen3_5_text_config,
@@ -41,16 +43,26 @@ def _outside_package(path: str) -> bool:
 
 
 def mentions_ropekit(reason) -> bool:
-    """A break reason (``GraphCompileReason`` or a counter message) that points at ropekit: a frame of its user stack
-    inside the ropekit package, or ropekit named in its text (an op ``ropekit::...``, ``torch.ops.ropekit``, the
-    package's modules). File paths outside the package are blanked first: ``/root/.cache/ropekit/venv/...`` is not
-    ropekit."""
+    """A break reason (``GraphCompileReason`` or a counter message) that points at ropekit: the break site (the
+    innermost frame of its user stack outside torch) inside the ropekit package, or ropekit named in its text (an op
+    ``ropekit::...``, ``torch.ops.ropekit``, the package's modules). File paths outside the package are blanked
+    first: ``/root/.cache/ropekit/venv/...`` is not ropekit. A break inside transformers code that a patched forward
+    calls (Qwen4-Exp's indexer, run as the module it is by the fused attention) has ropekit frames further out in its
+    stack, and is transformers' break, present unpatched too."""
     text = reason if isinstance(reason, str) else reason.reason
     stack = [] if isinstance(reason, str) else reason.user_stack
-    if any(not _outside_package(frame.filename) for frame in stack):
+    site = next((frame for frame in reversed(stack) if not _in_torch(frame.filename)), None)
+    if site is not None and not _outside_package(site.filename):
         return True
     text = _PATH.sub(lambda m: "<path>" if _outside_package(m.group(0)) else m.group(0), text)
     return "ropekit" in text
+
+
+TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _in_torch(path: str) -> bool:
+    return os.path.abspath(path).startswith(TORCH_DIR + os.sep)
 
 
 def _site(reason) -> str:
@@ -285,6 +297,61 @@ def test_qwen3_5(unpatch_after):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# The other mRoPE families (Qwen2-VL, Qwen2.5-VL, Qwen4-Exp, GLM-4V, GLM-4V-MoE, GLM-4.6V)
+
+
+def _family_ops(family, multimodal):
+    ops = ("ropekit.qk_norm_rope",) if family.fused else ("ropekit.apply_rope",)
+    return ops + (("ropekit.rope_index",) if multimodal else ())
+
+
+@pytest.mark.parametrize("family", family_models.family_params(ids=set(family_models.FAMILIES) - {"glm46v"}))
+def test_family_text_model(unpatch_after, family):
+    """The family's text model with distinct (3, B, S) mRoPE positions (GLM-4.6V runs GLM-4V's): patched, the
+    rotation is one traced op. Qwen4-Exp's indexer loops over the queries with nonzero (transformers' breaks, the
+    same patched): one short row."""
+    model = family_models.shared_model(family)
+    config = copy.deepcopy(model.config.text_config)
+    if family.id == "qwen4_exp":  # its linear-attention layer (untouched by ropekit) dominates the tracing time
+        config.num_hidden_layers, config.layer_types = 1, ["indexed_attention"]
+    text_model = build(type(family_models.language_model(model)), config, "cpu", seed=40)
+    batch, seq = (1, 6) if family.id == "qwen4_exp" else (2, 12)
+    ids = token_ids(41, batch, seq)
+    if seq >= 9:
+        pos = mrope_positions(batch, seq)
+    else:  # a 2x2 image at tokens 2..5
+        pos = torch.arange(seq).expand(3, batch, seq).clone()
+        pos[1, :, 2:6], pos[2, :, 2:6] = torch.tensor([2, 2, 3, 3]), torch.tensor([2, 3, 2, 3])
+    check_family(f"{family.id} text", text_model,
+                 no_grad(lambda m: m(input_ids=ids, position_ids=pos).last_hidden_state), family.apply,
+                 expected_ops=_family_ops(family, False))
+
+
+@pytest.mark.parametrize("family", family_models.family_params())
+def test_family_multimodal(unpatch_after, family):
+    """The whole conditional-generation model on two images with a left-padded row (Qwen4-Exp: no padding, where
+    transformers' indexed attention gives NaN): one text layer (Qwen4-Exp: indexed attention), one vision block.
+    The vision tower and the placeholder checks break the graph unpatched and patched alike; get_rope_index's breaks
+    go away patched (one traced op)."""
+    config = family.config()
+    config.text_config.num_hidden_layers = 1
+    if family.id == "qwen4_exp":
+        config.text_config.layer_types = ["indexed_attention"]
+    model = family.build(seed=42, config=config)
+    rows = [[("text", 3), ("image", 4, 6), ("text", 2)], [("text", 2), ("image", 4, 4), ("text", 3)]]
+    if family.id == "qwen4_exp":
+        rows = [rows[0], rows[0]]
+    inputs = family_models.multimodal_inputs(family, config, 43, rows=rows)
+    unpatched, patched = check_family(f"{family.id} (images)", model, no_grad(lambda m: m(**inputs).logits),
+                                      family.apply, expected_ops=_family_ops(family, True))
+
+    def in_rope_index(reason):
+        return any(frame.name == "get_rope_index" for frame in reason.user_stack)
+
+    assert not any(in_rope_index(r) for r in patched.break_reasons), patched.summary()
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # Training: forward in training mode with grad, then backward through the AOT-compiled joint graph
 
 
@@ -355,6 +422,9 @@ def test_mentions_ropekit_ignores_install_paths():
 
     outside = "/root/.cache/ropekit/venv/lib/python3.11/site-packages/transformers/models/qwen3/modeling_qwen3.py"
     assert not mentions_ropekit(Reason(f"Data dependent operator at {outside}:12", [outside]))
-    assert mentions_ropekit(Reason("x", [outside, os.path.join(PACKAGE_DIR, "transformers", "attention.py")]))
+    inside = os.path.join(PACKAGE_DIR, "transformers", "attention.py")
+    assert mentions_ropekit(Reason("x", [outside, inside]))
+    assert mentions_ropekit(Reason("x", [outside, inside, os.path.join(TORCH_DIR, "nn", "functional.py")]))
+    assert not mentions_ropekit(Reason("Dynamic shape operator", [outside, inside, outside]))  # transformers' break
     assert mentions_ropekit(Reason("Operator ropekit::qk_norm_rope has no fake kernel"))
     assert mentions_ropekit("call_function torch.ops.ropekit.rope_index")

@@ -1,8 +1,9 @@
-"""Replacement for the Qwen3-family attention forward that runs q_norm / k_norm and RoPE as one fused op.
+"""Replacement for the attention forward of the families with per-head q/k norms (Qwen3, Qwen3-VL, Qwen3.5,
+Qwen4-Exp) that runs q_norm / k_norm and RoPE as one fused op.
 
 Everything else the forward does is kept: the KV-cache update (with 4.57's cache kwargs), the attention interface
-lookup of each version, sliding window (Qwen3), and Qwen3.5's output gate. The norm weights stay the modules' own
-parameters, so training updates them and checkpoints are unchanged.
+lookup of each version, sliding window (Qwen3), Qwen3.5 / Qwen4-Exp's output gate and Qwen4-Exp's sparse-attention
+indexer. The norm weights stay the modules' own parameters, so training updates them and checkpoints are unchanged.
 """
 
 from __future__ import annotations
@@ -92,8 +93,14 @@ def _peft_active_module(norm):
 
 
 def make_attention_forward(original, module, norm_cls_name: str, zero_centered: bool, gated: bool,
-                           sliding_window: bool):
-    """original: the unpatched ``<Family>Attention.forward``; module: its modeling module."""
+                           sliding_window: bool, *, indexer: bool = False, is_neox: bool = True):
+    """original: the unpatched ``<Family>Attention.forward``; module: its modeling module.
+
+    ``zero_centered``: the norms are Qwen3.5 / Qwen4-Exp's ``(1 + w)`` RMSNorm; ``gated``: q_proj yields (query, gate)
+    per head and the output is multiplied by ``sigmoid(gate)``; ``sliding_window``: passed to the attention interface
+    (Qwen3); ``indexer``: Qwen4-Exp's sparse attention, whose indexer (run as the module it is) adds its token
+    selection to the mask and whose cos/sin cover every key position (the queries take the last ``S``);
+    ``is_neox``: the rotation style of the family's ``apply_rotary_pos_emb``."""
     norm_cls = getattr(module, norm_cls_name)
     norm_forward = norm_cls.forward  # the stock norm; anything else (another patcher) falls back to the original
     eager_attention = module.eager_attention_forward
@@ -119,6 +126,7 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
         activations are."""
         return (
             type(norm) is norm_cls
+            and getattr(norm, "group_size", None) is None  # Qwen4-Exp's norm can normalise groups of channels
             and stock_forward(norm)
             and not _has_hooks(norm)
             and norm.weight.device == query.device
@@ -161,9 +169,16 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
             cache_position, args = args[0], args[1:]
         elif takes_cache_position:
             cache_position = kwargs.pop("cache_position", None)
-        if args:  # not a call transformers makes: let the original handle (or reject) it
+        if args or (indexer and attention_mask is None):  # not a call transformers makes: the original decides
             return original(self, hidden_states, position_embeddings, attention_mask, past_key_values, *args,
                             **kwargs)
+        if indexer:  # Qwen4-Exp: the indexer's token selection narrows the mask; queries take the last S positions
+            selected = self.indexer(hidden_states, position_embeddings, attention_mask, past_key_values)
+            if attention_mask.is_floating_point():
+                attention_mask = attention_mask + selected
+            else:
+                attention_mask = attention_mask & selected
+            position_embeddings = tuple(x[:, -hidden_states.shape[1]:, :] for x in position_embeddings)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
@@ -178,7 +193,7 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
         if norms is not None:
             q_norm, k_norm = norms
             query_states, key_states = ops.qk_norm_rope(
-                query, key, q_norm.weight, k_norm.weight, cos, sin, norm_eps(q_norm), zero_centered
+                query, key, q_norm.weight, k_norm.weight, cos, sin, norm_eps(q_norm), zero_centered, is_neox=is_neox
             )
         else:  # exactly the original's steps (e.g. a q_norm replaced by another library)
             query_states = self.q_norm(query).transpose(1, 2)

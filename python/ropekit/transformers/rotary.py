@@ -1,4 +1,4 @@
-"""Replacements for transformers' rotary-embedding forward and apply_rotary_pos_emb, shared by every Qwen3 family.
+"""Replacements for transformers' rotary-embedding forward and apply_rotary_pos_emb, shared by every family.
 
 These know transformers' calling conventions; they know nothing about CUDA (that lives in the ops).
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 
 import torch
 
@@ -34,15 +35,50 @@ def table_of(module) -> RopeTable:
     return table
 
 
-def make_rotary_forward(original, mrope: bool):
-    """A rotary forward that gathers from the cached table; mrope=True for Qwen3-VL-style (3, B, S) positions.
+@dataclass(frozen=True)
+class RotaryLayout:
+    """What a family's rotary forward returns, so that the patched forward returns exactly that.
 
-    Falls back to the original forward, whose numbers are the reference, where a table cannot serve the call:
-    dynamic/longrope rope types, a per-layer-type call, or tracing under torch.compile (the table cache is
-    Python state); and once unpatched.
+    ``mrope``: ``None`` for 1-D RoPE ((B, S) positions, (B, S, D) cos/sin); ``"interleaved"`` for Qwen3-VL / Qwen3.5 /
+    Qwen4-Exp mRoPE; ``"sectioned"`` for Qwen2-VL / Qwen2.5-VL / GLM-4V mRoPE (consecutive ``mrope_section``
+    chunks). ``per_axis`` (transformers 4.57's sectioned families): the forward returns each axis's cos/sin,
+    ``(3, B, S, D)`` in the ``cat((freqs, freqs))`` layout, and ``apply_multimodal_rotary_pos_emb`` picks the sections.
+    ``is_neox``: the duplicated layout of a combined (B, S, D) output: ``cat((f, f))`` (True) or GLM-4V 5.x's
+    ``repeat_interleave(2)`` (False).
     """
 
-    ranks = (2, 3) if mrope else (2,)
+    mrope: str | None = None
+    per_axis: bool = False
+    is_neox: bool = True
+
+
+def _sections(module, inv_freq):
+    """The module's mrope_section when the sectioned gather takes it (three sections covering every frequency, as
+    transformers' split then covers the frequencies exactly); None otherwise (the original forward runs)."""
+    section = getattr(module, "mrope_section", None)
+    try:
+        section = [int(s) for s in section]
+    except (TypeError, ValueError):
+        return None
+    if len(section) != 3 or min(section) < 0 or sum(section) != inv_freq.shape[-1]:
+        return None
+    return section
+
+
+def make_rotary_forward(original, layout: RotaryLayout | bool):
+    """A rotary forward that gathers from the cached table, returning what ``original`` returns for ``layout``
+    (``True`` / ``False``: interleaved mRoPE / 1-D, the Qwen3 families' shorthand).
+
+    Falls back to the original forward, whose numbers are the reference, where a table cannot serve the call:
+    dynamic/longrope rope types, a per-layer-type call, tracing under torch.compile (the table cache is Python
+    state), positions of a shape the layout does not take, sections that do not cover the frequencies; and once
+    unpatched.
+    """
+    if not isinstance(layout, RotaryLayout):
+        layout = RotaryLayout("interleaved" if layout else None)
+    mrope, per_axis, is_neox = layout.mrope, layout.per_axis, layout.is_neox
+    # interleaved: (3|1, B, S), and (B, S) as 4.57's Qwen3-VL expands it; sectioned forwards index a 3-D tensor
+    ranks = {None: (2,), "interleaved": (2, 3), "sectioned": (3,)}[mrope]
 
     # No torch.no_grad() here: the table ops take no gradient and make none, and `original` carries its own.
     @functools.wraps(original)
@@ -58,35 +94,71 @@ def make_rotary_forward(original, mrope: bool):
         ):
             return original(self, x, position_ids, *args, **kwargs)
         table = self.__dict__.get(_TABLE_ATTR) or table_of(self)
-        return table.cos_sin(self.inv_freq, self.attention_scaling, position_ids, x.dtype,
-                             self.mrope_section if mrope else None)
+        inv_freq = self.inv_freq
+        if mrope is None:
+            return table.cos_sin(inv_freq, self.attention_scaling, position_ids, x.dtype)
+        if mrope == "interleaved":
+            return table.cos_sin(inv_freq, self.attention_scaling, position_ids, x.dtype, self.mrope_section)
+        if position_ids.shape[0] not in (1, 3):  # transformers' (3, ...) expand fails on it
+            return original(self, x, position_ids)
+        if per_axis:  # (3, B, S, D): each axis's own 1-D cos/sin
+            _, batch, seq = position_ids.shape
+            cos, sin = table.cos_sin(inv_freq, self.attention_scaling,
+                                     position_ids.expand(3, batch, seq).reshape(3 * batch, seq), x.dtype)
+            return cos.view(3, batch, seq, -1), sin.view(3, batch, seq, -1)
+        section = _sections(self, inv_freq)
+        if section is None:
+            return original(self, x, position_ids)
+        return table.cos_sin(inv_freq, self.attention_scaling, position_ids, x.dtype, section,
+                             mrope_interleaved=False, is_neox=is_neox)
 
     forward.__ropekit_original__ = original
     forward.__ropekit_live__ = False  # set by patch(), cleared by unpatch()
     return forward
 
 
-def make_apply_rotary_pos_emb(original):
-    """apply_rotary_pos_emb with the original's exact signature (4.57 has position_ids as the 5th argument)."""
+def _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, live):
+    """ops.apply_rope where it computes what ``original(q, k, cos, sin, unsqueeze_dim=...)`` computes (``k`` may be
+    None: only q is rotated, as Qwen4-Exp's indexer asks); the original otherwise."""
+    if (
+        not live
+        or not isinstance(q, torch.Tensor)
+        or not isinstance(cos, torch.Tensor)
+        or not isinstance(sin, torch.Tensor)
+        or q.dim() != 4
+        or (k is not None and (not isinstance(k, torch.Tensor) or k.dim() != 4 or k.dtype != q.dtype))
+        or cos.dim() != 3
+        or sin.shape != cos.shape
+        or q.dtype not in _SUPPORTED_DTYPES
+        or cos.dtype not in (q.dtype, torch.float32)
+        or unsqueeze_dim not in (1, 2, -3, -2)
+        or (not partial and cos.shape[-1] != q.shape[-1])  # a full-rotary original fails to broadcast
+    ):
+        return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    if k is None:  # rotate q alone: k with no heads costs nothing
+        heads = 1 if unsqueeze_dim in (1, -3) else 2
+        return ops.apply_rope(q, q.narrow(heads, 0, 0), cos, sin, unsqueeze_dim, is_neox=is_neox)[0]
+    return ops.apply_rope(q, k, cos, sin, unsqueeze_dim, is_neox=is_neox)
+
+
+def make_apply_rotary_pos_emb(original, is_neox: bool = True, partial: bool = True):
+    """apply_rotary_pos_emb with the original's exact signature: 4.57 has position_ids as the 5th argument; Qwen4-Exp's
+    takes ``k=None`` (its sparse-attention indexer rotates queries alone). ``is_neox=False``: GLM-4V's
+    ``rotate_half_llm`` pairs. ``partial=False``: the original rotates the whole head (a narrower cos/sin is its
+    broadcasting error, so the original runs)."""
     params = inspect.signature(original).parameters
 
     def rotate(q, k, cos, sin, unsqueeze_dim):
-        if (
-            not is_live(apply_rotary_pos_emb)
-            or q.dim() != 4
-            or k.dim() != 4
-            or cos.dim() != 3
-            or q.dtype != k.dtype
-            or q.dtype not in _SUPPORTED_DTYPES
-            or cos.dtype not in (q.dtype, torch.float32)
-            or unsqueeze_dim not in (1, 2, -3, -2)
-        ):
-            return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-        return ops.apply_rope(q, k, cos, sin, unsqueeze_dim)
+        return _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, is_live(apply_rotary_pos_emb))
 
     if "position_ids" in params:
 
         def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+            return rotate(q, k, cos, sin, unsqueeze_dim)
+
+    elif params["k"].default is None:  # Qwen4-Exp: apply_rotary_pos_emb(q, k=None, cos=None, sin=None, ...)
+
+        def apply_rotary_pos_emb(q, k=None, cos=None, sin=None, unsqueeze_dim=1):
             return rotate(q, k, cos, sin, unsqueeze_dim)
 
     else:
@@ -97,3 +169,44 @@ def make_apply_rotary_pos_emb(original):
     apply_rotary_pos_emb.__doc__ = original.__doc__
     apply_rotary_pos_emb.__ropekit_original__ = original
     return apply_rotary_pos_emb
+
+
+def make_apply_multimodal_rotary_pos_emb(original, is_neox: bool = True, partial: bool = True,
+                                         gptj_layout: bool = False):
+    """transformers 4.57's ``apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1)``
+    (Qwen2-VL, Qwen2.5-VL, GLM-4V, GLM-4V-MoE): cos/sin arrive per axis, ``(3, B, S, D)``. The sections are picked
+    with transformers' own expression (a copy, so bit for bit the same values; GLM-4V then takes the first half in
+    the ``repeat_interleave(2)`` layout, ``gptj_layout=True``) and the rotation runs as ``ops.apply_rope``."""
+
+    def pick(t, mrope_section):
+        t = torch.cat([m[i % 3] for i, m in enumerate(t.split(list(mrope_section) * 2, dim=-1))], dim=-1)
+        if gptj_layout:
+            t = t[..., : t.shape[-1] // 2].repeat_interleave(2, dim=-1)
+        return t
+
+    @functools.wraps(original)
+    def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1):
+        live = is_live(apply_multimodal_rotary_pos_emb)
+        if not (
+            live
+            and k is not None
+            and isinstance(cos, torch.Tensor)
+            and isinstance(sin, torch.Tensor)
+            and cos.dim() == 4
+            and cos.shape[0] == 3
+            and sin.shape == cos.shape
+            and isinstance(mrope_section, (list, tuple))
+            and len(mrope_section) == 3
+            and all(isinstance(s, int) and s >= 0 for s in mrope_section)
+            and 2 * sum(mrope_section) == cos.shape[-1]
+        ):
+            return original(q, k, cos, sin, mrope_section, unsqueeze_dim)
+
+        def unpatched(*_, **__):  # what _rotate falls back to: the original, on the arguments as given
+            return original(q, k, cos, sin, mrope_section, unsqueeze_dim)
+
+        return _rotate(unpatched, q, k, pick(cos, mrope_section), pick(sin, mrope_section), unsqueeze_dim, is_neox,
+                       partial, live)
+
+    apply_multimodal_rotary_pos_emb.__ropekit_original__ = original
+    return apply_multimodal_rotary_pos_emb
