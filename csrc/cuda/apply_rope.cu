@@ -71,24 +71,18 @@ __global__ void __launch_bounds__(kThreads, 4) apply_rope_vec_kernel(const Param
     vec::load(static_cast<const cs_t*>(p.cos) + cos_row, c_raw);
     vec::load(static_cast<const cs_t*>(p.sin) + cos_row, s_raw);
   }
-  const in_t* q_in = static_cast<const in_t*>(p.q.in) + b * p.q.in_sb + s * p.q.in_ss + g.j0;
-  const in_t* k_in = static_cast<const in_t*>(p.k.in) + b * p.k.in_sb + s * p.k.in_ss + g.j0;
-  out_t* q_out = static_cast<out_t*>(p.q.out) + b * p.q.out_sb + s * p.q.out_ss + g.j0;
-  out_t* k_out = static_cast<out_t*>(p.k.out) + b * p.k.out_sb + s * p.k.out_ss + g.j0;
+  const vec::QkRows<const in_t> in{static_cast<const in_t*>(p.q.in) + b * p.q.in_sb + s * p.q.in_ss + g.j0,
+                                   p.q.in_sh,
+                                   static_cast<const in_t*>(p.k.in) + b * p.k.in_sb + s * p.k.in_ss + g.j0,
+                                   p.k.in_sh, p.q.heads};
+  const vec::QkRows<out_t> out{static_cast<out_t*>(p.q.out) + b * p.q.out_sb + s * p.q.out_ss + g.j0, p.q.out_sh,
+                               static_cast<out_t*>(p.k.out) + b * p.k.out_sb + s * p.k.out_ss + g.j0, p.k.out_sh,
+                               p.q.heads};
   const int rows = p.q.heads + p.k.heads;
 
   for (int it = w.it_begin; it < w.it_end; it += kUnroll) {
     in_t x_raw[kUnroll][E];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int row = (it + u) * g.rows_per_warp + g.slot;
-      if (it + u < w.it_end && row < rows) {
-        vec::load(row < p.q.heads ? q_in + row * p.q.in_sh : k_in + (row - p.q.heads) * p.k.in_sh, x_raw[u]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < E; ++e) x_raw[u][e] = in_t(0);
-      }
-    }
+    vec::load_rows(g, it, w.it_end, rows, in, x_raw);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int row = (it + u) * g.rows_per_warp + g.slot;
@@ -101,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 4) apply_rope_vec_kernel(const Param
       }
       vec::rotate_lane<kBackward, kNeox, Wire>(g, p.rot_dim, x, c, sn, o);
       if (it + u < w.it_end && row < rows) {
-        vec::store_acc(row < p.q.heads ? q_out + row * p.q.out_sh : k_out + (row - p.q.heads) * p.k.out_sh, o);
+        vec::store_acc(out.row(row), o);
       }
     }
   }

@@ -138,24 +138,16 @@ __global__ void __launch_bounds__(kThreads, 4) qk_norm_rope_vec_kernel(const Par
   w_t wq_raw[E], wk_raw[E];
   vec::load(static_cast<const w_t*>(p.q_weight) + g.j0, wq_raw);
   vec::load(static_cast<const w_t*>(p.k_weight) + g.j0, wk_raw);
-  const in_t* q_in = row_ptr<in_t>(p.q, b, s) + g.j0;
-  const in_t* k_in = row_ptr<in_t>(p.k, b, s) + g.j0;
-  out_t* q_out = out_row_ptr<out_t>(p.q, b, s) + g.j0;  // may alias q_in (in-place qkv): each lane reads its own
-  out_t* k_out = out_row_ptr<out_t>(p.k, b, s) + g.j0;  // elements before it writes them, nothing else
+  const vec::QkRows<const in_t> in{row_ptr<in_t>(p.q, b, s) + g.j0, p.q.in_sh, row_ptr<in_t>(p.k, b, s) + g.j0,
+                                   p.k.in_sh, p.q.heads};
+  // `out` may alias `in` (in-place qkv): each lane reads its own elements before it writes them, nothing else.
+  const vec::QkRows<out_t> out{out_row_ptr<out_t>(p.q, b, s) + g.j0, p.q.out_sh, out_row_ptr<out_t>(p.k, b, s) + g.j0,
+                               p.k.out_sh, p.q.heads};
   const int rows = p.q.heads + p.k.heads;
 
   for (int it = w.it_begin; it < w.it_end; it += kUnroll) {
     in_t x_raw[kUnroll][E];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int row = (it + u) * g.rows_per_warp + g.slot;
-      if (it + u < w.it_end && row < rows) {
-        vec::load(row < p.q.heads ? q_in + row * p.q.in_sh : k_in + (row - p.q.heads) * p.k.in_sh, x_raw[u]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < E; ++e) x_raw[u][e] = in_t(0);
-      }
-    }
+    vec::load_rows(g, it, w.it_end, rows, in, x_raw);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int row = (it + u) * g.rows_per_warp + g.slot;
@@ -193,7 +185,7 @@ __global__ void __launch_bounds__(kThreads, 4) qk_norm_rope_vec_kernel(const Par
         vec::rotate_lane<false, kNeox, typename Types::norm_t>(g, p.rot_dim, y, c, sn, o);  // y is norm_t-valued
       }
       if (valid) {
-        vec::store_acc(is_q ? q_out + row * p.q.out_sh : k_out + (row - p.q.heads) * p.k.out_sh, o);
+        vec::store_acc(out.row(row), o);
       }
     }
   }
@@ -237,32 +229,18 @@ __global__ void __launch_bounds__(kThreads, 4) qk_norm_rope_backward_vec_kernel(
       vec::load(static_cast<const cs_t*>(p.cos) + cos_row, c_raw);
       vec::load(static_cast<const cs_t*>(p.sin) + cos_row, s_raw);
     }
-    const in_t* q_x = row_ptr<in_t>(p.q, b, s) + g.j0;
-    const in_t* k_x = row_ptr<in_t>(p.k, b, s) + g.j0;
-    const out_t* q_g = row_ptr<out_t>(grad.q, b, s) + g.j0;
-    const out_t* k_g = row_ptr<out_t>(grad.k, b, s) + g.j0;
-    in_t* q_dx = out_row_ptr<in_t>(grad.q, b, s) + g.j0;
-    in_t* k_dx = out_row_ptr<in_t>(grad.k, b, s) + g.j0;
+    const vec::QkRows<const in_t> x_in{row_ptr<in_t>(p.q, b, s) + g.j0, p.q.in_sh, row_ptr<in_t>(p.k, b, s) + g.j0,
+                                       p.k.in_sh, p.q.heads};
+    const vec::QkRows<const out_t> g_in{row_ptr<out_t>(grad.q, b, s) + g.j0, grad.q.in_sh,
+                                        row_ptr<out_t>(grad.k, b, s) + g.j0, grad.k.in_sh, p.q.heads};
+    const vec::QkRows<in_t> dx_out{out_row_ptr<in_t>(grad.q, b, s) + g.j0, grad.q.out_sh,
+                                   out_row_ptr<in_t>(grad.k, b, s) + g.j0, grad.k.out_sh, p.q.heads};
 
     for (int it = 0; it < sch.iters_per_token; it += kBackwardUnroll) {
       in_t x_raw[kBackwardUnroll][E];
       out_t g_raw[kBackwardUnroll][E];
-#pragma unroll
-      for (int u = 0; u < kBackwardUnroll; ++u) {
-        const int row = (it + u) * g.rows_per_warp + g.slot;
-        if (row < rows) {
-          const bool is_q = row < p.q.heads;
-          const int h = is_q ? row : row - p.q.heads;
-          vec::load(is_q ? q_x + h * p.q.in_sh : k_x + h * p.k.in_sh, x_raw[u]);
-          vec::load(is_q ? q_g + h * grad.q.in_sh : k_g + h * grad.k.in_sh, g_raw[u]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < E; ++e) {
-            x_raw[u][e] = in_t(0);
-            g_raw[u][e] = out_t(0);
-          }
-        }
-      }
+      vec::load_rows(g, it, sch.iters_per_token, rows, x_in, x_raw);  // x and the incoming gradient together
+      vec::load_rows(g, it, sch.iters_per_token, rows, g_in, g_raw);
 #pragma unroll
       for (int u = 0; u < kBackwardUnroll; ++u) {
         const int row = (it + u) * g.rows_per_warp + g.slot;
@@ -301,10 +279,7 @@ __global__ void __launch_bounds__(kThreads, 4) qk_norm_rope_backward_vec_kernel(
         acc dx[E];
 #pragma unroll
         for (int e = 0; e < E; ++e) dx[e] = rstd * (gy[e] - n[e] * mean);
-        if (valid) {
-          const int h = is_q ? row : row - p.q.heads;
-          vec::store_acc(is_q ? q_dx + h * grad.q.out_sh : k_dx + h * grad.k.out_sh, dx);
-        }
+        if (valid) vec::store_acc(dx_out.row(row), dx);
       }
     }
   }

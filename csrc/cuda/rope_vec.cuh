@@ -136,6 +136,37 @@ struct LaneGeometry {
   }
 };
 
+// A token's rows are its q heads, then its k heads; `row(r)` points at row r's first element of this lane in
+// whichever of the two it falls. T is const-qualified for inputs.
+template <typename T>
+struct QkRows {
+  T* q;
+  int64_t q_stride;
+  T* k;
+  int64_t k_stride;
+  int q_heads;
+
+  __device__ __forceinline__ T* row(int r) const { return r < q_heads ? q + r * q_stride : k + (r - q_heads) * k_stride; }
+};
+
+// Loads this lane's E elements of the U rows that iterations [it, it + U) give its slot (row (it + u) *
+// rows_per_warp + slot), with zeros for iterations at or past it_end and rows at or past `rows`: those lanes still
+// take part in the shuffles and group sums. All U loads are issued before any is used.
+template <int U, typename T, int E>
+__device__ __forceinline__ void load_rows(const LaneGeometry& g, int it, int it_end, int rows,
+                                          const QkRows<const T>& src, T (&out)[U][E]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int row = (it + u) * g.rows_per_warp + g.slot;
+    if (it + u < it_end && row < rows) {
+      load(src.row(row), out[u]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < E; ++e) out[u][e] = T(0);
+    }
+  }
+}
+
 // out = x*cos + rot(x)*sin (forward) or its transpose g*cos + rot^T(g*sin) (backward) for this lane's E elements,
 // each product and the sum rounded once (rotate_pair). neox: the partner's value comes across by shuffle, and in
 // the backward the partner sends its own product g*sin (the transpose reads the partner's sin). GPT-J: pairs
