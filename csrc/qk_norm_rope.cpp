@@ -1,5 +1,7 @@
 #include "qk_norm_rope.h"
 
+#include "cpu_isa.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -212,95 +214,44 @@ NormRopeArgs prepare_qk_norm_rope_backward_grads(const NormRopeArgs& fwd, const 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// CPU kernels: a row is one (token, head) of head_dim elements. Every row is computed whole in registers/buffers
-// before it is written, so the in-place qkv variant is safe.
+// CPU kernels (qk_norm_rope_cpu.h), compiled for the build's baseline and, where cpu_isa.h can, for AVX2; run with
+// the instruction set cpu_isa() names. The weight gradient is reduced over fixed chunks of tokens in a fixed order:
+// the same bits on every run and with either instruction set.
 
 namespace {
 
-// Sum of a[j] * b[j] over 8 interleaved partial sums: breaks the add dependency chain so it vectorises (the
-// order differs from PyTorch's reduction anyway; it is fixed, so results are reproducible).
-template <typename acc>
-acc dot(const acc* a, const acc* b, int64_t d) {
-  constexpr int kLanes = 8;
-  acc part[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= d; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) part[l] += mul_rn(a[j + l], b[j + l]);
-  for (; j < d; ++j) part[0] += mul_rn(a[j], b[j]);
-  acc total = 0;
-  for (int l = 0; l < kLanes; ++l) total += part[l];
-  return total;
-}
+constexpr int64_t kWeightGradChunk = 64;  // tokens per partial weight-gradient sum
 
-template <typename Types>
-struct RowMath {
-  using acc = typename Types::acc;
+namespace cpu_baseline {
+#include "qk_norm_rope_cpu.h"
+}  // namespace cpu_baseline
 
-  static acc rstd(const acc* x, int64_t d, double eps) {
-    return acc(1) / std::sqrt(dot(x, x, d) / acc(d) + acc(eps));
-  }
-};
+#if ROPEKIT_CPU_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace cpu_avx2 {
+#include "qk_norm_rope_cpu.h"
+}  // namespace cpu_avx2
+#pragma GCC pop_options
+#endif
 
-// Rows of tokens [begin, end): normalise then rotate; `out_t` results written to the operand's output.
-template <typename Types, bool kNeox>
-void norm_rope_rows(const NormRopeArgs& a, const RopeOperand& op, const at::Tensor& weight, int64_t b, int64_t s,
-                    const typename Types::acc* c, const typename Types::acc* sn, typename Types::acc* y) {
-  using in_t = typename Types::in_t;
-  using out_t = typename Types::out_t;
-  using acc = typename Types::acc;
-  const auto* w = weight.data_ptr<typename Types::w_t>();
-  const int64_t d = a.head_dim, half = a.rot_dim / 2;
-  for (int64_t h = 0; h < op.heads; ++h) {
-    const in_t* x = static_cast<const in_t*>(op.in_ptr) + b * op.in_stride_b + s * op.in_stride_s + h * op.in_stride_h;
-    out_t* o = static_cast<out_t*>(op.out_ptr) + b * op.out_stride_b + s * op.out_stride_s + h * op.out_stride_h;
-    for (int64_t j = 0; j < d; ++j) y[j] = static_cast<acc>(x[j]);
-    const acc r = RowMath<Types>::rstd(y, d, a.eps);
-    for (int64_t j = 0; j < d; ++j) y[j] = normed<Types>(y[j], r, static_cast<acc>(w[j]));
-    for (int64_t i = 0; i < half; ++i) {
-      const int64_t j1 = pair_first<kNeox>(i, half), j2 = pair_second<kNeox>(i, half);
-      acc o1, o2;
-      rotate_pair<false, acc>(y[j1], y[j2], c[j1], c[j2], sn[j1], sn[j2], o1, o2);
-      o[j1] = static_cast<out_t>(o1);
-      o[j2] = static_cast<out_t>(o2);
-    }
-    for (int64_t j = a.rot_dim; j < d; ++j) o[j] = static_cast<out_t>(y[j]);
-  }
-}
-
-template <typename Types, typename Body>
-void for_each_token(const NormRopeArgs& a, Body&& body) {
-  using acc = typename Types::acc;
-  using cs_t = typename Types::cs_t;
-  const int64_t tokens = a.batch * a.seq;
-  if (tokens * (a.q.heads + a.k.heads) * a.head_dim == 0) return;
-  const int64_t work = (a.q.heads + a.k.heads) * a.head_dim;
-  at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(work, 1)), [&](int64_t lo, int64_t hi) {
-    std::vector<acc> c(a.rot_dim), sn(a.rot_dim), scratch(a.head_dim);
-    const cs_t* cos = a.cos.data_ptr<cs_t>();
-    const cs_t* sin = a.sin.data_ptr<cs_t>();
-    for (int64_t n = lo; n < hi; ++n) {
-      const int64_t b = n / a.seq, s = n % a.seq;
-      const int64_t row = b * a.cos_stride_b + s * a.cos_stride_s;
-      for (int64_t j = 0; j < a.rot_dim; ++j) {
-        c[j] = static_cast<acc>(cos[row + j]);
-        sn[j] = static_cast<acc>(sin[row + j]);
-      }
-      body(b, s, c.data(), sn.data(), scratch.data());
-    }
+// Calls f(types, neox): the dtype combination (dispatch_norm_rope_types) and the rotation style as tag values.
+template <typename F>
+void dispatch_cpu_kernels(const NormRopeArgs& a, at::ScalarType x, at::ScalarType w, at::ScalarType c, F&& f) {
+  dispatch_norm_rope_types(x, w, c, a.zero_centered, [&](auto types) {
+    dispatch_rope_style(a.is_neox, [&](auto neox) { f(types, neox); });
   });
 }
 
 void qk_norm_rope_cpu_impl(const NormRopeArgs& a) {
-  dispatch_norm_rope_types(a.q.in.scalar_type(), a.q_weight.scalar_type(), a.cos.scalar_type(), a.zero_centered,
-                           [&](auto types) {
-    dispatch_rope_style(a.is_neox, [&](auto neox) {
-      using Types = decltype(types);
-      constexpr bool kNeox = decltype(neox)::value;
-      for_each_token<Types>(a, [&](int64_t b, int64_t s, const auto* c, const auto* sn, auto* y) {
-        norm_rope_rows<Types, kNeox>(a, a.q, a.q_weight, b, s, c, sn, y);
-        norm_rope_rows<Types, kNeox>(a, a.k, a.k_weight, b, s, c, sn, y);
-      });
-    });
+  dispatch_cpu_kernels(a, a.q.in.scalar_type(), a.q_weight.scalar_type(), a.cos.scalar_type(), [&](auto types,
+                                                                                                    auto neox) {
+    using Types = decltype(types);
+    constexpr bool kNeox = decltype(neox)::value;
+#if ROPEKIT_CPU_AVX2
+    if (cpu_isa() == CpuIsa::kAvx2) return cpu_avx2::forward<Types, kNeox>(a);
+#endif
+    cpu_baseline::forward<Types, kNeox>(a);
   });
 }
 
@@ -322,58 +273,6 @@ void qk_norm_rope_qkv_cpu(const at::Tensor& qkv, const at::Tensor& q_weight, con
                                                  zero_centered, is_neox));
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Backward. Given g = d(out), per row: gy = rope^T(g); Qwen3: gn = gy * w, dw += gy * round(n);
-// Qwen3.5: gn = gy * (1 + w), dw += gy * n; then dx = rstd * (gn - n * mean(gn * n)).
-// The weight gradient is reduced over fixed chunks of tokens in a fixed order: the same bits on every run.
-
-namespace {
-
-constexpr int64_t kWeightGradChunk = 64;  // tokens per partial weight-gradient sum
-
-template <typename Types, bool kNeox>
-void norm_rope_backward_rows(const NormRopeArgs& a, const RopeOperand& grad, const RopeOperand& x_op,
-                             const at::Tensor& weight, int64_t b, int64_t s, const typename Types::acc* c,
-                             const typename Types::acc* sn, typename Types::acc* buf, typename Types::acc* dw) {
-  using in_t = typename Types::in_t;
-  using out_t = typename Types::out_t;
-  using acc = typename Types::acc;
-  const auto* w = weight.data_ptr<typename Types::w_t>();
-  const int64_t d = a.head_dim, half = a.rot_dim / 2;
-  acc* n = buf;
-  acc* gy = buf + d;
-  for (int64_t h = 0; h < x_op.heads; ++h) {
-    const in_t* x = static_cast<const in_t*>(x_op.in_ptr) + b * x_op.in_stride_b + s * x_op.in_stride_s +
-                    h * x_op.in_stride_h;
-    const out_t* g = static_cast<const out_t*>(grad.in_ptr) + b * grad.in_stride_b + s * grad.in_stride_s +
-                     h * grad.in_stride_h;
-    in_t* dx = static_cast<in_t*>(grad.out_ptr) + b * grad.out_stride_b + s * grad.out_stride_s + h * grad.out_stride_h;
-    for (int64_t j = 0; j < d; ++j) n[j] = static_cast<acc>(x[j]);
-    const acc r = RowMath<Types>::rstd(n, d, a.eps);
-    for (int64_t j = 0; j < d; ++j) n[j] = mul_rn(n[j], r);
-    for (int64_t i = 0; i < half; ++i) {
-      const int64_t j1 = pair_first<kNeox>(i, half), j2 = pair_second<kNeox>(i, half);
-      rotate_pair<true, acc>(static_cast<acc>(g[j1]), static_cast<acc>(g[j2]), c[j1], c[j2], sn[j1], sn[j2], gy[j1],
-                             gy[j2]);
-    }
-    for (int64_t j = a.rot_dim; j < d; ++j) gy[j] = static_cast<acc>(g[j]);
-    for (int64_t j = 0; j < d; ++j) {
-      const acc wj = static_cast<acc>(w[j]);
-      if constexpr (Types::zero_centered) {
-        dw[j] += gy[j] * n[j];
-        gy[j] = gy[j] * (acc(1) + wj);
-      } else {
-        dw[j] += gy[j] * round_to<in_t, acc>(n[j]);
-        gy[j] = gy[j] * wj;
-      }
-    }
-    const acc mean = dot(gy, n, d) / acc(d);
-    for (int64_t j = 0; j < d; ++j) dx[j] = static_cast<in_t>(r * (gy[j] - n[j] * mean));
-  }
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward_cpu(
     const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& q_weight, const at::Tensor& k_weight, const at::Tensor& cos, const at::Tensor& sin, double eps,
@@ -381,47 +280,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward
   // Reads q and k as the forward did; allocates only dq, dk and the weight-gradient partials.
   NormRopeArgs a = prepare_qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, zero_centered, is_neox, false);
   const NormRopeArgs g = prepare_qk_norm_rope_backward_grads(a, grad_q, grad_k);
-  const RopeOperand &gq = g.q, &gk = g.k;
   const int64_t tokens = a.batch * a.seq, d = a.head_dim;
   const int64_t chunks = (tokens + kWeightGradChunk - 1) / kWeightGradChunk;
   const auto acc_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor dwq_parts = at::zeros({std::max<int64_t>(chunks, 1), d}, q.options().dtype(acc_dtype));
   at::Tensor dwk_parts = at::zeros_like(dwq_parts);
-
-  if (d > 0 && a.q.heads + a.k.heads > 0) dispatch_norm_rope_types(q.scalar_type(), q_weight.scalar_type(),
-                                                                    cos.scalar_type(), zero_centered, [&](auto types) {
-   dispatch_rope_style(is_neox, [&](auto neox) {
-    using Types = decltype(types);
-    constexpr bool kNeox = decltype(neox)::value;
-    using acc = typename Types::acc;
-    using cs_t = typename Types::cs_t;
-    at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<acc> c(a.rot_dim), sn(a.rot_dim), buf(2 * d);
-      const cs_t* cos_p = a.cos.data_ptr<cs_t>();
-      const cs_t* sin_p = a.sin.data_ptr<cs_t>();
-      for (int64_t chunk = lo; chunk < hi; ++chunk) {
-        acc* dwq = dwq_parts.data_ptr<acc>() + chunk * d;
-        acc* dwk = dwk_parts.data_ptr<acc>() + chunk * d;
-        for (int64_t n = chunk * kWeightGradChunk; n < std::min(tokens, (chunk + 1) * kWeightGradChunk); ++n) {
-          const int64_t b = n / a.seq, s = n % a.seq;
-          const int64_t row = b * a.cos_stride_b + s * a.cos_stride_s;
-          for (int64_t j = 0; j < a.rot_dim; ++j) {
-            c[j] = static_cast<acc>(cos_p[row + j]);
-            sn[j] = static_cast<acc>(sin_p[row + j]);
-          }
-          norm_rope_backward_rows<Types, kNeox>(a, gq, a.q, a.q_weight, b, s, c.data(), sn.data(), buf.data(),
-                                                dwq);
-          norm_rope_backward_rows<Types, kNeox>(a, gk, a.k, a.k_weight, b, s, c.data(), sn.data(), buf.data(),
-                                                dwk);
-        }
-      }
+  if (d > 0 && a.q.heads + a.k.heads > 0) {
+    dispatch_cpu_kernels(a, q.scalar_type(), q_weight.scalar_type(), cos.scalar_type(), [&](auto types, auto neox) {
+      using Types = decltype(types);
+      constexpr bool kNeox = decltype(neox)::value;
+#if ROPEKIT_CPU_AVX2
+      if (cpu_isa() == CpuIsa::kAvx2) return cpu_avx2::backward<Types, kNeox>(a, g, dwq_parts, dwk_parts);
+#endif
+      cpu_baseline::backward<Types, kNeox>(a, g, dwq_parts, dwk_parts);
     });
-   });
-  });
+  }
   // Ordered sum over chunks (sum over dim 0 of a contiguous tensor reduces in a fixed order on CPU).
   auto finish = [&](const at::Tensor& parts, const at::Tensor& w) { return parts.sum(0).to(w.scalar_type()); };
   auto as_input_shape = [](const at::Tensor& dx_heads, const at::Tensor& x) { return dx_heads.view(x.sizes()); };
-  return {as_input_shape(gq.out, q), as_input_shape(gk.out, k), finish(dwq_parts, q_weight),
+  return {as_input_shape(g.q.out, q), as_input_shape(g.k.out, k), finish(dwq_parts, q_weight),
           finish(dwk_parts, k_weight)};
 }
 

@@ -1,6 +1,7 @@
 // Every ropekit schema, and its CPU / CUDA / Autograd kernels. Fake (Meta) kernels live in python/ropekit/ops.py,
 // where symbolic shapes come for free.
 #include "apply_rope.h"
+#include "cpu_isa.h"
 #include "qk_norm_rope.h"
 #include "rope_index.h"
 #include "rope_table.h"
@@ -185,6 +186,9 @@ TORCH_LIBRARY(ropekit, m) {
       "qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, "
       "Tensor cos, Tensor sin, float eps, bool zero_centered, bool is_neox=True) -> (Tensor dq, Tensor dk, "
       "Tensor dq_weight, Tensor dk_weight)");
+  // For tests and benchmarks: the CPU kernels' instruction set (cpu_isa.h); returns the previous one, sets `isa`
+  // unless it is empty.
+  m.def("_cpu_isa(str isa=\"\") -> str", &ropekit::cpu_isa_op);
   m.def(
       "qk_norm_rope_qkv_(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
       "int num_q_heads, int num_kv_heads, bool zero_centered=False, bool is_neox=True) -> ()");
