@@ -12,6 +12,8 @@ import types
 import weakref
 from typing import Any
 
+import torch
+
 _MISSING = object()
 # (class or module, attribute name) -> the object found in owner.__dict__ before ropekit touched it
 _ORIGINALS: dict[tuple[Any, str], Any] = {}
@@ -29,6 +31,13 @@ def import_optional(module_name: str):
         return importlib.import_module(module_name)
     except ImportError:
         return None
+
+
+def plain_tensors(*tensors: Any) -> bool:
+    """Whether every argument is a plain tensor (or parameter), the only kind ropekit's ops have kernels for. A
+    tensor subclass, such as the DTensor of torch's own tensor / sequence parallelism, has no sharding rule or
+    dispatch for them, so a patch hands such calls to transformers' code. ``None`` arguments are skipped."""
+    return all(t is None or type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
 
 
 def original(owner: Any, name: str) -> Any:

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from .. import ops
-from ._patching import is_live
+from ._patching import is_live, plain_tensors
 
 _FUSABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -132,10 +132,10 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
             and norm.weight.device == query.device
         )
 
-    def fusable_norms(self, query, cos):
+    def fusable_norms(self, query, key, cos, sin):
         """(q_norm, k_norm) modules whose weights the fused op can use in their place, or None: fusion only where
         nothing observable would differ (no hook on the norms, on this attention module, or registered globally;
-        stock norms; dtypes the op rounds exactly like transformers)."""
+        stock norms; dtypes the op rounds exactly like transformers; plain tensors; cos/sin without grad)."""
         q_norm, k_norm = _peft_active_module(self.q_norm), _peft_active_module(self.k_norm)
         fusable = (
             norm_cls.forward is norm_forward
@@ -148,8 +148,13 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
             and q_norm.weight.dtype in (query.dtype, torch.float32)
             and k_norm.weight.dtype == q_norm.weight.dtype
             and isinstance(cos, torch.Tensor)
+            and isinstance(sin, torch.Tensor)
             and cos.dim() == 3
             and cos.dtype in (query.dtype, torch.float32)
+            # the fused op differentiates q, k and the norm weights, not cos/sin (transformers makes them without
+            # grad; a caller that scales them with a trainable factor gets the unfused steps, which do)
+            and not (cos.requires_grad or sin.requires_grad)
+            and plain_tensors(query, key, q_norm.weight, k_norm.weight, cos, sin)
         )
         return (q_norm, k_norm) if fusable else None
 
@@ -189,7 +194,7 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
         else:
             query = self.q_proj(hidden_states).view(hidden_shape)
         key = self.k_proj(hidden_states).view(hidden_shape)
-        norms = fusable_norms(self, query, cos)
+        norms = fusable_norms(self, query, key, cos, sin)
         if norms is not None:
             q_norm, k_norm = norms
             query_states, key_states = ops.qk_norm_rope(

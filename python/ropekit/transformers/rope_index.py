@@ -19,12 +19,14 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ._patching import is_live
+from ._patching import is_live, plain_tensors
 
 
 def _on_host(input_ids) -> bool:
-    # CPU tensors: the host loop is the fast path. GPU tensors: the device algorithm, with zero host syncs.
-    return input_ids.device.type == "cpu"
+    # CUDA tensors: the fused device kernel, with zero host syncs, whose domain is every input. Anything else (CPU,
+    # and accelerators without a ropekit kernel, where the device algorithm would be the ATen reference, which does
+    # not take 4.57's mismatched vision spans): the host loop, which takes every input transformers takes.
+    return input_ids.device.type != "cuda"
 
 
 def _to(t, device):
@@ -38,6 +40,9 @@ def _integral(t) -> bool:
 def _in_op_domain(input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids=None) -> bool:
     """Whether ropekit.rope_index takes these arguments as they are; anything else runs transformers' own code."""
     if not _integral(input_ids) or input_ids.dim() != 2:
+        return False
+    if not plain_tensors(*(t for t in (image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids)
+                           if isinstance(t, torch.Tensor)), input_ids):
         return False
     for grid in (image_grid_thw, video_grid_thw):
         if grid is not None and not (_integral(grid) and grid.dim() == 2 and grid.shape[1] == 3):

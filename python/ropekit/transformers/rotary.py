@@ -13,7 +13,7 @@ import torch
 
 from .. import ops
 from ..modules import RopeTable
-from ._patching import is_live
+from ._patching import is_live, plain_tensors
 
 _TABLE_ATTR = "_ropekit_table"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -91,6 +91,9 @@ def make_rotary_forward(original, layout: RotaryLayout | bool):
             or torch.compiler.is_compiling()
             or x.dtype not in _SUPPORTED_DTYPES
             or position_ids.dim() not in ranks
+            or position_ids.dtype not in (torch.int64, torch.int32)  # transformers casts any dtype to float
+            or self.inv_freq.requires_grad  # the table ops take no gradient; the original's matmul does
+            or not plain_tensors(x, position_ids, self.inv_freq)
         ):
             return original(self, x, position_ids, *args, **kwargs)
         table = self.__dict__.get(_TABLE_ATTR) or table_of(self)
@@ -119,20 +122,36 @@ def make_rotary_forward(original, layout: RotaryLayout | bool):
 
 def _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, live):
     """ops.apply_rope where it computes what ``original(q, k, cos, sin, unsqueeze_dim=...)`` computes (``k`` may be
-    None: only q is rotated, as Qwen4-Exp's indexer asks); the original otherwise."""
-    if (
-        not live
-        or not isinstance(q, torch.Tensor)
-        or not isinstance(cos, torch.Tensor)
-        or not isinstance(sin, torch.Tensor)
-        or q.dim() != 4
-        or (k is not None and (not isinstance(k, torch.Tensor) or k.dim() != 4 or k.dtype != q.dtype))
-        or cos.dim() != 3
-        or sin.shape != cos.shape
-        or q.dtype not in _SUPPORTED_DTYPES
-        or cos.dtype not in (q.dtype, torch.float32)
-        or unsqueeze_dim not in (1, 2, -3, -2)
-        or (not partial and cos.shape[-1] != q.shape[-1])  # a full-rotary original fails to broadcast
+    None: only q is rotated, as Qwen4-Exp's indexer asks); the original otherwise: its broadcasting takes shapes the
+    op does not (cos/sin of seq 1, a q or k of batch 1 against a batch of cos/sin, an odd rotary dim)."""
+    if not (
+        live
+        and isinstance(q, torch.Tensor)
+        and isinstance(cos, torch.Tensor)
+        and isinstance(sin, torch.Tensor)
+        and plain_tensors(q, k, cos, sin)
+        and q.dim() == 4
+        and cos.dim() == 3
+        and sin.shape == cos.shape
+        and q.dtype in _SUPPORTED_DTYPES
+        and cos.dtype in (q.dtype, torch.float32)
+        and sin.dtype == cos.dtype
+        and cos.device == q.device
+        and sin.device == q.device
+        and unsqueeze_dim in (1, 2, -3, -2)
+    ):
+        return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    seq_dim = 2 if unsqueeze_dim in (1, -3) else 1
+    batch, seq, head_dim, rot_dim = q.shape[0], q.shape[seq_dim], q.shape[-1], cos.shape[-1]
+    if not (
+        cos.shape[1] == seq
+        and cos.shape[0] in (1, batch)
+        and rot_dim % 2 == 0
+        and rot_dim <= head_dim
+        and (partial or rot_dim == head_dim)  # a full-rotary original fails to broadcast a narrower cos/sin
+        and (k is None or (isinstance(k, torch.Tensor) and k.dim() == 4 and k.dtype == q.dtype
+                           and k.device == q.device and k.shape[0] == batch and k.shape[seq_dim] == seq
+                           and k.shape[-1] == head_dim))
     ):
         return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
     if k is None:  # rotate q alone: k with no heads costs nothing
