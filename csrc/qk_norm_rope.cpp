@@ -157,8 +157,12 @@ NormRopeArgs prepare_qk_norm_rope_qkv(const at::Tensor& qkv, const at::Tensor& q
   TORCH_CHECK(num_q_heads > 0 && num_kv_heads > 0, "num_q_heads / num_kv_heads: expected positive, got ",
               num_q_heads, " / ", num_kv_heads);
   const int64_t head_dim = q_weight.size(0);
-  TORCH_CHECK(qkv.size(2) == (num_q_heads + 2 * num_kv_heads) * head_dim, "qkv: last dimension ", qkv.size(2),
-              " != (num_q_heads + 2*num_kv_heads) * head_dim = ", (num_q_heads + 2 * num_kv_heads) * head_dim);
+  const int64_t width = qkv.size(2), rows = head_dim == 0 ? 0 : width / head_dim;  // no product can overflow
+  TORCH_CHECK(head_dim == 0 ? width == 0
+                            : width % head_dim == 0 && num_q_heads <= rows && num_kv_heads <= rows &&
+                                  num_q_heads + 2 * num_kv_heads == rows,
+              "qkv: last dimension ", width, " != (num_q_heads + 2*num_kv_heads) * head_dim with num_q_heads ",
+              num_q_heads, ", num_kv_heads ", num_kv_heads, " and head_dim ", head_dim);
   TORCH_CHECK(qkv.stride(2) == 1 || qkv.numel() == 0, "qkv: expected a contiguous last dimension to rotate in place");
   TORCH_CHECK(non_overlapping(qkv), "qkv: the in-place op writes every element once, so qkv must not overlap "
               "itself, but its strides ", qkv.strides(), " for shape ", qkv.sizes(), " map several indices to one "

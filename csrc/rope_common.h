@@ -59,12 +59,12 @@ struct MropeLayout {
 C10_HOST_DEVICE inline int mrope_axis(int64_t j, const MropeLayout& m) {
   if (m.interleaved) {
     const int64_t r = j % 3;
-    if (r == 1 && j < 3 * m.h) return 1;
-    if (r == 2 && j < 3 * m.w) return 2;
+    if (r == 1 && j / 3 < m.h) return 1;  // j < 3h, written so that no section size can overflow it
+    if (r == 2 && j / 3 < m.w) return 2;
     return 0;
   }
   if (j < m.t) return 0;
-  if (j < m.t + m.h) return 1;
+  if (j - m.t < m.h) return 1;  // j < t + h
   return 2;
 }
 

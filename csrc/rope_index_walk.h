@@ -60,6 +60,7 @@ enum ErrorCode : int32_t {
   kNoImageGrid,          // an image span past the last image grid: StopIteration / IndexError / TypeError
   kNoVideoGrid,          // a video span past the last video grid (or frame)
   kNegativeGrid,         // t, h // m or w // m negative: torch.arange fails
+  kGridTooLarge,         // t * (h // m) * (w // m) > kMaxGridTokens: transformers cannot allocate its positions
   kEmptyBeforeMore,      // 4.57: .max() of an empty grid's positions, taken for the part after it
   kLengthMismatch,       // positions built != attended tokens (and != 1): index_put shape mismatch
   kVisionStartAtEnd,     // 4.57: vision_start_token_id is the sample's last token: IndexError
@@ -69,6 +70,11 @@ enum ErrorCode : int32_t {
   kStrictNotDivisible,   // strict: h or w not a positive multiple of m, or t < 1
   kStrictSpansVsStarts,  // strict, 4.57: vision_start pairs do not match the vision token runs
 };
+
+// The most tokens one vision grid may have: 2^40 (a grid's positions alone would take 24 TiB in transformers,
+// which fails to allocate them). Bounding t, h // m and w // m by it, and their product, keeps every position and
+// sum of positions below 2^63, so no grid makes the integer arithmetic overflow.
+constexpr int64_t kMaxGridTokens = int64_t(1) << 40;
 
 struct ErrorInfo {
   int32_t code = kOk;
@@ -274,6 +280,10 @@ C10_HOST_DEVICE inline bool take_grid(const Rules& r, const GridLists& g, Cursor
   p.hg = floor_div(grid.h, r.merge);
   p.wg = floor_div(grid.w, r.merge);
   if (p.t < 0 || p.hg < 0 || p.wg < 0) return fail(e, kNegativeGrid, token, index, kind);
+  if (p.t > kMaxGridTokens || p.hg > kMaxGridTokens || p.wg > kMaxGridTokens ||
+      (p.t > 0 && p.hg > 0 && p.wg > 0 && (p.hg > kMaxGridTokens / p.t || p.wg > kMaxGridTokens / (p.t * p.hg)))) {
+    return fail(e, kGridTooLarge, token, index, kind);
+  }
   if (r.strict && (grid.t < 1 || grid.h < r.merge || grid.w < r.merge || grid.h % r.merge != 0 ||
                    grid.w % r.merge != 0)) {
     return fail(e, kStrictNotDivisible, token, index, kind);

@@ -114,7 +114,9 @@ GatherArgs check_mrope_cos_sin(const at::Tensor& cos_cache, const at::Tensor& si
   for (int64_t s : mrope_section) {
     TORCH_CHECK(s >= 0, "mrope_section: expected non-negative entries, got ", mrope_section);
   }
-  TORCH_CHECK(mrope_interleaved || mrope_section[0] + mrope_section[1] + mrope_section[2] == a.half(),
+  TORCH_CHECK(mrope_interleaved || (mrope_section[0] <= a.half() && mrope_section[1] <= a.half() &&
+                                    mrope_section[2] <= a.half() &&
+                                    mrope_section[0] + mrope_section[1] + mrope_section[2] == a.half()),
               "mrope_section: sectioned mRoPE (mrope_interleaved=False) splits the ", a.half(),
               " frequencies of the table into consecutive [t, h, w] chunks, so the entries must sum to ", a.half(),
               ", got ", mrope_section);

@@ -368,6 +368,16 @@ def test_inplace_qkv_rejects_overlapping_buffers(device):
     assert torch.equal(padded[..., : qkv.shape[-1]], qkv) and torch.equal(padded[..., qkv.shape[-1]:], tail)
 
 
+@pytest.mark.parametrize("heads", [(5, 2), (4, 3), (1, 2**62), (2**62, 1), (2**63 - 1, 2**62), (0, 2), (4, -1)])
+def test_inplace_qkv_checks_head_counts(device, heads):
+    """Head counts that do not split qkv's last dimension are refused by name, including counts whose
+    (q_heads + 2 * kv_heads) * head_dim would overflow into the right width."""
+    q, k, qw, kw, cos, sin = make(dtype=torch.float32, device=device, seq=3, batch=1)
+    qkv = torch.cat([q, k, torch.randn_like(k)], -1)  # 4 q heads, 2 kv heads of 128
+    with pytest.raises(RuntimeError, match=r"qkv: last dimension|num_q_heads / num_kv_heads: expected positive"):
+        ops.qk_norm_rope_qkv_(qkv, qw, kw, cos, sin, EPS, *heads)
+
+
 @pytest.mark.parametrize("is_neox", [True, False])
 def test_head_dim_zero(device, is_neox):
     q, k, qw, kw, cos, sin = make(head_dim=0, rot_dim=0, dtype=torch.float32, device=device, flat=False,

@@ -415,6 +415,33 @@ def test_inconsistent_inputs_follow_transformers(hf_model, name, convention):
 OUT_OF_DEVICE_DOMAIN = {"image_span_shorter_than_grid", "image_span_longer_than_grid", "video_frame_length_mismatch"}
 
 
+@pytest.mark.parametrize("grid", [[1, 2**62, 2**62], [1, 2**63 - 1, 2**63 - 1], [2**41, 2, 2], [3, 2**22, 2**23],
+                                  [2**20, 2**12, 2**12]])
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_grids_past_2_40_tokens_raise_value_error(grid, convention):
+    """A grid of more than 2^40 tokens has no result in transformers (its positions cannot be allocated); ropekit
+    says so on every algorithm instead of letting t * (h // m) * (w // m) overflow into garbage positions."""
+    case = _base_case()
+    image_grid_thw = _grid([grid, [1, 2, 2]])
+    messages = {"host": r"image_grid_thw: grid 0 has more than 2\^40 tokens",
+                "kernel": r"row 0: a grid of more than 2\^40 tokens"}
+    for algorithm, message in messages.items():
+        for strict in (False, True):
+            with pytest.raises(ValueError, match=message):
+                call_algorithm(case, convention, algorithm, strict=strict, image_grid_thw=image_grid_thw)
+    with pytest.raises(RuntimeError, match="no result"):
+        call_algorithm(case, convention, "reference", image_grid_thw=image_grid_thw)
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_a_grid_of_exactly_2_40_tokens_is_not_too_large(convention):
+    case = _base_case()
+    image_grid_thw = _grid([[1, 2**21, 2**21], [1, 2, 2]])  # (2^20)^2 tokens at merge size 2: the span is too short
+    with pytest.raises(ValueError) as info:
+        call_algorithm(case, convention, "host", image_grid_thw=image_grid_thw)
+    assert "2^40" not in str(info.value)
+
+
 def test_unknown_convention_raises_value_error():
     case = _base_case()
     with pytest.raises(ValueError, match=r"(?i)convention"):

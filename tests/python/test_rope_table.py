@@ -115,6 +115,28 @@ def test_qwen3_5_style_mrope_sections(device):
     assert torch.equal(sin, torch.cat([expect_sin, expect_sin], -1))
 
 
+@pytest.mark.parametrize("huge", [33, 2**40, 2**62, 2**63 - 1])
+def test_interleaved_sections_past_the_frequencies_cover_them(device, huge):
+    """transformers' slice(offset, 3 * section, 3) stops at the last frequency however large the section; the op's
+    axis rule must not overflow computing 3 * section (2^62 once wrapped to a negative bound)."""
+    inv = 1.0 / (1e7 ** (torch.arange(0, 64, 2).float() / 64))
+    cos_t, sin_t = ops.rope_cache(inv.to(device), 300)
+    pos = torch.randint(0, 300, (3, 2, 17), generator=torch.Generator().manual_seed(3)).to(device)
+    expected = ops.mrope_cos_sin(cos_t, sin_t, pos, [11, 32, 32], torch.float32)
+    got = ops.mrope_cos_sin(cos_t, sin_t, pos, [11, huge, huge], torch.float32)
+    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+    assert not torch.equal(got[0], ops.mrope_cos_sin(cos_t, sin_t, pos, [11, 0, 0], torch.float32)[0])
+
+
+@pytest.mark.parametrize("section", [[2**62, 2**62, 32], [2**63 - 1, 2**63 - 1, 34], [-1, 17, 16], [40, 0, -8]])
+def test_sectioned_sections_must_split_the_frequencies(section):
+    inv = 1.0 / (1e7 ** (torch.arange(0, 64, 2).float() / 64))
+    cos_t, sin_t = ops.rope_cache(inv, 8)
+    pos = torch.zeros(3, 1, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="mrope_section: "):
+        ops.mrope_cos_sin(cos_t, sin_t, pos, section, torch.float32, mrope_interleaved=False)
+
+
 def test_bf16_model_reads_cast_inv_freq(unpatch_after, device):
     """model.to(bf16) rounds inv_freq; transformers then computes with the rounded values, and so must we."""
     ref_module = qwen3_rotary(tiny_qwen3_config()).to(device).to(torch.bfloat16)
