@@ -8,6 +8,8 @@ weights, nothing downloaded).
    and Qwen3-VL's get_rope_index; against transformers eager, `torch.compile` of the same eager code, and
    Liger-Kernel when it is importable on a GPU.
 3. A PNG bar chart of the timings (`--plot`, default benchmarks/demo.png).
+
+A full run (not `--quick`) appends its parity and timing tables to benchmarks/RESULTS.md (`--no-record`: not).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import ropekit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_name, format_table, time_us, versions  # noqa: E402
+from common import append_results, device_name, format_table, time_us, versions  # noqa: E402
 
 LAYERS_8B = 36  # Qwen3-8B's decoder layers, to turn a per-layer saving into a per-forward one
 
@@ -252,6 +254,7 @@ def main():
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.png"))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
     parser.add_argument("--quick", action="store_true", help="a short CPU run (S256, no compile): the test suite's")
+    parser.add_argument("--no-record", action="store_true", help="do not append the tables to benchmarks/RESULTS.md")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,8 +262,9 @@ def main():
           f"{ropekit.has_cuda_kernels()}\n")
 
     rows, ok = parity(device)
-    print("1) Does patching change any number? Same tiny models, unpatched vs ropekit.apply_to_*(model):")
-    print(format_table(["check", "max |difference|", "result"], rows))
+    parity_text = ("1) Does patching change any number? Same tiny models, unpatched vs ropekit.apply_to_*(model):\n"
+                   + format_table(["check", "max |difference|", "result"], rows))
+    print(parity_text)
 
     results, same_table, shape = timings(device, compile_baseline=not (args.no_compile or args.quick), quick=args.quick)
     ropekit.unpatch()
@@ -272,9 +276,10 @@ def main():
         table.append([path, *cells, f"{times['ropekit']:,.1f}",
                       f"{times['transformers eager'] / times['ropekit']:.1f}x"])
     clock = "CUDA events" if device.type == "cuda" else "CPU wall clock"
-    print(f"\n2) Time per call at {shape}, Qwen3-8B heads (32 q, 8 kv, head_dim 128), bf16 ({clock}, median us):")
-    print(format_table(["path", *[f"{b} us" for b in baselines], "ropekit us", "vs eager"], table))
-    print(f"   cos/sin from the cached table are bit-identical to transformers': {same_table}")
+    timing_text = (f"2) Time per call at {shape}, Qwen3-8B heads (32 q, 8 kv, head_dim 128), bf16 ({clock}, median "
+                   f"us):\n" + format_table(["path", *[f"{b} us" for b in baselines], "ropekit us", "vs eager"], table)
+                   + f"\n   cos/sin from the cached table are bit-identical to transformers': {same_table}")
+    print("\n" + timing_text)
 
     prologue = results["attention prologue: q/k RMSNorm + RoPE"]
     rotary = results["cos/sin (rotary_emb forward)"]
@@ -284,6 +289,9 @@ def main():
           f"{LAYERS_8B} times;\n   ropekit takes {saved_ms:,.1f} ms off that forward here, with the numbers above "
           "unchanged.")
 
+    if not (args.quick or args.no_record):
+        append_results(f"make demo (tiny models; paths timed at {shape}, Qwen3-8B heads, bf16)", device,
+                       parity_text + "\n\n" + timing_text)
     plot = write_plot(results, baselines, f"{device_name(device)}, {shape}, bf16", args.plot)
     print(f"\n3) plot: {plot}" if plot else "\n3) plot skipped (matplotlib not installed)")
     print("\nropekit.unpatch() restored the original transformers functions.")
