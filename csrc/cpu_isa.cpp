@@ -33,12 +33,19 @@ CpuIsa parse(const std::string& name, const char* source) {
   return isa;
 }
 
+// Set once, at the first call: ROPEKIT_CPU_ISA if it names an instruction set this build and CPU can run, else
+// the best one (an unusable value warns; the choice never changes a result, only the speed).
 std::atomic<CpuIsa>& current() {
   static std::atomic<CpuIsa> isa{[] {
-    if (const char* env = std::getenv("ROPEKIT_CPU_ISA"); env != nullptr && *env != '\0') {
+    const CpuIsa best = supported(CpuIsa::kAvx2) ? CpuIsa::kAvx2 : CpuIsa::kBaseline;
+    const char* env = std::getenv("ROPEKIT_CPU_ISA");
+    if (env == nullptr || *env == '\0') return best;
+    try {
       return parse(env, "ROPEKIT_CPU_ISA");
+    } catch (const c10::Error& e) {
+      TORCH_WARN(e.what_without_backtrace(), "; using \"", name_of(best), "\"");
+      return best;
     }
-    return supported(CpuIsa::kAvx2) ? CpuIsa::kAvx2 : CpuIsa::kBaseline;
   }()};
   return isa;
 }

@@ -6,8 +6,9 @@
 // a fixed order, and -ffp-contract=off keeps products and sums from fusing into FMAs), so their results are
 // bit-identical; tests/python/test_cpu_isa.py checks it. Only the vector width differs.
 //
-// The choice: ROPEKIT_CPU_ISA=baseline|avx2 when the library loads, else the best the CPU supports; changed at run
-// time with torch.ops.ropekit._cpu_isa (tests and benchmarks).
+// The choice: ROPEKIT_CPU_ISA=baseline|avx2, read at the first CPU kernel call, else the best the CPU supports (an
+// unknown or unavailable value warns and takes the best: results are the same either way); changed at run time
+// with torch.ops.ropekit._cpu_isa (tests and benchmarks), which raises for a name it cannot run.
 #pragma once
 
 #include <c10/util/string_view.h>

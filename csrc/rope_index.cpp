@@ -351,7 +351,8 @@ class HostIndexer {
                           also);
       case kGridTooLarge:
         TORCH_CHECK_VALUE(false, grid_name(e.a), ": grid ", e.grid, " has more than 2^40 tokens (t * (h // m) * "
-                          "(w // m)); transformers cannot allocate its positions either (", at, ")");
+                          "(w // m)) or an extent above 2^40, which no position arithmetic can take; transformers "
+                          "cannot allocate such positions either (", at, ")");
       case kEmptyBeforeMore:
         TORCH_CHECK_VALUE(false, "a vision grid with no tokens (t * (h // m) * (w // m) == 0) is followed by more "
                           "tokens at ", at, "; transformers 4.57 fails taking the max of its empty positions");
@@ -721,13 +722,15 @@ std::tuple<at::Tensor, at::Tensor> rope_index_reference(const RopeIndexArgs& a) 
   const at::Tensor hg = gh.div(m, "floor"), wg = gw.div(m, "floor");
   const at::Tensor vision = is_image | is_video;
   ok.push_back((vision.logical_not() | ((gt >= 0) & (hg >= 0) & (wg >= 0))).all());
-  {  // at most kMaxGridTokens per grid, tested without overflow: t <= max, h // m <= max / t, w // m <= max / (t h)
+  {  // take_grid's kMaxGridTokens rule: every extent <= max, and (when none is 0) h // m <= max / t and
+     // w // m <= max / (t * (h // m)), so the product is tested without overflow
     const at::Tensor max = at::scalar_tensor(kMaxGridTokens, L);
     const at::Tensor t_c = gt.clamp(1, kMaxGridTokens);
     const at::Tensor h_max = max.div(t_c, "trunc");
     const at::Tensor th = (t_c * at::minimum(hg, h_max)).clamp_min(1);
-    ok.push_back((vision.logical_not() | (gt == 0) | (hg == 0) | (wg == 0) |
-                  ((gt <= kMaxGridTokens) & (hg <= h_max) & (wg <= max.div(th, "trunc")))).all());
+    const at::Tensor extents = (gt <= kMaxGridTokens) & (hg <= kMaxGridTokens) & (wg <= kMaxGridTokens);
+    const at::Tensor product = (gt == 0) | (hg == 0) | (wg == 0) | ((hg <= h_max) & (wg <= max.div(th, "trunc")));
+    ok.push_back((vision.logical_not() | (extents & product)).all());
   }
   const at::Tensor grid_len = gt * hg * wg;
   const at::Tensor part_len = at::where(vision, grid_len, at::where(is_text, run_len, 0));
@@ -887,7 +890,7 @@ const char* error_name(int32_t code) {
     case kNoImageGrid: return "more image spans than image grids";
     case kNoVideoGrid: return "more video spans than video grids / frames";
     case kNegativeGrid: return "a negative grid extent";
-    case kGridTooLarge: return "a grid of more than 2^40 tokens";
+    case kGridTooLarge: return "a grid of more than 2^40 tokens or an extent above 2^40";
     case kEmptyBeforeMore: return "an empty grid followed by more tokens (4.57)";
     case kLengthMismatch: return "vision span lengths that do not match their grids";
     case kVisionStartAtEnd: return "a trailing vision_start_token_id (4.57)";

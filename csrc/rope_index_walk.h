@@ -60,7 +60,7 @@ enum ErrorCode : int32_t {
   kNoImageGrid,          // an image span past the last image grid: StopIteration / IndexError / TypeError
   kNoVideoGrid,          // a video span past the last video grid (or frame)
   kNegativeGrid,         // t, h // m or w // m negative: torch.arange fails
-  kGridTooLarge,         // t * (h // m) * (w // m) > kMaxGridTokens: transformers cannot allocate its positions
+  kGridTooLarge,         // an extent or t * (h // m) * (w // m) > kMaxGridTokens: no positions can be allocated
   kEmptyBeforeMore,      // 4.57: .max() of an empty grid's positions, taken for the part after it
   kLengthMismatch,       // positions built != attended tokens (and != 1): index_put shape mismatch
   kVisionStartAtEnd,     // 4.57: vision_start_token_id is the sample's last token: IndexError
@@ -71,9 +71,10 @@ enum ErrorCode : int32_t {
   kStrictSpansVsStarts,  // strict, 4.57: vision_start pairs do not match the vision token runs
 };
 
-// The most tokens one vision grid may have: 2^40 (a grid's positions alone would take 24 TiB in transformers,
-// which fails to allocate them). Bounding t, h // m and w // m by it, and their product, keeps every position and
-// sum of positions below 2^63, so no grid makes the integer arithmetic overflow.
+// The most tokens one vision grid may have, and the largest extent t, h // m, w // m: 2^40 (a grid's positions
+// alone would take 24 TiB in transformers, which fails to allocate them). Bounding each extent and their product
+// keeps every position and sum of positions below 2^63, so no grid makes the integer arithmetic overflow. An
+// extent past it is refused even in a grid of no tokens (t = 0), whose text advance would still add it.
 constexpr int64_t kMaxGridTokens = int64_t(1) << 40;
 
 struct ErrorInfo {

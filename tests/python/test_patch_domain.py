@@ -193,3 +193,61 @@ def test_dtensor_inputs_run_transformers_code(unpatch_after, one_process_group):
     expected = run()
     ropekit.apply_to_qwen3()
     assert_same(expected, run())
+
+
+# name -> (cos, sin) from the rotary embedding's; transformers' attention broadcasts each
+ATTENTION_CASES = {
+    "as the model passes them": lambda c, s: (c, s),
+    "cos/sin batch 1": lambda c, s: (c[:1], s[:1]),
+    "cos/sin seq 1": lambda c, s: (c[:, :1], s[:, :1]),
+    "sin batch 1, cos batch 2": lambda c, s: (c, s[:1]),
+    "bf16 sin, fp32 cos": lambda c, s: (c, s.bfloat16()),
+    "half rotary dim (Qwen3 rotates whole heads)": lambda c, s: (c[..., :16], s[..., :16]),
+}
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_fused_attention_takes_what_transformers_takes(unpatch_after, count_fused, case):
+    """The fused attention runs only on cos/sin the op takes as they are; other shapes and dtypes take the unfused
+    steps, whose broadcasting is transformers'."""
+    attention, x, cos, sin = qwen3_attention()
+    cos, sin = ATTENTION_CASES[case](cos, sin)
+    expected = outcome(lambda: attention(x, (cos, sin), None)[0])
+    ropekit.apply_to_qwen3()
+    got = outcome(lambda: attention(x, (cos, sin), None)[0])
+    if isinstance(expected, type) or isinstance(got, type):
+        assert expected == got, f"transformers: {expected}, patched: {got}"
+        return
+    fused = case in ("as the model passes them", "cos/sin batch 1")
+    assert len(count_fused) == (1 if fused else 0)
+    if fused:  # fp32 fusion: the norm's sum runs in another order (DESIGN 3); within the fp32 model tolerance
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    else:
+        assert_same(expected, got)
+
+
+def test_non_strict_export_keeps_the_ops(unpatch_after):
+    """torch.export's default (non-strict) runs the patched Python on FakeTensors: they count as plain tensors, so
+    the exported graph calls the fused op and apply_rope, and computes what the patched eager model computes."""
+    from transformers.models.qwen3 import modeling_qwen3
+
+    attention, x, cos, sin = qwen3_attention()
+    ropekit.apply_to_qwen3()
+
+    class Prologue(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, x, cos, sin):
+            q = x.view(2, 7, -1, 16)[:, :, :4].transpose(1, 2)
+            rotated = modeling_qwen3.apply_rotary_pos_emb(q, q, cos[..., :16], sin[..., :16])[0]
+            return self.attention(x, (cos, sin), None)[0], rotated
+
+    model = Prologue()
+    exported = torch.export.export(model, (x, cos, sin), strict=False)
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert any("ropekit.qk_norm_rope" in t for t in targets), sorted(targets)
+    assert any("ropekit.apply_rope" in t for t in targets), sorted(targets)
+    for got, expected in zip(exported.module()(x, cos, sin), model(x, cos, sin)):
+        assert torch.equal(got, expected)

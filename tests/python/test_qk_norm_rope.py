@@ -368,7 +368,9 @@ def test_inplace_qkv_rejects_overlapping_buffers(device):
     assert torch.equal(padded[..., : qkv.shape[-1]], qkv) and torch.equal(padded[..., qkv.shape[-1]:], tail)
 
 
-@pytest.mark.parametrize("heads", [(5, 2), (4, 3), (1, 2**62), (2**62, 1), (2**63 - 1, 2**62), (0, 2), (4, -1)])
+# (8, 2**56): (8 + 2 * 2**56) * 128 wraps to exactly 1024, the width of this qkv
+@pytest.mark.parametrize("heads", [(5, 2), (4, 3), (8, 2**56), (1, 2**62), (2**62, 1), (2**63 - 1, 2**62), (0, 2),
+                                   (4, -1)])
 def test_inplace_qkv_checks_head_counts(device, heads):
     """Head counts that do not split qkv's last dimension are refused by name, including counts whose
     (q_heads + 2 * kv_heads) * head_dim would overflow into the right width."""

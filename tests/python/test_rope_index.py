@@ -416,11 +416,12 @@ OUT_OF_DEVICE_DOMAIN = {"image_span_shorter_than_grid", "image_span_longer_than_
 
 
 @pytest.mark.parametrize("grid", [[1, 2**62, 2**62], [1, 2**63 - 1, 2**63 - 1], [2**41, 2, 2], [3, 2**22, 2**23],
-                                  [2**20, 2**12, 2**12]])
+                                  [2**20, 2**12, 2**12], [0, 2**62, 4], [0, 2**63 - 1, 2**63 - 1]])
 @pytest.mark.parametrize("convention", CONVENTIONS)
 def test_grids_past_2_40_tokens_raise_value_error(grid, convention):
-    """A grid of more than 2^40 tokens has no result in transformers (its positions cannot be allocated); ropekit
-    says so on every algorithm instead of letting t * (h // m) * (w // m) overflow into garbage positions."""
+    """A grid of more than 2^40 tokens, or with an extent above 2^40, has no meaningful result (transformers cannot
+    allocate its positions); ropekit says so on every algorithm, with one rule, instead of letting
+    t * (h // m) * (w // m) or the text advance overflow into garbage positions."""
     case = _base_case()
     image_grid_thw = _grid([grid, [1, 2, 2]])
     messages = {"host": r"image_grid_thw: grid 0 has more than 2\^40 tokens",

@@ -204,7 +204,7 @@ def _apply(family: str, model, rope: bool, rope_index: bool, qk_norm_rope: bool)
             original = _unwrapped(attention_cls.__dict__["forward"])
             patch(attention_cls, "forward", make_attention_forward(
                 original, module, spec.norm, spec.zero_centered, spec.gated, spec.sliding_window,
-                indexer=spec.indexer, is_neox=spec.is_neox))
+                indexer=spec.indexer, is_neox=spec.is_neox, partial=spec.partial))
         if rope_index and spec.vl_model is not None:
             model_cls = getattr(module, spec.vl_model)
             patch(model_cls, "get_rope_index",

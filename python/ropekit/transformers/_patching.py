@@ -33,11 +33,37 @@ def import_optional(module_name: str):
         return None
 
 
+def _tracing_tensor_types() -> tuple:
+    """The tensors torch's own tracers run Python code on (non-strict torch.export, make_fx): the ops' fake kernels
+    serve them, so they count as plain."""
+    types_ = []
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        types_.append(FakeTensor)
+    except ImportError:
+        pass
+    try:
+        from torch._subclasses.functional_tensor import FunctionalTensor
+
+        types_.append(FunctionalTensor)
+    except ImportError:
+        pass
+    return tuple(types_)
+
+
+_TRACING_TENSORS = _tracing_tensor_types()
+
+
 def plain_tensors(*tensors: Any) -> bool:
-    """Whether every argument is a plain tensor (or parameter), the only kind ropekit's ops have kernels for. A
-    tensor subclass, such as the DTensor of torch's own tensor / sequence parallelism, has no sharding rule or
-    dispatch for them, so a patch hands such calls to transformers' code. ``None`` arguments are skipped."""
-    return all(t is None or type(t) is torch.Tensor or type(t) is torch.nn.Parameter for t in tensors)
+    """Whether every argument is a tensor ropekit's ops have kernels for: a plain tensor or parameter, or a tracer's
+    fake / functional tensor. Any other tensor subclass, such as the DTensor of torch's own tensor / sequence
+    parallelism, has no sharding rule or dispatch for them, so a patch hands such calls to transformers' code.
+    ``None`` arguments are skipped."""
+    return all(
+        t is None or type(t) is torch.Tensor or type(t) is torch.nn.Parameter or isinstance(t, _TRACING_TENSORS)
+        for t in tensors
+    )
 
 
 def original(owner: Any, name: str) -> Any:

@@ -93,14 +93,16 @@ def _peft_active_module(norm):
 
 
 def make_attention_forward(original, module, norm_cls_name: str, zero_centered: bool, gated: bool,
-                           sliding_window: bool, *, indexer: bool = False, is_neox: bool = True):
+                           sliding_window: bool, *, indexer: bool = False, is_neox: bool = True,
+                           partial: bool = False):
     """original: the unpatched ``<Family>Attention.forward``; module: its modeling module.
 
     ``zero_centered``: the norms are Qwen3.5 / Qwen4-Exp's ``(1 + w)`` RMSNorm; ``gated``: q_proj yields (query, gate)
     per head and the output is multiplied by ``sigmoid(gate)``; ``sliding_window``: passed to the attention interface
     (Qwen3); ``indexer``: Qwen4-Exp's sparse attention, whose indexer (run as the module it is) adds its token
     selection to the mask and whose cos/sin cover every key position (the queries take the last ``S``);
-    ``is_neox``: the rotation style of the family's ``apply_rotary_pos_emb``."""
+    ``is_neox``: the rotation style of the family's ``apply_rotary_pos_emb``; ``partial``: it rotates the first
+    ``cos.shape[-1]`` channels and passes the rest through (a full-rotary family fails on a narrower cos/sin)."""
     norm_cls = getattr(module, norm_cls_name)
     norm_forward = norm_cls.forward  # the stock norm; anything else (another patcher) falls back to the original
     eager_attention = module.eager_attention_forward
@@ -149,8 +151,18 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
             and k_norm.weight.dtype == q_norm.weight.dtype
             and isinstance(cos, torch.Tensor)
             and isinstance(sin, torch.Tensor)
+            # the shapes the op takes (transformers' broadcasting takes more: cos/sin of seq 1, ...)
             and cos.dim() == 3
+            and sin.shape == cos.shape
+            and cos.shape[1] == query.shape[1]
+            and cos.shape[0] in (1, query.shape[0])
+            and cos.shape[2] % 2 == 0
+            and cos.shape[2] <= query.shape[3]
+            and (partial or cos.shape[2] == query.shape[3])
             and cos.dtype in (query.dtype, torch.float32)
+            and sin.dtype == cos.dtype
+            and cos.device == query.device
+            and sin.device == query.device
             # the fused op differentiates q, k and the norm weights, not cos/sin (transformers makes them without
             # grad; a caller that scales them with a trainable factor gets the unfused steps, which do)
             and not (cos.requires_grad or sin.requires_grad)
