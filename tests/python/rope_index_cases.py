@@ -696,6 +696,23 @@ def compare(got, expected) -> str | None:
     return "\n  ".join(problems) or None
 
 
+def outcome_problem(got, expected, error) -> str | None:
+    """What differs between a call's result `got` and transformers' outcome (`expected` positions, or None and the
+    `error` transformers raised); None when they agree."""
+    if expected is None:
+        return f"returned positions where transformers raises {error}"
+    return compare(got, expected)
+
+
+def fail_on(failures, total: int, what: str) -> None:
+    """pytest.fail listing the first three (case, problem) pairs, if there are any."""
+    if failures:
+        import pytest
+
+        shown = "\n\n".join(f"{case.describe(with_tensors=True)}\n  {problem}" for case, problem in failures[:3])
+        pytest.fail(f"{len(failures)}/{total} {what}:\n{shown}", pytrace=False)
+
+
 if __name__ == "__main__":
     import argparse
 

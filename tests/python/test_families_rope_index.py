@@ -25,7 +25,9 @@ from family_cases import (
     tiny_config,
     transformers_outcome,
 )
-from rope_index_cases import WILD_KINDS, Image, Text, Video, compare, in_vision_start_device_domain, perturb
+from rope_index_cases import (
+    WILD_KINDS, Image, Text, Video, compare, fail_on, in_vision_start_device_domain, outcome_problem, perturb,
+)
 
 pytestmark = pytest.mark.transformers
 
@@ -98,15 +100,10 @@ def test_family_fuzz_matches_transformers(family_cases, algorithm):
                     continue
                 failures.append((fc, f"raised {type(e).__name__}: {e}"))
             continue
-        if expected is None:
-            failures.append((fc, f"returned positions where transformers raises {error}"))
-            continue
-        problem = compare(got, expected)
+        problem = outcome_problem(got, expected, error)
         if problem:
             failures.append((fc, problem))
-    if failures:
-        shown = "\n\n".join(f"{fc.describe(with_tensors=True)}\n  {problem}" for fc, problem in failures[:3])
-        pytest.fail(f"{len(failures)}/{len(cases)} {family.name} cases differ ({algorithm}):\n{shown}", pytrace=False)
+    fail_on(failures, len(cases), f"{family.name} cases differ ({algorithm})")
     assert declined <= len(cases) // 4
 
 

@@ -27,6 +27,8 @@ from rope_index_cases import (
     Video,
     build_case,
     compare,
+    fail_on,
+    outcome_problem,
     installed_convention,
     in_vision_start_device_domain,
     perturb,
@@ -494,16 +496,11 @@ def test_wild_cases_follow_transformers(wild_cases, on_host):
                 else:  # 4.57 spans that do not match their grid: outside the device algorithm's domain
                     device_declined += 1
             continue
-        if expected is None:
-            failures.append((case, f"returned positions where transformers raises {error}"))
-            continue
-        problem = compare(got, expected)
+        problem = outcome_problem(got, expected, error)
         if problem:
             failures.append((case, problem))
-    if failures:
-        shown = "\n\n".join(f"{case.describe(with_tensors=True)}\n  {problem}" for case, problem in failures[:3])
-        pytest.fail(f"{len(failures)}/{len(wild_cases)} wild cases differ from transformers "
-                    f"{_transformers_version()} (on_host={on_host}):\n{shown}", pytrace=False)
+    fail_on(failures, len(wild_cases),
+            f"wild cases differ from transformers {_transformers_version()} (on_host={on_host})")
     returned = sum(1 for _, expected, _ in wild_cases if expected is not None)
     assert device_declined <= returned // 3, f"the device algorithm declined {device_declined} of {returned}"
 
@@ -754,15 +751,10 @@ def test_fused_kernel_row_code_matches_transformers_cpu(fuzz_cases, wild_cases, 
             if expected is not None:
                 failures.append((case, f"raised {type(e).__name__} ({e}) where transformers returns positions"))
             continue
-        if expected is None:
-            failures.append((case, f"returned positions where transformers raises {error}"))
-            continue
-        problem = compare(got, expected)
+        problem = outcome_problem(got, expected, error)
         if problem:
             failures.append((case, problem))
-    if failures:
-        shown = "\n\n".join(f"{case.describe(with_tensors=True)}\n  {problem}" for case, problem in failures[:3])
-        pytest.fail(f"{len(failures)}/{len(cases)} cases differ (fused kernel row code, CPU):\n{shown}", pytrace=False)
+    fail_on(failures, len(cases), "cases differ (fused kernel row code, CPU)")
 
 
 def test_fused_kernel_row_code_strict_cpu():
@@ -799,9 +791,7 @@ def test_fused_kernel_matches_reference_and_transformers_cuda(fuzz_cases, wild_c
             problem = compare(call_reference(cuda_case, INSTALLED), expected)
             if problem:
                 failures.append((case, "the ATen reference on CUDA: " + problem))
-    if failures:
-        shown = "\n\n".join(f"{case.describe(with_tensors=True)}\n  {problem}" for case, problem in failures[:3])
-        pytest.fail(f"{len(failures)}/{len(cases)} cases differ on CUDA:\n{shown}", pytrace=False)
+    fail_on(failures, len(cases), "cases differ on CUDA")
     assert compared_with_reference >= len(fuzz_cases)
 
 
