@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rope_index_cases import Case, Image, Text, Video, compare, vision_tokens  # noqa: F401 (re-exported)
+from rope_index_cases import Case, Image, Text, Video, compare, pad_rows, vision_tokens  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -139,15 +139,8 @@ def build_family_case(family: Family, config, rows, *, m=2, pad_side="right", ex
                     [0] + [2] * (item.t * n) + [0])
         seqs.append(seq)
         types.append(typ)
-    B, S = len(rows), max(len(s) for s in seqs) + extra_pad
-    input_ids = torch.full((B, S), 151643, dtype=torch.int64)
-    mm = torch.zeros((B, S), dtype=torch.int64)
-    am = torch.zeros((B, S), dtype=torch.int64)
-    for b, (seq, typ) in enumerate(zip(seqs, types)):
-        sl = slice(S - len(seq), S) if pad_side == "left" else slice(0, len(seq))
-        input_ids[b, sl] = torch.tensor(seq)
-        mm[b, sl] = torch.tensor(typ)
-        am[b, sl] = 1
+    S = max(len(s) for s in seqs) + extra_pad
+    input_ids, mm, am = pad_rows(seqs, types, S, 151643, pad_side)
     padded = bool((am == 0).any())
     attention_mask = am if (padded or mask == "always") else None
     case_ids = dict(ids, pad=151643, vocab=5000)

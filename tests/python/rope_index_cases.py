@@ -194,14 +194,7 @@ def build_case(
     if length is not None:
         assert length >= S, f"length {length} < longest row {S}"
         S = length
-    input_ids = torch.full((B, S), ids["pad"], dtype=torch.int64)
-    mm = torch.zeros((B, S), dtype=torch.int64)
-    am = torch.zeros((B, S), dtype=torch.int64)
-    for b, (seq, typ) in enumerate(zip(seqs, types)):
-        sl = slice(S - len(seq), S) if pad_side == "left" else slice(0, len(seq))
-        input_ids[b, sl] = torch.tensor(seq)
-        mm[b, sl] = torch.tensor(typ)
-        am[b, sl] = 1
+    input_ids, mm, am = pad_rows(seqs, types, S, ids["pad"], pad_side)
     padded = bool((am == 0).any())
     if mask == "auto":
         attention_mask = am if padded else None
@@ -687,6 +680,21 @@ def mismatch(got, expected, name: str) -> str | None:
     elif expected.dim() == 2:
         out += f"\n    expected {expected.cpu().view(-1).tolist()}\n    got      {got.cpu().view(-1).tolist()}"
     return out
+
+
+def pad_rows(seqs, types, seq_len: int, pad_id: int, pad_side: str):
+    """(input_ids, mm_token_type_ids, attention_mask), each (B, seq_len) int64: the rows' tokens and token types
+    padded with `pad_id` / 0 on `pad_side`, the mask 1 on the tokens."""
+    batch = len(seqs)
+    input_ids = torch.full((batch, seq_len), pad_id, dtype=torch.int64)
+    mm = torch.zeros((batch, seq_len), dtype=torch.int64)
+    am = torch.zeros((batch, seq_len), dtype=torch.int64)
+    for b, (seq, typ) in enumerate(zip(seqs, types)):
+        sl = slice(seq_len - len(seq), seq_len) if pad_side == "left" else slice(0, len(seq))
+        input_ids[b, sl] = torch.tensor(seq)
+        mm[b, sl] = torch.tensor(typ)
+        am[b, sl] = 1
+    return input_ids, mm, am
 
 
 def compare(got, expected) -> str | None:
