@@ -3,12 +3,18 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
 
-PYTHON ?= python3.11
+# The first Python >= 3.10 found (3.11 first: the version CI runs); `make PYTHON=python3.12 ...` picks another.
+PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3.10 python3; do \
+  if command -v $$p > /dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2> /dev/null; then \
+  echo $$p; break; fi; done)
+PYTHON_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2> /dev/null)
 CACHE ?= $(HOME)/.cache/ropekit
-VENV_HASH := $(shell cat requirements/dev.txt | sha256sum | cut -c1-12)
-TF457_HASH := $(shell cat requirements/transformers-4.57.txt | sha256sum | cut -c1-12)
+VENV_HASH := $(shell (echo $(PYTHON_VERSION); cat requirements/dev.txt) | sha256sum | cut -c1-12)
+TF457_HASH := $(shell (echo $(PYTHON_VERSION); cat requirements/transformers-4.57.txt) | sha256sum | cut -c1-12)
+TFNEW_HASH := $(shell (echo $(PYTHON_VERSION); cat requirements/transformers-newest.txt) | sha256sum | cut -c1-12)
 VENV ?= $(CACHE)/venv-$(VENV_HASH)
 TF457 ?= $(CACHE)/transformers-4.57-$(TF457_HASH)
+TFNEW ?= $(CACHE)/transformers-newest-$(TFNEW_HASH)
 PY := $(VENV)/bin/python
 CMAKE_BUILD := build/cmake
 
@@ -16,12 +22,15 @@ export PATH := $(VENV)/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 export MAX_JOBS ?= $(shell nproc)
 
-.PHONY: test demo bench build venv tf457 gtest-deps cmake-build test-python test-tf457 test-cpp test-sanitize clean
+.PHONY: test demo bench build venv tf457 tfnew gtest-deps cmake-build test-python test-tf457 test-tfnew test-cpp \
+  test-sanitize clean
 
 # The folders are named by the requirement files' hashes, so a stamp is valid for as long as it exists; no file-time
 # prerequisites (a fresh clone's files are all newer than the cache and would force a reinstall every run).
 venv: $(VENV)/.ready
 $(VENV)/.ready:
+	@if [ -z "$(PYTHON_VERSION)" ]; then echo "ropekit needs Python >= 3.10 (none found; set PYTHON=...)"; exit 1; fi
+	@echo "creating the virtualenv $(VENV) with $(PYTHON) (Python $(PYTHON_VERSION))"
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -r requirements/dev.txt
@@ -40,6 +49,14 @@ gtest-deps:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq libgtest-dev; \
 	fi
 
+# The newest transformers release (requirements/transformers-newest.txt), installed as pip installs it: with its
+# dependencies (5.25: the kernels package), into a --target folder put first on PYTHONPATH.
+tfnew: $(TFNEW)/.ready
+$(TFNEW)/.ready: | $(VENV)/.ready
+	rm -rf $(TFNEW)
+	$(VENV)/bin/pip install --quiet --target $(TFNEW) -r requirements/transformers-newest.txt
+	touch $@
+
 build: venv
 	$(PY) setup.py --quiet build_ext --inplace
 
@@ -52,6 +69,9 @@ test-python: build
 
 test-tf457: build tf457
 	PYTHONPATH=$(TF457):$(PYTHONPATH) $(PY) -m pytest tests/python -q -m transformers
+
+test-tfnew: build tfnew
+	PYTHONPATH=$(TFNEW):$(PYTHONPATH) $(PY) -m pytest tests/python -q -m transformers
 
 test-cpp: cmake-build
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
@@ -77,10 +97,11 @@ test-sanitize: venv gtest-deps
 	  tests/python/test_apply_rope.py tests/python/test_rope_table.py tests/python/test_qk_norm_rope.py \
 	  tests/python/test_rope_index.py tests/python/test_table_fidelity.py tests/python/test_opcheck_compile.py
 
-test: test-python test-tf457 test-cpp test-sanitize
+test: test-python test-tf457 test-tfnew test-cpp test-sanitize
 
+# RECORD=1: append the demo's tables to benchmarks/RESULTS.md (otherwise the checkout is left as it was)
 demo: build
-	$(PY) benchmarks/demo.py
+	$(PY) benchmarks/demo.py $(if $(RECORD),--record)
 
 bench: build
 	$(PY) benchmarks/bench_rope.py

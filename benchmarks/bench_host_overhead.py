@@ -21,10 +21,13 @@ import ropekit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+import common  # noqa: E402
 from common import append_results, format_table, kernel_profile, write_json  # noqa: E402
 
 
 def host_us(fn, device, calls=2000):
+    if common.DRY_RUN:
+        calls = 10
     for _ in range(50):
         fn()
     if device.type == "cuda":
@@ -46,6 +49,8 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    if common.DRY_RUN:
+        args.device, args.no_record = "cpu", True
     device = torch.device(args.device)
     from transformers import Qwen3Config, Qwen3VLTextConfig
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
@@ -75,6 +80,7 @@ def main():
             _, launches, _ = kernel_profile(fn, device)
             label = "ropekit (patched)" if patched else "transformers"
             results.append(dict(case=name, impl=label, host_us=us, launches=launches))
+            write_json(args.json, {"device": str(device), "results": results, "partial": True})
             rows.append([name, label, f"{us:.1f}", "-" if launches is None else f"{launches:.0f}"])
     ropekit.unpatch()
     cos, sin = cases[0][1](x, pos)
@@ -92,7 +98,7 @@ def main():
     print(notes)
     if not args.no_record:
         append_results("host overhead per call", device, table, notes)
-    write_json(args.json, {"device": str(device), "results": results})
+    write_json(args.json, {"device": str(device), "results": results, "partial": False})
 
 
 if __name__ == "__main__":

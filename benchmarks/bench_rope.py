@@ -80,6 +80,7 @@ def main():
         for kname, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:3]:
             kernel_rows.append([case, name, short_kernel(kname), f"{us:,.1f}"])
         print(f"  {case:<28} {name:<22} {dev:10.1f} us  floor {fl:8.1f} us  {dev / fl:5.2f}x", flush=True)
+        write_json(known.json, {"results": results, "kernels": kernel_rows, "partial": True})
 
     # --- model-level cos/sin (the rotary embedding forward) ------------------------------------------------
     gen = torch.Generator().manual_seed(0)
@@ -162,7 +163,7 @@ def main():
     if ktable:
         print(ktable)
     print(notes)
-    write_json(known.json, {"results": results, "kernels": kernel_rows, "notes": notes})
+    write_json(known.json, {"results": results, "kernels": kernel_rows, "notes": notes, "partial": False})
     if not args.no_record:
         append_results("apply_rope and model-level cos/sin", device, table + ("\n\n" + ktable if ktable else ""),
                        notes)

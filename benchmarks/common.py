@@ -13,6 +13,13 @@ import time
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+# --dry-run (benchmarks/gpu_check.sh --dry-run, run by `make test`): every benchmark runs its whole code path on the
+# CPU with tiny shapes and one or two repetitions, records nothing and writes its JSON, so the GPU check cannot rot
+# between GPU runs. Taken off sys.argv here, before the scripts parse their own arguments.
+DRY_RUN = "--dry-run" in sys.argv
+if DRY_RUN:
+    sys.argv = [a for a in sys.argv if a != "--dry-run"]
 # Copy bandwidth measured on the reference H100 (DESIGN.md section 5); on other devices measure_copy_bandwidth.
 H100_COPY_BW = 3.0e12
 
@@ -33,6 +40,8 @@ def attention_case_args(doc):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args()
+    if DRY_RUN:
+        args.device, args.batch, args.seq, args.no_compile, args.no_record = "cpu", 1, 8, True, True
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     batch, seq = args.batch or (4 if gpu else 1), args.seq or (4096 if gpu else 1024)
@@ -47,6 +56,8 @@ def sync(device):
 
 def time_us(fn, device, warmup=5, iters=30, min_time_s=0.3):
     """Median wall time of fn() in microseconds. CUDA: CUDA events around each call; CPU: perf_counter."""
+    if DRY_RUN:
+        warmup, iters, min_time_s = 1, 2, 0.0
     for _ in range(warmup):
         fn()
     sync(device)
@@ -69,6 +80,8 @@ def time_us(fn, device, warmup=5, iters=30, min_time_s=0.3):
 
 def measure_copy_bandwidth(device, nbytes=1 << 28):
     """Bytes moved per second by a device-to-device copy (read + write), the byte-floor reference."""
+    if DRY_RUN:
+        nbytes = 1 << 16
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     us = time_us(lambda: dst.copy_(src), device, iters=20)
@@ -154,6 +167,8 @@ def bench_device(fn, device, warmup=5, reps=40):
     On CPU: the median wall time (time_us)."""
     if device.type != "cuda":
         return time_us(fn, device, warmup=min(warmup, 3), iters=max(5, reps // 4))
+    if DRY_RUN:
+        warmup, reps = 1, 2
     for _ in range(warmup):
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -169,6 +184,8 @@ def bench_device(fn, device, warmup=5, reps=40):
 
 def bench_host(fn, device, warmup=5, reps=50):
     """Median host-inclusive synchronous latency in us: synchronize, call, synchronize (what a caller waits)."""
+    if DRY_RUN:
+        warmup, reps = 1, 2
     for _ in range(warmup):
         fn()
     sync(device)
@@ -273,8 +290,12 @@ def liger_source():
 
 
 def write_json(path, payload):
+    """Write payload as JSON (atomically: a file cut off by a time limit is never half written). The benchmarks call
+    it after every measured case, so a run stopped by gpu_check.sh's limit keeps every case measured so far."""
     import json
 
     if path:
-        with open(path, "w") as f:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
             json.dump(payload, f, indent=1, default=str)
+        os.replace(tmp, path)

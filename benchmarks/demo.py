@@ -9,7 +9,8 @@ weights, nothing downloaded).
    Liger-Kernel when it is importable on a GPU.
 3. A PNG bar chart of the timings (`--plot`, default benchmarks/demo.png).
 
-A full run (not `--quick`) appends its parity and timing tables to benchmarks/RESULTS.md (`--no-record`: not).
+The checkout is left as it was: only `--record` (`make demo RECORD=1`) appends the parity and timing tables of a
+full run (not `--quick`) to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -254,7 +255,8 @@ def main():
     parser.add_argument("--plot", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.png"))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
     parser.add_argument("--quick", action="store_true", help="a short CPU run (S256, no compile): the test suite's")
-    parser.add_argument("--no-record", action="store_true", help="do not append the tables to benchmarks/RESULTS.md")
+    parser.add_argument("--record", action="store_true",
+                        help="append the tables of a full run to benchmarks/RESULTS.md (a tracked file)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -289,7 +291,7 @@ def main():
           f"{LAYERS_8B} times;\n   ropekit takes {saved_ms:,.1f} ms off that forward here, with the numbers above "
           "unchanged.")
 
-    if not (args.quick or args.no_record):
+    if args.record and not args.quick:
         append_results(f"make demo (tiny models; paths timed at {shape}, Qwen3-8B heads, bf16)", device,
                        parity_text + "\n\n" + timing_text)
     plot = write_plot(results, baselines, f"{device_name(device)}, {shape}, bf16", args.plot)

@@ -10,11 +10,29 @@
 #include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <utility>
 #include <vector>
 
 namespace ropekit {
+
+namespace {
+std::atomic<int>& forward_min_blocks() {
+  static std::atomic<int> value{4};
+  return value;
+}
+}  // namespace
+
+int cuda_forward_min_blocks() { return forward_min_blocks().load(std::memory_order_relaxed); }
+
+int64_t cuda_forward_min_blocks_op(int64_t blocks) {
+  const int previous = cuda_forward_min_blocks();
+  TORCH_CHECK_VALUE(blocks == 0 || blocks == 4 || blocks == 5,
+                    "blocks: expected 4 or 5 (or 0 to only read the setting), got ", blocks);
+  if (blocks != 0) forward_min_blocks().store(static_cast<int>(blocks), std::memory_order_relaxed);
+  return previous;
+}
 namespace {
 
 bool is_norm_float(at::ScalarType t) {

@@ -55,6 +55,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qk_norm_rope_backward
 void qk_norm_rope_qkv_cpu(const at::Tensor& qkv, const at::Tensor& q_weight, const at::Tensor& k_weight,
                           const at::Tensor& cos, const at::Tensor& sin, double eps, int64_t num_q_heads,
                           int64_t num_kv_heads, bool zero_centered, bool is_neox = true);
+// The CUDA forward fast path's minimum resident blocks per SM for same-dtype bf16 / fp16 (its __launch_bounds__
+// second argument: 4 caps registers at 128 per thread, 5 at 96; other dtype combinations always use 4). The
+// `_cuda_forward_min_blocks(int blocks=0) -> int` op returns the current value and sets `blocks` (4 or 5) unless 0:
+// a knob for the GPU benchmark to choose by measurement, without a rebuild. Both give the same bits.
+int cuda_forward_min_blocks();
+int64_t cuda_forward_min_blocks_op(int64_t blocks);
+
 #ifdef ROPEKIT_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_cuda(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& q_weight, const at::Tensor& k_weight,

@@ -189,6 +189,9 @@ TORCH_LIBRARY(ropekit, m) {
   // For tests and benchmarks: the CPU kernels' instruction set (cpu_isa.h); returns the previous one, sets `isa`
   // unless it is empty.
   m.def("_cpu_isa(str isa=\"\") -> str", &ropekit::cpu_isa_op);
+  // For the GPU benchmark: the CUDA forward fast path's launch bounds for same-dtype bf16 / fp16 (qk_norm_rope.h);
+  // returns the previous value, sets `blocks` (4 or 5) unless it is 0.
+  m.def("_cuda_forward_min_blocks(int blocks=0) -> int", &ropekit::cuda_forward_min_blocks_op);
   m.def(
       "qk_norm_rope_qkv_(Tensor(a!) qkv, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
       "int num_q_heads, int num_kv_heads, bool zero_centered=False, bool is_neox=True) -> ()");

@@ -854,7 +854,10 @@ std::tuple<at::Tensor, at::Tensor> rope_index(
       video_token_id, vision_start_token_id, std::string_view(convention.data(), convention.size()), video_frames,
       second_per_grid_ts, tokens_per_second, video_start_token_id, video_end_token_id, packed, cu_seqlens, strict);
   if (on_host) return rope_index_host(a);
-  return input_ids.is_cuda() ? rope_index_kernel(a) : rope_index_reference(a);
+  // The device path is the fused algorithm (as a kernel on CUDA, serially on the CPU): its domain is every input the
+  // host loop takes. The ATen composition stays the test reference, and serves other devices (its domain excludes
+  // 4.57 vision_start spans that do not match their grids).
+  return (input_ids.is_cuda() || input_ids.is_cpu()) ? rope_index_kernel(a) : rope_index_reference(a);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

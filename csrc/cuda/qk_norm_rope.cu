@@ -79,9 +79,18 @@ __device__ __forceinline__ T* out_row_ptr(const Operand& op, int64_t b, int64_t 
   return static_cast<T*>(op.out) + b * op.out_sb + s * op.out_ss;
 }
 
+// mean(x^2) + eps with eager's two roundings (PyTorch's mean scales its sum, then `+ eps` is its own kernel): the
+// intrinsics keep nvcc from contracting them into one FMA, which would round once and differ from eager by an ulp.
+__device__ __forceinline__ float mean_plus_eps(float sumsq, double inv_n, double eps) {
+  return __fadd_rn(__fmul_rn(sumsq, static_cast<float>(inv_n)), static_cast<float>(eps));
+}
+__device__ __forceinline__ double mean_plus_eps(double sumsq, double inv_n, double eps) {
+  return __dadd_rn(__dmul_rn(sumsq, inv_n), eps);
+}
+
 template <typename acc>
 __device__ __forceinline__ acc rstd_of(acc sumsq, const Params& p) {
-  return rsqrt(sumsq * acc(p.inv_head_dim) + acc(p.eps));  // rsqrtf for fp32, as torch.rsqrt on CUDA
+  return rsqrt(mean_plus_eps(sumsq, p.inv_head_dim, p.eps));  // rsqrtf for fp32, as torch.rsqrt on CUDA
 }
 
 // Qwen3's normalisation of a pair of 16-bit activations with 16-bit weights, y = rd16(w * rd16(x * rstd)), with the
@@ -113,8 +122,11 @@ constexpr bool kPackedNorm = !Types::zero_centered && std::is_same_v<typename Ty
 
 using VecSchedule = vec::Schedule;
 
-template <typename Types, bool kNeox>
-__global__ void __launch_bounds__(kThreads, 4) qk_norm_rope_vec_kernel(const Params p, const VecSchedule sch) {
+// kMinBlocks: __launch_bounds__' minimum resident blocks per SM (4 or 5 for same-dtype bf16 / fp16, chosen at run
+// time by cuda_forward_min_blocks(); 4 otherwise). Register allocation only: both give the same bits.
+template <typename Types, bool kNeox, int kMinBlocks = 4>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) qk_norm_rope_vec_kernel(const Params p,
+                                                                                const VecSchedule sch) {
   using in_t = typename Types::in_t;
   using w_t = typename Types::w_t;
   using cs_t = typename Types::cs_t;
@@ -475,31 +487,36 @@ constexpr int kSumRowsPerBlock = kSumRowGroups * kSumRowsPerThread;
 
 template <typename acc, typename w_t>
 __global__ void __launch_bounds__(32 * kSumRowGroups) sum_partials_kernel(
-    const acc* __restrict__ partials, int64_t num_rows, int cols, acc* __restrict__ level2,
+    const acc* __restrict__ partials, int64_t num_rows, int64_t row_blocks, int cols, acc* __restrict__ level2,
     unsigned int* __restrict__ done_counter, w_t* __restrict__ dwq, w_t* __restrict__ dwk) {
   __shared__ acc part[kSumRowGroups][32];
   __shared__ bool is_last;
   const int c = threadIdx.x, rg = threadIdx.y;
   const int col = blockIdx.x * 32 + c;
-  const int64_t row0 = int64_t(blockIdx.y) * kSumRowsPerBlock + rg;
-  acc v[kSumRowsPerThread];
+  // row blocks by grid stride (gridDim.y is capped at 65,535): each level-2 entry is the same fixed-order sum
+  // whichever block computes it, so the result does not depend on the grid
+  for (int64_t rb = blockIdx.y; rb < row_blocks; rb += gridDim.y) {
+    const int64_t row0 = rb * kSumRowsPerBlock + rg;
+    acc v[kSumRowsPerThread];
 #pragma unroll
-  for (int i = 0; i < kSumRowsPerThread; ++i) {
-    const int64_t row = row0 + i * kSumRowGroups;
-    v[i] = (col < cols && row < num_rows) ? partials[row * cols + col] : acc(0);
+    for (int i = 0; i < kSumRowsPerThread; ++i) {
+      const int64_t row = row0 + i * kSumRowGroups;
+      v[i] = (col < cols && row < num_rows) ? partials[row * cols + col] : acc(0);
+    }
+    acc sum = 0;
+#pragma unroll
+    for (int i = 0; i < kSumRowsPerThread; ++i) sum += v[i];
+    part[rg][c] = sum;
+    __syncthreads();
+    if (rg == 0 && col < cols) {
+      acc total = 0;
+#pragma unroll
+      for (int r = 0; r < kSumRowGroups; ++r) total += part[r][c];
+      level2[rb * cols + col] = total;
+    }
+    __syncthreads();  // part is reused by the next row block
   }
-  acc sum = 0;
-#pragma unroll
-  for (int i = 0; i < kSumRowsPerThread; ++i) sum += v[i];
-  part[rg][c] = sum;
-  __syncthreads();
-  if (rg == 0 && col < cols) {
-    acc total = 0;
-#pragma unroll
-    for (int r = 0; r < kSumRowGroups; ++r) total += part[r][c];
-    level2[int64_t(blockIdx.y) * cols + col] = total;
-    __threadfence();  // visible to the last block before this block's ticket
-  }
+  if (rg == 0 && col < cols) __threadfence();  // this block's level-2 sums visible to the last block
   __syncthreads();
   if (c == 0 && rg == 0) is_last = atomicAdd(done_counter, 1u) == gridDim.x * gridDim.y - 1;
   __syncthreads();
@@ -508,7 +525,7 @@ __global__ void __launch_bounds__(32 * kSumRowGroups) sum_partials_kernel(
   const int d = cols / 2;
   for (int j = rg * 32 + c; j < cols; j += 32 * kSumRowGroups) {
     acc total = 0;
-    for (unsigned int by = 0; by < gridDim.y; ++by) total += __ldcg(level2 + int64_t(by) * cols + j);
+    for (int64_t rb = 0; rb < row_blocks; ++rb) total += __ldcg(level2 + rb * cols + j);
     if (j < d) {
       dwq[j] = static_cast<w_t>(total);
     } else {
@@ -544,9 +561,10 @@ Workspace make_workspace(int64_t num_rows, int64_t d, size_t acc_size, const at:
 template <typename acc, typename w_t>
 void launch_sum_partials(const Workspace& ws, int64_t d, at::Tensor& dwq, at::Tensor& dwk, cudaStream_t stream) {
   const int cols = static_cast<int>(2 * d);
-  const dim3 grid((cols + 31) / 32, static_cast<unsigned>((ws.num_rows + kSumRowsPerBlock - 1) / kSumRowsPerBlock));
+  const int64_t row_blocks = (ws.num_rows + kSumRowsPerBlock - 1) / kSumRowsPerBlock;
+  const dim3 grid((cols + 31) / 32, static_cast<unsigned>(std::min<int64_t>(row_blocks, 65535)));
   sum_partials_kernel<acc, w_t><<<grid, dim3(32, kSumRowGroups), 0, stream>>>(
-      static_cast<const acc*>(ws.partials), ws.num_rows, cols, static_cast<acc*>(ws.level2), ws.counter,
+      static_cast<const acc*>(ws.partials), ws.num_rows, row_blocks, cols, static_cast<acc*>(ws.level2), ws.counter,
       dwq.data_ptr<w_t>(), dwk.data_ptr<w_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -617,6 +635,12 @@ void launch_forward(const NormRopeArgs& a) {
         if (group > 0) {
           const VecSchedule sch = forward_schedule(a, group);
           const int64_t blocks = (sch.items + kWarps - 1) / kWarps;
+          if constexpr (kPackedNorm<Types>) {  // same-dtype bf16 / fp16: the launch-bounds knob
+            if (cuda_forward_min_blocks() == 5) {
+              qk_norm_rope_vec_kernel<Types, kNeox, 5><<<blocks, kThreads, 0, stream>>>(p, sch);
+              return;
+            }
+          }
           qk_norm_rope_vec_kernel<Types, kNeox><<<blocks, kThreads, 0, stream>>>(p, sch);
           return;
         }

@@ -8,11 +8,12 @@
 // takes its own axis). This kernel never evaluates cos/sin itself, so it has no trigonometric slow path and no
 // local memory.
 // Exact rows (a position outside the table, negative, or a frequency that differs bitwise from the one the table
-// was built from): computed by gather_cos_sin_scalar_kernel<..., kOnlyExact = true>, launched after the fast
-// kernel whenever the caller passes inv_freq (the only case where such rows may be asked for); it rewrites exactly
-// those elements with the same libdevice cosf / sinf and rounding points as PyTorch's elementwise kernels. No host
-// sync either way; without inv_freq such a position trips a device-side assert.
-// Generic path (fp64 output, other widths, unaligned tables): the same scalar kernel writes every element.
+// was built from) are computed in the same kernel, one launch at any position: the thread calls exact_cos_sin, a
+// cold, non-inlined function with the same libdevice cosf / sinf and rounding points as PyTorch's elementwise
+// kernels, so the fast path keeps no trigonometric code and no local memory of its own (cosf's slow-path argument
+// reduction keeps a stack array in the callee's frame). No host sync; without inv_freq such a position trips a
+// device-side assert.
+// Generic path (fp64 output, other widths, unaligned tables): gather_cos_sin_scalar_kernel writes every element.
 #include "../rope_common.h"
 #include "../rope_table.h"
 #include "rope_vec.cuh"
@@ -63,6 +64,16 @@ __device__ __forceinline__ bool needs_exact(const GatherParams& p, int64_t j, in
   return pos < 0 || pos >= p.rows || !column_current(p, j);
 }
 
+// cos / sin of frequency j at position pos computed from inv_freq: the same libdevice cosf / sinf (no fast math) and
+// rounding points as PyTorch's elementwise kernels, so the value equals the one a table built from the current
+// inv_freq would hold. Not inlined: the rare rows pay a call, the fast path carries none of cosf's slow path.
+// Returned by value (x: cos, y: sin), so the caller's per-lane arrays stay in registers.
+__device__ __noinline__ float2 exact_cos_sin(const float* inv_freq, float attention_scaling, int64_t j, int64_t pos) {
+  CUDA_KERNEL_ASSERT(inv_freq != nullptr && "ropekit: position id outside the cos/sin table (pass inv_freq)");
+  const float freq = mul_rn(inv_freq != nullptr ? inv_freq[j] : 0.f, static_cast<float>(pos));
+  return make_float2(mul_rn(cosf(freq), attention_scaling), mul_rn(sinf(freq), attention_scaling));
+}
+
 template <typename out_t, bool kNeox>
 __device__ __forceinline__ void put(out_t* cos_row, out_t* sin_row, int64_t half, int64_t j, float c, float s) {
 #pragma unroll
@@ -107,13 +118,14 @@ __global__ void __launch_bounds__(kThreads) gather_cos_sin_vec_kernel(GatherPara
       for (int e = 0; e < E; ++e) {
         const int axis = mrope_axis(j0 + e, p.mrope);
         const int64_t pe = axis == 0 ? pos[0] : (axis == 1 ? pos[1] : pos[2]);
-        const bool in_table = pe >= 0 && pe < p.rows;
-        CUDA_KERNEL_ASSERT((in_table || p.inv_freq != nullptr) &&
-                           "ropekit: position id outside the cos/sin table (pass inv_freq)");
-        // Rows to compute are written by the exact kernel that follows; a placeholder here, no out-of-bounds read.
-        const bool read = in_table && current[e];
-        c[e] = read ? p.cos_tab[pe * p.half + j0 + e] : 0.f;
-        s[e] = read ? p.sin_tab[pe * p.half + j0 + e] : 0.f;
+        if (pe >= 0 && pe < p.rows && current[e]) {
+          c[e] = p.cos_tab[pe * p.half + j0 + e];
+          s[e] = p.sin_tab[pe * p.half + j0 + e];
+        } else {  // the cold path: a row the table cannot serve
+          const float2 cs = exact_cos_sin(p.inv_freq, p.attention_scaling, j0 + e, pe);
+          c[e] = cs.x;
+          s[e] = cs.y;
+        }
       }
     }
     out_t* cos_row = cos_out + n * 2 * p.half;
@@ -139,9 +151,8 @@ __global__ void __launch_bounds__(kThreads) gather_cos_sin_vec_kernel(GatherPara
   }
 }
 
-// One thread per (token, frequency). kOnlyExact: write only the elements computed from inv_freq (after the fast
-// kernel); otherwise write every element (the generic path).
-template <typename out_t, typename index_t, bool kNeox, bool kOnlyExact>
+// One thread per (token, frequency): the generic path, every element.
+template <typename out_t, typename index_t, bool kNeox>
 __global__ void __launch_bounds__(kThreads) gather_cos_sin_scalar_kernel(GatherParams p,
                                                                           const index_t* __restrict__ positions,
                                                                           out_t* __restrict__ cos_out,
@@ -153,19 +164,14 @@ __global__ void __launch_bounds__(kThreads) gather_cos_sin_scalar_kernel(GatherP
     token_positions(p, positions, n, pos3);
     const int axis = mrope_axis(j, p.mrope);
     const int64_t pos = axis == 0 ? pos3[0] : (axis == 1 ? pos3[1] : pos3[2]);
-    const bool exact = needs_exact(p, j, pos);
-    if (kOnlyExact && !exact) continue;
     float c, s;
-    if (!exact) {
+    if (!needs_exact(p, j, pos)) {
       c = p.cos_tab[pos * p.half + j];
       s = p.sin_tab[pos * p.half + j];
     } else {
-      CUDA_KERNEL_ASSERT(p.inv_freq != nullptr && "ropekit: position id outside the cos/sin table (pass inv_freq)");
-      // Same libdevice cosf/sinf (no fast math) and rounding points as PyTorch's elementwise kernels, so a row
-      // computed here equals the row a table built from the current inv_freq would hold.
-      const float freq = mul_rn(p.inv_freq != nullptr ? p.inv_freq[j] : 0.f, static_cast<float>(pos));
-      c = mul_rn(cosf(freq), p.attention_scaling);
-      s = mul_rn(sinf(freq), p.attention_scaling);
+      const float2 cs = exact_cos_sin(p.inv_freq, p.attention_scaling, j, pos);
+      c = cs.x;
+      s = cs.y;
     }
     put<out_t, kNeox>(cos_out + n * 2 * p.half, sin_out + n * 2 * p.half, p.half, j, c, s);
   }
@@ -217,18 +223,14 @@ std::tuple<at::Tensor, at::Tensor> gather_cos_sin_cuda(const GatherArgs& a) {
         out_t* so = sin_out.data_ptr<out_t>();
         if constexpr (!std::is_same_v<out_t, double>) {
           if (vector) {
+            // one launch: rows the table cannot serve, if any, are computed exactly inside it
             gather_cos_sin_vec_kernel<out_t, index_t, kNeox>
                 <<<blocks_for(p.tokens * (half / elems)), kThreads, 0, stream>>>(p, pos, co, so);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
-            if (p.inv_freq != nullptr) {  // rows the table cannot serve, if any: computed exactly
-              gather_cos_sin_scalar_kernel<out_t, index_t, kNeox, true>
-                  <<<blocks_for(p.tokens * half), kThreads, 0, stream>>>(p, pos, co, so);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
-            }
             return;
           }
         }
-        gather_cos_sin_scalar_kernel<out_t, index_t, kNeox, false>
+        gather_cos_sin_scalar_kernel<out_t, index_t, kNeox>
             <<<blocks_for(p.tokens * half), kThreads, 0, stream>>>(p, pos, co, so);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

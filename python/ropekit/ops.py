@@ -187,10 +187,12 @@ def rope_index(
     ``on_host=True`` runs a C++ loop over the tokens; accelerator inputs are pulled to the host once (one sync) and
     the results copied back without blocking. Where transformers itself fails (more spans than grids, a span whose
     positions do not fit its tokens, a vision_start at the end, ...), and for what ``strict`` rejects, it raises
-    ``ValueError`` naming the row, token and grid. ``on_host=False`` computes on the inputs' device with no host sync
-    at all (CUDA-graph capturable): inputs without a result trip an asynchronous device assert, and nothing is read
-    out of bounds. (Its domain also excludes 4.57 ``vision_start`` inputs whose spans do not match their grids,
-    which transformers' scan still turns into positions; ``on_host=True`` computes those.)
+    ``ValueError`` naming the row, token and grid. ``on_host=False`` runs the fused device algorithm: on CUDA a
+    kernel with no host sync at all (CUDA-graph capturable), where inputs without a result trip an asynchronous
+    device assert and nothing is read out of bounds; on the CPU the same row code serially (``ValueError`` where
+    there is no result). It takes every input the host loop takes and returns the same, 4.57's ``vision_start``
+    scan included (image tokens with no ``vision_start`` before them are text, spans that do not match their
+    grids). On other devices it is the ATen composition, whose domain excludes those 4.57 mismatched spans.
 
     Raises ``ValueError`` for malformed arguments: shapes, dtypes, devices, an unknown convention.
     """

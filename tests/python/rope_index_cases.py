@@ -344,6 +344,8 @@ WILD_KINDS = (
     "span_length",      # a vision token turned into text, or text into a vision token
     "odd_grid",         # h or w not a multiple of the merge size, t = 0 or t = 2 images, a zero-sized grid
     "vision_start_end", # vision_start as the last token of a row
+    "no_vision_start",  # a span's vision_start turned into text: 4.57 reads its vision tokens as text (or finds
+                        # them by list.index for a later span); 5.x reads mm_token_type_ids and is unaffected
 )
 
 
@@ -435,6 +437,12 @@ def perturb(case: Case, seed: int, kind: str | None = None) -> Case:
                 t[key][i, 0] = 2
             else:
                 t[key][i, 1] = case.spatial_merge_size - 1 if case.spatial_merge_size > 1 else 0
+    elif kind == "no_vision_start":
+        for _ in range(rng.randint(1, 2)):
+            b = rng.randrange(B)
+            starts = [s for s in range(S) if attended[b, s] and int(ids[b, s]) == special["vision_start"]]
+            if starts:
+                ids[b, rng.choice(starts)] = 5
     elif kind == "vision_start_end":
         b = rng.randrange(B)
         cols = [s for s in range(S) if attended[b, s]]

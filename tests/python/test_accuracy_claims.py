@@ -28,6 +28,8 @@ SHAPES = [  # head_dim, rot_dim, heads, kv_heads, zero_centered
     (128, 128, 4, 2, False),
     (64, 64, 3, 1, False),
     (256, 64, 2, 2, True),
+    (128, 128, 5, 2, False),  # 7 rows a token: CUDA's half-empty last warp iteration (test_cuda_kernels)
+    (128, 128, 3, 2, False),  # 5 rows
 ]
 
 
@@ -89,3 +91,15 @@ def test_backward_bound_holds_on_many_random_cases(dtype):
                     gk.double(), zc)
         for name, o, e, r in zip(("dq", "dk", "dq_weight", "dk_weight"), ours, eager, ref):
             check(o, e, r, dtype, f"case {i} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_bound_at_qwen3_8b_heads_b4_s1024(dtype):
+    """The shape at which CUDA's forward takes a whole token per warp (parts == 1), on the CPU kernel: the same bound
+    on 21M elements."""
+    args = make(batch=4, seq=1024, heads=32, kv_heads=8, dtype=dtype, seed=21)
+    ours = ops.qk_norm_rope(*args, EPS)
+    eager = eager_qk_norm_rope(*args)
+    ref = ref_qk_norm_rope64(*args)
+    for name, o, e, r in zip("qk", ours, eager, ref):
+        check(o, e, r, dtype, name)

@@ -1,5 +1,6 @@
 """Static check of the built CUDA kernels, no GPU needed: the sm_90 SASS of the bf16 fast paths moves 16 bytes per
-global access (LDG.E.128 / STG.E.128) and never touches local memory (no LDL / STL: no spills, no stack arrays).
+global access (LDG.E.128 / STG.E.128) and never touches local memory (no LDL / STL: no spills, no stack arrays) in
+its own code; only the cos/sin gather calls a device function that does (its cold exact-rows path).
 
 The SASS comes from cuobjdump (shipped inside triton's NVIDIA backend, else the CUDA toolkit's) on the built
 extension; kernels are picked by name from the per-function sections, demangled with c++filt. Skips when the build
@@ -79,13 +80,34 @@ def sass_functions(arch="sm_90"):
     return dict(zip(names, bodies))
 
 
+def split_subroutines(body):
+    """(the kernel's own code, its subroutines): cuobjdump lists non-inlined device functions (the gather's cold
+    exact_cos_sin with libdevice's cosf / sinf slow path, 64-bit division helpers) after the kernel's last EXIT,
+    each ended by RET. The kernel's own code is everything up to the last EXIT before the first RET."""
+    lines = body.splitlines()
+    first_ret = next((i for i, line in enumerate(lines) if re.search(r"\bRET\b", line)), None)
+    if first_ret is None:
+        return body, ""
+    exits = [i for i, line in enumerate(lines[:first_ret]) if re.search(r"\bEXIT\b", line)]
+    if not exits:
+        return body, ""
+    return "\n".join(lines[: exits[-1] + 1]), "\n".join(lines[exits[-1] + 1:])
+
+
 def counts(body):
+    own, subroutines = split_subroutines(body)
     ldg = len(LDG_ANY.findall(body))
     stg = len(STG_ANY.findall(body))
     ldg128 = len(LDG_128.findall(body))
     stg128 = len(STG_128.findall(body))
     return {"LDG.128": ldg128, "LDG other": ldg - ldg128, "STG.128": stg128, "STG other": stg - stg128,
-            "LDL/STL": len(LOCAL.findall(body))}
+            "LDL/STL": len(LOCAL.findall(own)), "cold LDL/STL": len(LOCAL.findall(subroutines))}
+
+
+def allows_cold_local(label):
+    """Only the gather calls a function with local memory: exact_cos_sin, for rows the table cannot serve (cosf's
+    slow-path argument reduction keeps a stack array), never on the fast path."""
+    return label == "cos/sin gather"
 
 
 def check(functions):
@@ -109,6 +131,8 @@ def check(functions):
                 problems.append(f"{c['STG other']} narrower global stores")
             if c["LDL/STL"]:
                 problems.append(f"{c['LDL/STL']} local-memory accesses (spills or stack arrays)")
+            if c["cold LDL/STL"] and not allows_cold_local(label):
+                problems.append(f"{c['cold LDL/STL']} local-memory accesses in called device functions")
             rows.append((label, name, c, problems))
     return rows
 
@@ -133,13 +157,14 @@ def main():
         print("skipped:", reason)
         return 0
     rows = check(sass_functions())
-    print(f"{'kernel':<96} {'LDG.128':>7} {'LDG<16B':>7} {'STG.128':>7} {'STG<16B':>7} {'LDL/STL':>7}  verdict")
+    print(f"{'kernel':<96} {'LDG.128':>7} {'LDG<16B':>7} {'STG.128':>7} {'STG<16B':>7} {'LDL/STL':>7} "
+          f"{'cold':>5}  verdict")
     for label, name, c, problems in rows:
         if c is None:
-            print(f"{label + ': ' + name:<96} {'-':>7} {'-':>7} {'-':>7} {'-':>7} {'-':>7}  {problems[0]}")
+            print(f"{label + ': ' + name:<96} {'-':>7} {'-':>7} {'-':>7} {'-':>7} {'-':>7} {'-':>5}  {problems[0]}")
             continue
         print(f"{short(name):<96} {c['LDG.128']:>7} {c['LDG other']:>7} {c['STG.128']:>7} {c['STG other']:>7} "
-              f"{c['LDL/STL']:>7}  {'ok' if not problems else '; '.join(problems)}")
+              f"{c['LDL/STL']:>7} {c['cold LDL/STL']:>5}  {'ok' if not problems else '; '.join(problems)}")
     return 1 if any(p for *_, p in rows) else 0
 
 

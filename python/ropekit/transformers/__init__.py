@@ -11,15 +11,18 @@ import inspect
 import types
 from dataclasses import dataclass
 
+from . import _guard
 from ._patching import import_optional, patch, unpatch_all
-from .attention import make_attention_forward
+from .attention import derive_attention_forward
 from .rope_index import MROPE_RULES, make_get_rope_index
 from .rotary import RotaryLayout, make_apply_multimodal_rotary_pos_emb, make_apply_rotary_pos_emb, make_rotary_forward
 
 __all__ = [
     "apply_to_qwen3", "apply_to_qwen3_vl", "apply_to_qwen3_5", "apply_to_qwen2_vl", "apply_to_qwen2_5_vl",
-    "apply_to_qwen4_exp", "apply_to_glm4v", "apply_to_model", "unpatch",
+    "apply_to_qwen4_exp", "apply_to_glm4v", "apply_to_model", "unpatch", "support_report", "PatchStatus",
+    "RopekitDeclined",
 ]
+RopekitDeclined = _guard.RopekitDeclined
 
 
 @dataclass(frozen=True)
@@ -32,9 +35,6 @@ class _ModelingModule:
     attention: str | None = None  # attention class whose forward runs q_norm / k_norm + RoPE (None: no q/k norms)
     norm: str | None = None  # its q_norm / k_norm class
     zero_centered: bool = False  # Qwen3.5 / Qwen4-Exp's (1 + w) norm
-    gated: bool = False  # Qwen3.5 / Qwen4-Exp's output-gated attention
-    sliding_window: bool = False  # Qwen3 passes sliding_window to the attention interface
-    indexer: bool = False  # Qwen4-Exp's sparse-attention indexer (full-length cos/sin, k=None rotations)
     is_neox: bool = True  # False: GLM-4V rotates GPT-J pairs (rotate_half_llm, repeat_interleave(2) cos/sin)
     partial: bool = False  # apply_rotary_pos_emb passes channels past cos.shape[-1] through (partial rotary)
     vl_model: str | None = None  # class defining get_rope_index
@@ -44,9 +44,9 @@ class _ModelingModule:
 _FAMILIES = {
     "Qwen3": (
         _ModelingModule("transformers.models.qwen3.modeling_qwen3", "Qwen3RotaryEmbedding",
-                        attention="Qwen3Attention", norm="Qwen3RMSNorm", sliding_window=True),
+                        attention="Qwen3Attention", norm="Qwen3RMSNorm"),
         _ModelingModule("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeRotaryEmbedding",
-                        attention="Qwen3MoeAttention", norm="Qwen3MoeRMSNorm", sliding_window=True),
+                        attention="Qwen3MoeAttention", norm="Qwen3MoeRMSNorm"),
     ),
     "Qwen3-VL": (
         _ModelingModule("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextRotaryEmbedding", "interleaved",
@@ -58,11 +58,11 @@ _FAMILIES = {
     ),
     "Qwen3.5": (
         _ModelingModule("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5TextRotaryEmbedding", "interleaved",
-                        attention="Qwen3_5Attention", norm="Qwen3_5RMSNorm", zero_centered=True, gated=True,
+                        attention="Qwen3_5Attention", norm="Qwen3_5RMSNorm", zero_centered=True,
                         partial=True, vl_model="Qwen3_5Model", model_type="qwen3_5"),
         _ModelingModule("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeTextRotaryEmbedding",
                         "interleaved", attention="Qwen3_5MoeAttention", norm="Qwen3_5MoeRMSNorm", zero_centered=True,
-                        gated=True, partial=True, vl_model="Qwen3_5MoeModel", model_type="qwen3_5_moe"),
+                        partial=True, vl_model="Qwen3_5MoeModel", model_type="qwen3_5_moe"),
     ),
     "Qwen2-VL": (  # no q/k norms: nothing to fuse
         _ModelingModule("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLRotaryEmbedding", "sectioned",
@@ -75,7 +75,7 @@ _FAMILIES = {
     "Qwen4-Exp": (
         _ModelingModule("transformers.models.qwen4_exp.modeling_qwen4_exp", "Qwen4ExpTextRotaryEmbedding",
                         "interleaved", attention="Qwen4ExpTextAttention", norm="Qwen4ExpTextRMSNorm",
-                        zero_centered=True, gated=True, indexer=True, partial=True, vl_model="Qwen4ExpModel",
+                        zero_centered=True, partial=True, vl_model="Qwen4ExpModel",
                         model_type="qwen4_exp"),
     ),
     "GLM-4V": (  # no q/k norms: nothing to fuse; GLM-4.6V runs GLM-4V's text model (its module has get_rope_index)
@@ -102,29 +102,12 @@ _FAMILY_MODEL_TYPES = {
 }
 # families whose modeling code exists from transformers 5.x on only
 _NEEDS_5 = {"Qwen3.5", "Qwen4-Exp"}
-# The transformers lines whose modeling code the patches are written against (CI tests 4.57.6 and 5.18.0).
+# The transformers lines the patches support; within them, each function is checked against known code at patch time.
 _TRANSFORMERS_LINES = "4.57.x and 5.x"
 
 
 def _unwrapped(obj):
     return getattr(obj, "__ropekit_original__", obj)
-
-
-def _check_transformers_version() -> None:
-    """The patches replace methods whose signatures moved between releases: refuse lines they were not written for
-    rather than misroute arguments."""
-    import transformers
-    from packaging.version import InvalidVersion, Version  # a transformers dependency
-
-    try:
-        major, minor = (Version(transformers.__version__).release + (0, 0))[:2]
-    except InvalidVersion:
-        major, minor = 0, 0
-    if not ((major, minor) >= (4, 57) and major < 6):
-        raise RuntimeError(
-            f"ropekit: transformers {transformers.__version__} is not supported; ropekit patches transformers "
-            f"{_TRANSFORMERS_LINES} (tested: 4.57.6, 5.17.0, 5.18.0)"
-        )
 
 
 def _unwrap_model(model):
@@ -172,45 +155,167 @@ def _patch_instance_forwards(model) -> None:
                 patch(module, name, types.MethodType(patched, module))
 
 
-def _patch_rope(module, spec: _ModelingModule) -> None:
-    rotary_cls = getattr(module, spec.rotary)
-    # transformers 4.57's sectioned families return per-axis cos/sin and pick the sections in
-    # apply_multimodal_rotary_pos_emb; 5.x recomposes them inside the rotary forward (detected by the function)
+@dataclass
+class PatchStatus:
+    """One row of the support report: what ropekit did with one transformers object for one switch."""
+
+    family: str
+    module: str  # modeling module tail (qwen3, qwen3_vl_moe, ...)
+    switch: str  # rope, qk_norm_rope, rope_index
+    target: str  # the transformers object (Qwen3Attention.forward, apply_rotary_pos_emb, ...)
+    patched: bool
+    reason: str = ""  # why it was declined; the releases whose code it matched when patched
+
+    def line(self) -> str:
+        state = "patched " if self.patched else "DECLINED"
+        return f"{state}  {self.family:<10} {self.switch:<12} {self.module}.{self.target}: {self.reason}"
+
+
+def _tail(module) -> str:
+    return module.__name__.rsplit(".", 1)[-1].removeprefix("modeling_")
+
+
+def _known(module, qualname: str, obj, owner=None) -> tuple[bool, str]:
+    """(known, the releases it matched or why not) for the installed code of ``module.qualname``."""
+    if obj is None:
+        return False, "not present"
+    function = _guard.underlying(obj)
+    if function is None:
+        return False, f"{type(obj).__name__} is not a function ropekit can read (an unknown wrapper)"
+    fingerprint = _guard.live_fingerprint(function, owner)
+    releases = _guard.known_releases(module.__name__, qualname, fingerprint)
+    if releases is None:
+        return False, (f"its code (fingerprint {fingerprint}) is not that of a transformers release ropekit was "
+                       f"checked against")
+    return True, f"the code of transformers {releases}"
+
+
+class _Plan:
+    """The patches of one apply_to_* call, decided before any is installed."""
+
+    def __init__(self, family: str, warn: bool = True):
+        self.family, self.warn = family, warn
+        self.patches: list[tuple[object, str, object]] = []
+        self.rows: list[PatchStatus] = []
+
+    def accept(self, module, switch: str, target: str, why: str, owner, name: str, replacement) -> None:
+        self.rows.append(PatchStatus(self.family, _tail(module), switch, target, True, why))
+        self.patches.append((owner, name, replacement))
+
+    def decline(self, module, switch: str, target: str, reason: str) -> None:
+        self.rows.append(PatchStatus(self.family, _tail(module), switch, target, False, reason))
+        if self.warn:
+            _guard.decline(f"{module.__name__}.{target} ({self.family}, {switch}=True)", reason)
+
+
+def _rope_function(module, spec: _ModelingModule):
+    """(name, installed object) of the module-level rotation ropekit replaces: transformers 4.57's sectioned
+    families return per-axis cos/sin and pick the sections in apply_multimodal_rotary_pos_emb; 5.x recomposes them
+    inside the rotary forward (detected by the function)."""
     per_axis = spec.mrope == "sectioned" and hasattr(module, "apply_multimodal_rotary_pos_emb")
-    layout = RotaryLayout(spec.mrope, per_axis, spec.is_neox)
-    patch(rotary_cls, "forward", make_rotary_forward(_unwrapped(rotary_cls.__dict__["forward"]), layout))
-    if per_axis:
-        patch(module, "apply_multimodal_rotary_pos_emb", make_apply_multimodal_rotary_pos_emb(
-            _unwrapped(module.apply_multimodal_rotary_pos_emb), spec.is_neox, spec.partial,
-            gptj_layout=not spec.is_neox))
+    name = "apply_multimodal_rotary_pos_emb" if per_axis else "apply_rotary_pos_emb"
+    return name, _unwrapped(getattr(module, name, None))
+
+
+def _hub_routing(function):
+    """(is a kernels Hub-kernel wrapper, its routing check or None where its internals are unknown)."""
+    if _guard.hub_kernel_inner(function) is None:
+        return False, None
+    return True, _guard.hub_kernel_routing(function)
+
+
+def _plan_rope(plan: _Plan, module, spec: _ModelingModule) -> None:
+    rotary_cls = getattr(module, spec.rotary, None)
+    target = f"{spec.rotary}.forward"
+    original = _unwrapped(vars(rotary_cls).get("forward")) if rotary_cls is not None else None
+    name, function = _rope_function(module, spec)
+    per_axis = name == "apply_multimodal_rotary_pos_emb"
+    ok, why = _known(module, target, original, rotary_cls)
+    if ok:
+        layout = RotaryLayout(spec.mrope, per_axis, spec.is_neox)
+        plan.accept(module, "rope", target, why, rotary_cls, "forward", make_rotary_forward(original, layout))
     else:
-        patch(module, "apply_rotary_pos_emb", make_apply_rotary_pos_emb(
-            _unwrapped(module.apply_rotary_pos_emb), spec.is_neox, spec.partial))
+        plan.decline(module, "rope", target, why)
+    ok, why = _known(module, name, function)
+    wrapped, routed = _hub_routing(function) if ok else (False, None)
+    if ok and wrapped and routed is None:
+        ok, why = False, "its kernels Hub-kernel wrapper is not one ropekit knows"
+    if not ok:
+        plan.decline(module, "rope", name, why)
+        return
+    if wrapped:
+        why += " (inside kernels' Hub-kernel wrapper, which still runs wherever kernelize selected a kernel)"
+    if per_axis:
+        replacement = make_apply_multimodal_rotary_pos_emb(function, spec.is_neox, spec.partial,
+                                                           gptj_layout=not spec.is_neox)
+    else:
+        replacement = make_apply_rotary_pos_emb(function, spec.is_neox, spec.partial, routed=routed)
+    plan.accept(module, "rope", name, why, module, name, replacement)
 
 
-def _apply(family: str, model, rope: bool, rope_index: bool, qk_norm_rope: bool) -> list[str]:
-    _check_transformers_version()
-    if model is not None:
-        _check_model(family, model)
-    patched = []
-    for spec in _FAMILIES[family]:
+def _plan_attention(plan: _Plan, module, spec: _ModelingModule) -> None:
+    """The fused forward, derived from the installed one. The fused op stands in for the norm's forward and the
+    rotation, so both must be code ropekit reproduces."""
+    target = f"{spec.attention}.forward"
+    attention_cls, norm_cls = getattr(module, spec.attention, None), getattr(module, spec.norm, None)
+    if attention_cls is None or norm_cls is None:
+        plan.decline(module, "qk_norm_rope", target, "not present")
+        return
+    ok, why = _known(module, f"{spec.norm}.forward", vars(norm_cls).get("forward"), norm_cls)
+    if not ok:
+        plan.decline(module, "qk_norm_rope", target, f"{spec.norm}.forward: {why}")
+        return
+    name, function = _rope_function(module, spec)
+    ok, why = _known(module, name, function)
+    wrapped, routed = _hub_routing(function) if ok else (False, None)
+    if not ok or (wrapped and routed is None):
+        plan.decline(module, "qk_norm_rope", target, f"{name}: {why if not ok else 'an unknown kernels wrapper'}")
+        return
+    replacement, reason = derive_attention_forward(attention_cls, module, spec.norm, spec.zero_centered,
+                                                   is_neox=spec.is_neox, partial=spec.partial, rope_routed=routed)
+    if replacement is None:
+        plan.decline(module, "qk_norm_rope", target, f"its forward is not of a shape ropekit transforms: {reason}")
+        return
+    plan.accept(module, "qk_norm_rope", target, f"derived from the installed forward; norm and rotation: {why}",
+                attention_cls, "forward", replacement)
+
+
+def _plan_rope_index(plan: _Plan, module, spec: _ModelingModule) -> None:
+    target = f"{spec.vl_model}.get_rope_index"
+    model_cls = getattr(module, spec.vl_model, None)
+    original = _unwrapped(vars(model_cls).get("get_rope_index")) if model_cls is not None else None
+    ok, why = _known(module, target, original, model_cls)
+    if not ok:
+        plan.decline(module, "rope_index", target, why)
+        return
+    plan.accept(module, "rope_index", target, why, model_cls, "get_rope_index",
+                make_get_rope_index(original, MROPE_RULES[spec.model_type]))
+
+
+def _plan(family: str, rope: bool, rope_index: bool, qk_norm_rope: bool, specs=None,
+          warn: bool = True) -> tuple[_Plan, list[str]]:
+    plan, present = _Plan(family, warn), []
+    for spec in specs if specs is not None else _FAMILIES[family]:
         module = import_optional(spec.name)
         if module is None:
             continue
+        present.append(spec.name)
         if rope and spec.rotary is not None:
-            _patch_rope(module, spec)
+            _plan_rope(plan, module, spec)
         if qk_norm_rope and spec.attention is not None:
-            attention_cls = getattr(module, spec.attention)
-            original = _unwrapped(attention_cls.__dict__["forward"])
-            patch(attention_cls, "forward", make_attention_forward(
-                original, module, spec.norm, spec.zero_centered, spec.gated, spec.sliding_window,
-                indexer=spec.indexer, is_neox=spec.is_neox, partial=spec.partial))
+            _plan_attention(plan, module, spec)
         if rope_index and spec.vl_model is not None:
-            model_cls = getattr(module, spec.vl_model)
-            patch(model_cls, "get_rope_index",
-                  make_get_rope_index(_unwrapped(model_cls.__dict__["get_rope_index"]), MROPE_RULES[spec.model_type]))
-        patched.append(spec.name)
-    if not patched:
+            _plan_rope_index(plan, module, spec)
+    return plan, present
+
+
+def _apply(family: str, model, rope: bool, rope_index: bool, qk_norm_rope: bool, specs=None) -> list[PatchStatus]:
+    """Decide every patch of the family (each checked against the installed code; what is not known is declined
+    with one warning and left as it is), install the accepted ones, and return the rows of the support report."""
+    if model is not None:
+        _check_model(family, model)
+    plan, present = _plan(family, rope, rope_index, qk_norm_rope, specs)
+    if not present:
         import transformers
 
         raise RuntimeError(
@@ -218,9 +323,21 @@ def _apply(family: str, model, rope: bool, rope_index: bool, qk_norm_rope: bool)
             f"{family} on transformers {_TRANSFORMERS_LINES}"
             + (f" ({family} needs transformers 5.x)" if family in _NEEDS_5 else "")
         )
+    for owner, name, replacement in plan.patches:
+        patch(owner, name, replacement)
     if model is not None:
         _patch_instance_forwards(model)
-    return patched
+    return plan.rows
+
+
+def support_report() -> list[PatchStatus]:
+    """What every ``apply_to_*`` would patch on the installed transformers, all switches on, and why anything is
+    declined, computed without installing anything and without warnings (families whose modeling modules the
+    installed release lacks are left out). ``python -m ropekit`` prints these rows."""
+    rows = []
+    for family in _FAMILIES:
+        rows += _plan(family, rope=True, rope_index=True, qk_norm_rope=True, warn=False)[0].rows
+    return rows
 
 
 def apply_to_qwen3(model=None, *, rope: bool = True, qk_norm_rope: bool = True) -> None:
@@ -330,3 +447,20 @@ def apply_to_model(model, **switches) -> None:
 def unpatch() -> None:
     """Undo every ropekit patch, restoring the original functions and methods (by identity)."""
     unpatch_all()
+
+
+def guarded_names() -> dict[str, list[str]]:
+    """Per modeling module tail, the qualified names whose code ropekit checks at patch time (what
+    ``python -m ropekit.transformers._guard`` records from release wheels)."""
+    names: dict[str, list[str]] = {}
+    for specs in _FAMILIES.values():
+        for spec in specs:
+            tail = spec.name.rsplit(".", 1)[-1].removeprefix("modeling_")
+            entry = names.setdefault(tail, [])
+            if spec.rotary is not None:
+                entry += [f"{spec.rotary}.forward", "apply_rotary_pos_emb", "apply_multimodal_rotary_pos_emb"]
+            if spec.norm is not None:
+                entry.append(f"{spec.norm}.forward")
+            if spec.vl_model is not None:
+                entry.append(f"{spec.vl_model}.get_rope_index")
+    return names

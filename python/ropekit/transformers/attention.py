@@ -1,16 +1,35 @@
-"""Replacement for the attention forward of the families with per-head q/k norms (Qwen3, Qwen3-VL, Qwen3.5,
-Qwen4-Exp) that runs q_norm / k_norm and RoPE as one fused op.
+"""The fused q/k-norm + RoPE attention forward of the families with per-head q/k norms (Qwen3, Qwen3-VL, Qwen3.5,
+Qwen4-Exp), **derived from the installed release's own forward**.
 
-Everything else the forward does is kept: the KV-cache update (with 4.57's cache kwargs), the attention interface
-lookup of each version, sliding window (Qwen3), Qwen3.5 / Qwen4-Exp's output gate and Qwen4-Exp's sparse-attention
-indexer. The norm weights stay the modules' own parameters, so training updates them and checkpoints are unchanged.
+``derive_attention_forward`` reads the installed ``<Family>Attention.forward`` (its source, through its decorators),
+locates three statements structurally in its AST::
+
+    Q = self.q_norm(<q expr>).transpose(1, 2)
+    K = self.k_norm(<k expr>).transpose(1, 2)
+    Q2, K2 = apply_rotary_pos_emb(Q, K, <cos>, <sin>)
+
+and rewrites exactly those: ``<q expr>`` / ``<k expr>`` are evaluated where they were, and where fusion is allowed
+(``_Fusion.norms``: no hooks, stock norms, dtypes the op rounds like transformers; ``_Fusion.rope``: cos/sin the op
+takes) one ``ropekit.qk_norm_rope`` call produces ``Q2, K2``; otherwise the original three statements run as written.
+Every other line (the cache update and its argument names, kwargs, the attention interface, output gates, indexers,
+whatever a later release adds) is transformers' own code, compiled in the modeling module's namespace under a
+readable file name (``<ropekit fused: Qwen3Attention.forward ...>``, registered with ``linecache`` so tracebacks
+show the derived source). The decorators around the original (``deprecate_kwarg``, ``kernels``'
+``use_kernelized_func``) are rebuilt around the derived function with their own code. Code of any other shape is
+not fused: ``derive_attention_forward`` returns the reason, and the caller warns once and leaves the class alone.
 """
 
 from __future__ import annotations
 
-import functools
+import __future__
+
+import ast
+import copy
 import inspect
+import linecache
 import sys
+import textwrap
+import types
 
 import torch
 
@@ -92,65 +111,246 @@ def _peft_active_module(norm):
         return norm
 
 
-def make_attention_forward(original, module, norm_cls_name: str, zero_centered: bool, gated: bool,
-                           sliding_window: bool, *, indexer: bool = False, is_neox: bool = True,
-                           partial: bool = False):
-    """original: the unpatched ``<Family>Attention.forward``; module: its modeling module.
+_PREFIX = "__ropekit_"
 
-    ``zero_centered``: the norms are Qwen3.5 / Qwen4-Exp's ``(1 + w)`` RMSNorm; ``gated``: q_proj yields (query, gate)
-    per head and the output is multiplied by ``sigmoid(gate)``; ``sliding_window``: passed to the attention interface
-    (Qwen3); ``indexer``: Qwen4-Exp's sparse attention, whose indexer (run as the module it is) adds its token
-    selection to the mask and whose cos/sin cover every key position (the queries take the last ``S``);
-    ``is_neox``: the rotation style of the family's ``apply_rotary_pos_emb``; ``partial``: it rotates the first
-    ``cos.shape[-1]`` channels and passes the rest through (a full-rotary family fails on a narrower cos/sin)."""
-    norm_cls = getattr(module, norm_cls_name)
-    norm_forward = norm_cls.forward  # the stock norm; anything else (another patcher) falls back to the original
-    eager_attention = module.eager_attention_forward
-    attention_functions = module.ALL_ATTENTION_FUNCTIONS
-    takes_cache_position = "cache_position" in inspect.signature(original).parameters  # 4.57
 
-    def norm_eps(norm):
-        return norm.eps if zero_centered else norm.variance_epsilon
+class _Declined(Exception):
+    pass
 
-    def stock_forward(norm) -> bool:
+
+def _is_self_call(node, attr: str) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "self")
+
+
+def _norm_statement(stmt, attr: str):
+    """``NAME = self.<attr>(EXPR).transpose(1, 2)`` -> (NAME, EXPR), else None."""
+    if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
+        return None
+    value = stmt.value
+    if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and value.func.attr == "transpose"
+            and not value.keywords and len(value.args) == 2
+            and all(isinstance(a, ast.Constant) and type(a.value) is int for a in value.args)
+            and [a.value for a in value.args] == [1, 2]):
+        return None
+    inner = value.func.value
+    if not (_is_self_call(inner, attr) and len(inner.args) == 1 and not inner.keywords):
+        return None
+    return stmt.targets[0].id, inner.args[0]
+
+
+def _rope_statement(stmt, q_name: str, k_name: str):
+    """``Q2, K2 = apply_rotary_pos_emb(Q, K, COS, SIN)`` -> (targets, cos, sin), else None."""
+    if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Tuple)
+            and len(stmt.targets[0].elts) == 2 and all(isinstance(e, ast.Name) for e in stmt.targets[0].elts)):
+        return None
+    call = stmt.value
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "apply_rotary_pos_emb"
+            and not call.keywords and len(call.args) == 4
+            and isinstance(call.args[0], ast.Name) and call.args[0].id == q_name
+            and isinstance(call.args[1], ast.Name) and call.args[1].id == k_name):
+        return None
+    return stmt.targets[0], call.args[2], call.args[3]
+
+
+def _names(node) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def _count(tree, predicate) -> int:
+    return sum(1 for n in ast.walk(tree) if predicate(n))
+
+
+def _transform(function: ast.FunctionDef) -> ast.FunctionDef:
+    """The rewritten function (see the module docstring); raises _Declined with the reason."""
+    body = function.body
+    if any(isinstance(n, ast.Name) and n.id.startswith(_PREFIX) for n in ast.walk(function)):
+        raise _Declined("it already uses ropekit's names")
+    if any(isinstance(n, ast.Name) and n.id in ("super", "__class__") for n in ast.walk(function)) or any(
+            isinstance(n, (ast.Name, ast.Attribute)) and (getattr(n, "id", None) or getattr(n, "attr", ""))
+            .startswith("__") and not (getattr(n, "id", None) or getattr(n, "attr", "")).endswith("__")
+            for n in ast.walk(function)):
+        raise _Declined("it uses super() or private names, which only compile inside its class")
+    for attr in ("q_norm", "k_norm"):
+        if _count(function, lambda n, a=attr: isinstance(n, ast.Attribute) and n.attr == a) != 1:
+            raise _Declined(f"self.{attr} is not used exactly once")
+    if _count(function, lambda n: isinstance(n, ast.Name) and n.id == "apply_rotary_pos_emb") != 1:
+        raise _Declined("apply_rotary_pos_emb is not called exactly once")
+    found = {}
+    for i, stmt in enumerate(body):
+        for attr in ("q_norm", "k_norm"):
+            match = _norm_statement(stmt, attr)
+            if match is not None:
+                found[attr] = (i, *match)
+    if set(found) != {"q_norm", "k_norm"}:
+        raise _Declined("no `X = self.q_norm(...).transpose(1, 2)` and `self.k_norm` statements in its body")
+    iq, q_name, q_expr = found["q_norm"]
+    ik, k_name, k_expr = found["k_norm"]
+    rope = [(i, _rope_statement(s, q_name, k_name)) for i, s in enumerate(body)]
+    rope = [(i, m) for i, m in rope if m is not None]
+    if len(rope) != 1 or not iq < ik < rope[0][0] or q_name == k_name:
+        raise _Declined(f"no `apply_rotary_pos_emb({q_name}, {k_name}, cos, sin)` statement after the norms")
+    ir, (targets, cos, sin) = rope[0]
+    for j in range(iq + 1, ir):
+        if j != ik and _names(body[j]) & {q_name, k_name}:
+            raise _Declined(f"a statement between the norms and RoPE uses {q_name} or {k_name}")
+    if _names(q_expr) & {k_name} or _names(k_expr) & {q_name}:
+        raise _Declined("the norm inputs depend on each other")
+
+    def parse(text):
+        return ast.parse(text).body
+
+    fuse, q_raw, k_raw, out = (f"{_PREFIX}{n}" for n in ("fuse", "q", "k", "out"))
+
+    def norm_of(stmt, raw, name):
+        """``name = <fuse> ? raw : <the original norm expression on raw>``, at the original statement's place."""
+        original = copy.deepcopy(stmt.value)
+        original.func.value.args[0] = ast.Name(raw, ast.Load())
+        return ast.Assign([ast.Name(name, ast.Store())],
+                          ast.IfExp(ast.Name(fuse, ast.Load()), ast.Name(raw, ast.Load()), original))
+
+    def norm_again(stmt, name):
+        """The original norm expression on ``name`` (fusion allowed, cos/sin declined: the stock norms run late,
+        which nothing can observe, having no hooks)."""
+        original = copy.deepcopy(stmt.value)
+        original.func.value.args[0] = ast.Name(name, ast.Load())
+        return ast.Assign([ast.Name(name, ast.Store())], original)
+
+    q_stmts = [ast.Assign([ast.Name(q_raw, ast.Store())], q_expr)] + parse(f"{fuse} = {_PREFIX}norms(self, {q_raw})") \
+        + [norm_of(body[iq], q_raw, q_name)]
+    k_stmts = [ast.Assign([ast.Name(k_raw, ast.Store())], k_expr), norm_of(body[ik], k_raw, k_name)]
+    rope_stmts = parse(f"{out} = {_PREFIX}rope(self, {fuse}, {q_name}, {k_name}, COS, SIN) if {fuse} else None")
+    rope_stmts[0].value.body.args[4:6] = [cos, sin]
+    rope_stmts += [ast.If(
+        test=ast.Compare(ast.Name(out, ast.Load()), [ast.Is()], [ast.Constant(None)]),
+        body=[ast.If(test=ast.Name(fuse, ast.Load()),
+                     body=[norm_again(body[iq], q_name), norm_again(body[ik], k_name)], orelse=[]), body[ir]],
+        orelse=[ast.Assign([targets], ast.Name(out, ast.Load()))],
+    )]
+    new_body = body[:iq] + q_stmts + body[iq + 1:ik] + k_stmts + body[ik + 1:ir] + rope_stmts + body[ir + 1:]
+    function.body = new_body
+    function.decorator_list = []
+    return function
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return None
+
+
+def _rewrap(wrapper, old, new):
+    """``wrapper`` (a closure around ``old``, as ``functools.wraps`` decorators make) rebuilt from its own code
+    around ``new``; None when ``old`` is not one of its closure cells."""
+    cells = wrapper.__closure__ or ()
+    hits = [i for i, c in enumerate(cells) if _cell_value(c) is old]
+    if len(hits) != 1:
+        return None
+    closure = tuple(types.CellType(new) if i == hits[0] else c for i, c in enumerate(cells))
+    rebuilt = types.FunctionType(wrapper.__code__, wrapper.__globals__, wrapper.__name__, wrapper.__defaults__,
+                                 closure)
+    rebuilt.__kwdefaults__ = dict(wrapper.__kwdefaults__) if wrapper.__kwdefaults__ else None
+    rebuilt.__dict__.update(wrapper.__dict__)
+    rebuilt.__wrapped__ = new
+    for name in ("__qualname__", "__doc__", "__module__", "__annotations__"):
+        setattr(rebuilt, name, getattr(wrapper, name))
+    return rebuilt
+
+
+_COUNTER = [0]
+
+
+def _compile(function: ast.FunctionDef, module, where: str, free: tuple[str, ...]):
+    """Compile ``function`` in ``module``'s namespace, with ``free`` as closure variables (the maker's arguments);
+    returns the maker."""
+    maker = ast.FunctionDef(
+        name=f"{_PREFIX}make", args=ast.arguments(posonlyargs=[], args=[ast.arg(n) for n in free], vararg=None,
+                                                 kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[]),
+        body=[function, ast.Return(ast.Name(function.name, ast.Load()))], decorator_list=[], returns=None,
+        type_params=[])
+    tree = ast.fix_missing_locations(ast.Module(body=[maker], type_ignores=[]))
+    text = ast.unparse(tree) + "\n"
+    _COUNTER[0] += 1
+    filename = f"<ropekit fused q/k norm + RoPE #{_COUNTER[0]}: {where}>"
+    flags = __future__.annotations.compiler_flag if vars(module).get("annotations") is __future__.annotations else 0
+    code = compile(text, filename, "exec", flags=flags, dont_inherit=True)
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    maker_code = next(c for c in code.co_consts if isinstance(c, types.CodeType) and c.co_name == maker.name)
+    return types.FunctionType(maker_code, vars(module))
+
+
+class _Fusion:
+    """The two run-time decisions of a derived forward, with what they need from the family and its module."""
+
+    def __init__(self, module, norm_cls, zero_centered: bool, is_neox: bool, partial: bool, rope_routed):
+        self.module, self.norm_cls, self.norm_forward = module, norm_cls, norm_cls.forward
+        self.zero_centered, self.is_neox, self.partial = zero_centered, is_neox, partial
+        self.rope_routed = rope_routed  # kernels: a kernelized apply_rotary_pos_emb would run -> no fusion
+        self.replacement = None  # the installed forward, for is_live
+
+    def eps(self, norm):
+        return norm.eps if self.zero_centered else norm.variance_epsilon
+
+    def stock_forward(self, norm) -> bool:
         """No instance-level forward, or one that changes nothing: the class's own bound method (left behind by
         accelerate's remove_hook_from_module) or a placement-only accelerate hook."""
         forward = vars(norm).get("forward")
         return (
             forward is None
-            or (getattr(forward, "__func__", None) is norm_forward and getattr(forward, "__self__", None) is norm)
-            or _accelerate_placement_only(norm, norm_forward)
+            or (getattr(forward, "__func__", None) is self.norm_forward and getattr(forward, "__self__", None) is norm)
+            or _accelerate_placement_only(norm, self.norm_forward)
         )
 
-    def stock_norm(norm, query) -> bool:
+    def stock_norm(self, norm, query) -> bool:
         """The transformers RMSNorm as shipped: no hook (forward, forward-pre, backward, backward-pre) or
         instance-level forward that would expect to run (accelerate offload), and its weight already where the
         activations are."""
         return (
-            type(norm) is norm_cls
+            type(norm) is self.norm_cls
             and getattr(norm, "group_size", None) is None  # Qwen4-Exp's norm can normalise groups of channels
-            and stock_forward(norm)
+            and self.stock_forward(norm)
             and not _has_hooks(norm)
             and norm.weight.device == query.device
         )
 
-    def fusable_norms(self, query, key, cos, sin):
-        """(q_norm, k_norm) modules whose weights the fused op can use in their place, or None: fusion only where
-        nothing observable would differ (no hook on the norms, on this attention module, or registered globally;
-        stock norms; dtypes the op rounds exactly like transformers; plain tensors; cos/sin without grad)."""
-        q_norm, k_norm = _peft_active_module(self.q_norm), _peft_active_module(self.k_norm)
+    def norms(self, attention, query):
+        """(q_norm, k_norm) whose weights the fused op can use in their place, or None: fusion only where nothing
+        observable would differ (no hook on the norms, on this attention module, or registered globally; stock
+        norms; dtypes the op rounds exactly like transformers; plain tensors), and only while patched."""
+        if not (is_live(self.replacement) and isinstance(query, torch.Tensor)):
+            return None
+        q_norm, k_norm = _peft_active_module(attention.q_norm), _peft_active_module(attention.k_norm)
         fusable = (
-            norm_cls.forward is norm_forward
+            self.norm_cls.forward is self.norm_forward
             and not _global_module_hooks()
-            and not _has_hooks(self, attention=True)
-            and stock_norm(q_norm, query)
-            and stock_norm(k_norm, query)
-            and norm_eps(q_norm) == norm_eps(k_norm)
+            and not _has_hooks(attention, attention=True)
+            and not (self.rope_routed is not None and self.rope_routed())
+            and query.dim() == 4
+            and self.stock_norm(q_norm, query)
+            and self.stock_norm(k_norm, query)
+            and self.eps(q_norm) == self.eps(k_norm)
             and query.dtype in _FUSABLE
             and q_norm.weight.dtype in (query.dtype, torch.float32)
             and k_norm.weight.dtype == q_norm.weight.dtype
-            and isinstance(cos, torch.Tensor)
+            and plain_tensors(query, q_norm.weight, k_norm.weight)
+        )
+        return (q_norm, k_norm) if fusable else None
+
+    def rope(self, attention, norms, query, key, cos, sin):
+        """The fused op's (query_states, key_states), or None where cos/sin or key are not what it takes (the
+        original steps then run)."""
+        fusable = (
+            isinstance(cos, torch.Tensor)
             and isinstance(sin, torch.Tensor)
+            and isinstance(key, torch.Tensor)
+            and plain_tensors(key, cos, sin)
+            and key.dim() == 4
+            and key.dtype == query.dtype
+            and key.device == query.device
+            and key.shape[0] == query.shape[0]
+            and key.shape[1] == query.shape[1]
+            and key.shape[3] == query.shape[3]
             # the shapes the op takes (transformers' broadcasting takes more: cos/sin of seq 1, ...)
             and cos.dim() == 3
             and sin.shape == cos.shape
@@ -158,7 +358,7 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
             and cos.shape[0] in (1, query.shape[0])
             and cos.shape[2] % 2 == 0
             and cos.shape[2] <= query.shape[3]
-            and (partial or cos.shape[2] == query.shape[3])
+            and (self.partial or cos.shape[2] == query.shape[3])
             and cos.dtype in (query.dtype, torch.float32)
             and sin.dtype == cos.dtype
             and cos.device == query.device
@@ -166,82 +366,60 @@ def make_attention_forward(original, module, norm_cls_name: str, zero_centered: 
             # the fused op differentiates q, k and the norm weights, not cos/sin (transformers makes them without
             # grad; a caller that scales them with a trainable factor gets the unfused steps, which do)
             and not (cos.requires_grad or sin.requires_grad)
-            and plain_tensors(query, key, q_norm.weight, k_norm.weight, cos, sin)
         )
-        return (q_norm, k_norm) if fusable else None
+        if not fusable:
+            return None
+        q_norm, k_norm = norms
+        return ops.qk_norm_rope(query, key, q_norm.weight, k_norm.weight, cos, sin, self.eps(q_norm),
+                                self.zero_centered, is_neox=self.is_neox)
 
-    def attention_interface(self):
-        impl = self.config._attn_implementation
-        if hasattr(attention_functions, "get_interface"):  # 5.x
-            return attention_functions.get_interface(impl, eager_attention)
-        return eager_attention if impl == "eager" else attention_functions[impl]
 
-    @functools.wraps(original)
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, *args, **kwargs):
-        if not is_live(forward):  # a reference that outlived unpatch() (e.g. accelerate's _old_forward)
-            return original(self, hidden_states, position_embeddings, attention_mask, past_key_values, *args,
-                            **kwargs)
-        cache_position = None
-        if takes_cache_position and args:
-            cache_position, args = args[0], args[1:]
-        elif takes_cache_position:
-            cache_position = kwargs.pop("cache_position", None)
-        if args or (indexer and attention_mask is None):  # not a call transformers makes: the original decides
-            return original(self, hidden_states, position_embeddings, attention_mask, past_key_values, *args,
-                            **kwargs)
-        if indexer:  # Qwen4-Exp: the indexer's token selection narrows the mask; queries take the last S positions
-            selected = self.indexer(hidden_states, position_embeddings, attention_mask, past_key_values)
-            if attention_mask.is_floating_point():
-                attention_mask = attention_mask + selected
-            else:
-                attention_mask = attention_mask & selected
-            position_embeddings = tuple(x[:, -hidden_states.shape[1]:, :] for x in position_embeddings)
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        cos, sin = position_embeddings
-
-        if gated:  # Qwen3.5: q_proj yields (query, gate) per head
-            query, gate = torch.chunk(self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim * 2), 2, dim=-1)
-            gate = gate.reshape(*input_shape, -1)
-        else:
-            query = self.q_proj(hidden_states).view(hidden_shape)
-        key = self.k_proj(hidden_states).view(hidden_shape)
-        norms = fusable_norms(self, query, key, cos, sin)
-        if norms is not None:
-            q_norm, k_norm = norms
-            query_states, key_states = ops.qk_norm_rope(
-                query, key, q_norm.weight, k_norm.weight, cos, sin, norm_eps(q_norm), zero_centered, is_neox=is_neox
-            )
-        else:  # exactly the original's steps (e.g. a q_norm replaced by another library)
-            query_states = self.q_norm(query).transpose(1, 2)
-            key_states = self.k_norm(key).transpose(1, 2)
-            query_states, key_states = module.apply_rotary_pos_emb(query_states, key_states, cos, sin)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-
-        if past_key_values is not None:
-            if takes_cache_position:
-                cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
-                key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx,
-                                                                  cache_kwargs)
-            else:
-                key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
-
-        extra = {"sliding_window": self.sliding_window} if sliding_window else {}
-        attn_output, attn_weights = attention_interface(self)(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **extra,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        if gated:
-            attn_output = attn_output * torch.sigmoid(gate)
-        return self.o_proj(attn_output), attn_weights
-
-    forward.__ropekit_original__ = original
-    return forward
+def derive_attention_forward(attention_cls, module, norm_cls_name: str, zero_centered: bool, *,
+                             is_neox: bool = True, partial: bool = False, rope_routed=None):
+    """(replacement forward, None), or (None, reason) where the installed forward is not of a shape ropekit can
+    transform. ``attention_cls.forward`` as found (seen through ropekit's own earlier replacement) is the original;
+    ``zero_centered``: the norms are Qwen3.5 / Qwen4-Exp's ``(1 + w)`` RMSNorm; ``is_neox``: the rotation of the
+    family's ``apply_rotary_pos_emb``; ``partial``: it rotates the first ``cos.shape[-1]`` channels and passes the rest
+    through; ``rope_routed``: for a ``kernels``-wrapped ``apply_rotary_pos_emb``, whether a kernelized one would run."""
+    original = attention_cls.__dict__.get("forward")
+    original = getattr(original, "__ropekit_original__", original)
+    chain = [original]
+    while inspect.isfunction(chain[-1]) and inspect.isfunction(getattr(chain[-1], "__wrapped__", None)):
+        chain.append(chain[-1].__wrapped__)
+    inner = chain[-1]
+    if not inspect.isfunction(inner):
+        return None, "its forward is not a function"
+    try:
+        source = textwrap.dedent(inspect.getsource(inner))
+        function = ast.parse(source).body[0]
+        if not isinstance(function, ast.FunctionDef):
+            raise _Declined("its forward is not a plain def")
+        function = _transform(function)
+    except _Declined as e:
+        return None, str(e)
+    except (OSError, TypeError, SyntaxError) as e:
+        return None, f"its source cannot be read ({e})"
+    norm_cls = getattr(module, norm_cls_name, None)
+    if norm_cls is None:
+        return None, f"the module has no {norm_cls_name}"
+    fusion = _Fusion(module, norm_cls, zero_centered, is_neox, partial, rope_routed)
+    where = f"{attention_cls.__qualname__}.forward of {inspect.getsourcefile(inner)}"
+    try:
+        maker = _compile(function, module, where, (f"{_PREFIX}norms", f"{_PREFIX}rope"))
+        derived = maker(fusion.norms, fusion.rope)
+    except Exception as e:  # noqa: BLE001 - any failure to build means: do not patch
+        return None, f"the derived forward does not compile ({type(e).__name__}: {e})"
+    derived.__defaults__, derived.__kwdefaults__ = inner.__defaults__, inner.__kwdefaults__
+    derived.__qualname__ = inner.__qualname__
+    derived.__doc__ = inner.__doc__
+    derived.__module__ = inner.__module__
+    replacement = derived
+    for wrapper, wrapped in zip(reversed(chain[:-1]), reversed(chain[1:])):
+        replacement = _rewrap(wrapper, wrapped, replacement)
+        if replacement is None:
+            return None, f"its decorator {getattr(wrapper, '__qualname__', wrapper)!r} does not wrap it by closure"
+    if replacement is original:  # pragma: no cover - defensive
+        return None, "nothing to replace"
+    replacement.__ropekit_original__ = original
+    fusion.replacement = replacement
+    return replacement, None

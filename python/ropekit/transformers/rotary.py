@@ -160,15 +160,24 @@ def _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, live):
     return ops.apply_rope(q, k, cos, sin, unsqueeze_dim, is_neox=is_neox)
 
 
-def make_apply_rotary_pos_emb(original, is_neox: bool = True, partial: bool = True):
+def make_apply_rotary_pos_emb(original, is_neox: bool = True, partial: bool = True, routed=None):
     """apply_rotary_pos_emb with the original's exact signature: 4.57 has position_ids as the 5th argument; Qwen4-Exp's
     takes ``k=None`` (its sparse-attention indexer rotates queries alone). ``is_neox=False``: GLM-4V's
     ``rotate_half_llm`` pairs. ``partial=False``: the original rotates the whole head (a narrower cos/sin is its
-    broadcasting error, so the original runs)."""
-    params = inspect.signature(original).parameters
+    broadcasting error, so the original runs).
+
+    ``original`` may be the ``kernels`` Hub-kernel module that transformers 5.25 makes of the function
+    (``@use_kernel_forward_from_hub``): the signature is the function's inside it, every fallback calls the module
+    (so its dispatch stays as it was), and ``routed()`` tells whether a call made now would reach a kernel that
+    ``kernelize`` selected, in which case the module runs it."""
+    from ._guard import underlying
+
+    function = underlying(original)
+    params = inspect.signature(function).parameters
 
     def rotate(q, k, cos, sin, unsqueeze_dim):
-        return _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, is_live(apply_rotary_pos_emb))
+        live = is_live(apply_rotary_pos_emb) and not (routed is not None and routed())
+        return _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, live)
 
     if "position_ids" in params:
 
@@ -185,7 +194,7 @@ def make_apply_rotary_pos_emb(original, is_neox: bool = True, partial: bool = Tr
         def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
             return rotate(q, k, cos, sin, unsqueeze_dim)
 
-    apply_rotary_pos_emb.__doc__ = original.__doc__
+    apply_rotary_pos_emb.__doc__ = function.__doc__
     apply_rotary_pos_emb.__ropekit_original__ = original
     return apply_rotary_pos_emb
 
