@@ -94,7 +94,11 @@ def capture(run, model, backend: str, fullgraph: bool = False) -> Capture:
     torch._dynamo.reset()
     counters.clear()
     explain = ExplainWithBackend(backend)
-    output = run(torch.compile(model, backend=explain, fullgraph=fullgraph))
+    # Dynamo's recompile limit (8) would let a frame fall back to eager part-way (transformers 5.24+'s deprecate_kwarg
+    # wrapper around each attention forward recompiles per layer), and where that happens depends on everything
+    # compiled before it: raised, so both sides are compiled whole and their graphs compare
+    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
+        output = run(torch.compile(model, backend=explain, fullgraph=fullgraph))
     info = explain.output()
     ops = {
         str(node.target)

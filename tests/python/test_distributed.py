@@ -164,9 +164,13 @@ def _tensor_parallel_worker(rank: int, init_file: str, out_dir: str, family: str
         if patched:
             ropekit.apply_to_qwen3()
         model = _load_tp(family, path).train()
-        hooked = model.model.layers[0].self_attn.q_norm._backward_hooks
+        norm = model.model.layers[0].self_attn.q_norm
         result["patched" if patched else "unpatched"] = _loss_and_grads(model)
-        result["norm_backward_hooks"] = len(hooked)
+        # transformers' all-reduce of the norm gradients: a full backward hook on the norm (5.x up to 5.23), an
+        # instance-level forward (5.24) or a forward pre-hook (5.25) that adds post-accumulate-grad hooks to its
+        # parameters; each keeps the fusion off for the norm, so the all-reduce runs
+        result["norm_backward_hooks"] = (len(norm._backward_hooks) + len(norm._forward_pre_hooks)
+                                         + int("forward" in vars(norm)))
     ropekit.unpatch()
     _finish(out_dir, rank, result)
 

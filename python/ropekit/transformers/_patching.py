@@ -66,6 +66,25 @@ def plain_tensors(*tensors: Any) -> bool:
     )
 
 
+def global_module_hooks() -> bool:
+    """Hooks registered for every module (``torch.nn.modules.module.register_module_{forward,forward_pre,
+    full_backward,full_backward_pre}_hook``)."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(
+        nn_module._global_forward_hooks
+        or nn_module._global_forward_pre_hooks
+        or nn_module._global_backward_hooks
+        or nn_module._global_backward_pre_hooks
+    )
+
+
+def module_hooks(module) -> bool:
+    """Any forward, forward-pre, backward or backward-pre hook on this module."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
 def original(owner: Any, name: str) -> Any:
     """The unpatched attribute (as a plain attribute lookup would return it)."""
     raw = _ORIGINALS.get((owner, name), _MISSING)

@@ -34,22 +34,9 @@ import types
 import torch
 
 from .. import ops
-from ._patching import is_live, plain_tensors
+from ._patching import global_module_hooks, is_live, plain_tensors
 
 _FUSABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _global_module_hooks() -> bool:
-    """Hooks registered for every module (``torch.nn.modules.module.register_module_{forward,forward_pre,
-    full_backward,full_backward_pre}_hook``)."""
-    from torch.nn.modules import module as nn_module
-
-    return bool(
-        nn_module._global_forward_hooks
-        or nn_module._global_forward_pre_hooks
-        or nn_module._global_backward_hooks
-        or nn_module._global_backward_pre_hooks
-    )
 
 
 _OUTPUT_CAPTURING = "transformers.utils.output_capturing"
@@ -323,7 +310,7 @@ class _Fusion:
         q_norm, k_norm = _peft_active_module(attention.q_norm), _peft_active_module(attention.k_norm)
         fusable = (
             self.norm_cls.forward is self.norm_forward
-            and not _global_module_hooks()
+            and not global_module_hooks()
             and not _has_hooks(attention, attention=True)
             and not (self.rope_routed is not None and self.rope_routed())
             and query.dim() == 4

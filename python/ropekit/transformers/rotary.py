@@ -13,7 +13,7 @@ import torch
 
 from .. import ops
 from ..modules import RopeTable
-from ._patching import is_live, plain_tensors
+from ._patching import global_module_hooks, is_live, module_hooks, plain_tensors
 
 _TABLE_ATTR = "_ropekit_table"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -83,21 +83,27 @@ def make_rotary_forward(original, layout: RotaryLayout | bool):
     # No torch.no_grad() here: the table ops take no gradient and make none, and `original` carries its own.
     @functools.wraps(original)
     def forward(self, x, position_ids, *args, **kwargs):
+        # this runs on every decode step: the checks are ordered and written for host time (one buffer lookup, plain
+        # type tests for the common case before plain_tensors' general one)
+        inv_freq = self._buffers.get("inv_freq") if "_buffers" in self.__dict__ else None
+        if inv_freq is None:
+            inv_freq = getattr(self, "inv_freq", None)
         if (
             args
             or kwargs
             or not forward.__ropekit_live__  # a reference that outlived unpatch()
+            or not isinstance(inv_freq, torch.Tensor)
+            or not (type(x) is torch.Tensor and type(position_ids) is torch.Tensor and type(inv_freq) is torch.Tensor
+                    or plain_tensors(x, position_ids, inv_freq))
+            or x.dtype not in _SUPPORTED_DTYPES
+            or position_ids.dtype not in (torch.int64, torch.int32)  # transformers casts any dtype to float
+            or position_ids.dim() not in ranks
+            or inv_freq.requires_grad  # the table ops take no gradient; the original's matmul does
             or is_dynamic_rope(self)
             or torch.compiler.is_compiling()
-            or x.dtype not in _SUPPORTED_DTYPES
-            or position_ids.dim() not in ranks
-            or position_ids.dtype not in (torch.int64, torch.int32)  # transformers casts any dtype to float
-            or self.inv_freq.requires_grad  # the table ops take no gradient; the original's matmul does
-            or not plain_tensors(x, position_ids, self.inv_freq)
         ):
             return original(self, x, position_ids, *args, **kwargs)
         table = self.__dict__.get(_TABLE_ATTR) or table_of(self)
-        inv_freq = self.inv_freq
         if mrope is None:
             return table.cos_sin(inv_freq, self.attention_scaling, position_ids, x.dtype)
         if mrope == "interleaved":
@@ -174,9 +180,15 @@ def make_apply_rotary_pos_emb(original, is_neox: bool = True, partial: bool = Tr
 
     function = underlying(original)
     params = inspect.signature(function).parameters
+    # a Hub-kernel module is called as a module: its hooks, and global module hooks, see the call
+    is_module = isinstance(original, torch.nn.Module)
 
     def rotate(q, k, cos, sin, unsqueeze_dim):
-        live = is_live(apply_rotary_pos_emb) and not (routed is not None and routed())
+        live = (
+            is_live(apply_rotary_pos_emb)
+            and not (routed is not None and routed())
+            and not (is_module and (global_module_hooks() or module_hooks(original)))
+        )
         return _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, live)
 
     if "position_ids" in params:
