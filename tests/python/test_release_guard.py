@@ -372,8 +372,9 @@ def test_kernels_hub_wrapper_is_seen_through(count_fused, count_apply_rope, unpa
 
 
 def test_kernelize_coexists(count_fused, unpatch_after):
-    """``kernelize`` (kernels installed, offline: no Hub kernel is mapped for CPU) before or after patching gives the
-    unpatched model's tokens; ropekit's rotation runs unless kernelize selected a kernel for it."""
+    """``kernelize`` and ``set_use_kernels(True)`` (kernels installed, offline: no Hub kernel is mapped for CPU), before
+    or after patching, give the unpatched model's tokens; ropekit's rotation runs unless kernelize selected a kernel
+    for it."""
     if not _kernels_wrapped():
         pytest.skip("this transformers release does not wrap apply_rotary_pos_emb in a kernels Hub-kernel module")
     from kernels import Mode, kernelize
@@ -388,4 +389,68 @@ def test_kernelize_coexists(count_fused, unpatch_after):
     other = _model(modeling_qwen3)
     kernelize(other, mode=Mode.INFERENCE, device="cpu")
     assert torch.equal(_run(other)[1], expected[1])
+    # transformers' own switch (what from_pretrained(use_kernels=True) calls), after patching
+    third = _model(modeling_qwen3)
+    third.set_use_kernels(True)
+    assert third.use_kernels and torch.equal(_run(third)[1], expected[1])
     assert count_fused
+
+
+def test_a_kernel_selected_by_kernelize_still_runs(count_fused, unpatch_after):
+    """Where kernelize selected a Hub kernel for apply_rotary_pos_emb (the model's private wrapper has a forward of
+    its own), the call goes to that kernel as unpatched, and the attention does not fuse around it."""
+    if not _kernels_wrapped():
+        pytest.skip("this transformers release does not wrap apply_rotary_pos_emb in a kernels Hub-kernel module")
+    import types
+
+    from transformers.models.qwen3 import modeling_qwen3
+
+    model = _model(modeling_qwen3)
+    expected = _run(model)
+    wrapper = modeling_qwen3.apply_rotary_pos_emb
+    inner = hub_kernel_inner(wrapper)
+    calls = []
+
+    def kernel(self, *args, **kwargs):  # stands in for a Hub kernel: transformers' function, counted
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    for layer in model.model.layers:
+        (private,) = [f for f in layer.self_attn._kernel_funcs.values() if type(f) is type(wrapper)]
+        private.forward = types.MethodType(kernel, private)  # what kernelize does when it selects a kernel
+    ropekit.apply_to_qwen3(model)
+    got = _run(model)
+    assert calls, "the selected kernel never ran"
+    assert not count_fused
+    assert torch.equal(got[1], expected[1])
+
+
+def test_recorded_fingerprints_equal_the_live_ones(tmp_path):
+    """The record made from a wheel's source (``python -m ropekit record-known``) and the check made at patch time
+    from live objects compute the same fingerprints: a wheel holding the installed modeling_qwen3 records exactly
+    what the installed functions give."""
+    import json
+    import zipfile
+
+    from transformers.models.qwen3 import modeling_qwen3
+
+    from ropekit.transformers._guard import live_fingerprint
+
+    wheel = tmp_path / "transformers-9.9.9-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("transformers/models/qwen3/modeling_qwen3.py", inspect.getsource(modeling_qwen3))
+    out = tmp_path / "known.json"
+    result = subprocess.run([sys.executable, "-m", "ropekit", "record-known", "--verified", "9.9.9", "--output",
+                             str(out), str(wheel)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())["modules"]["qwen3"]
+    live = {
+        "Qwen3RotaryEmbedding.forward": live_fingerprint(vars(modeling_qwen3.Qwen3RotaryEmbedding)["forward"],
+                                                         modeling_qwen3.Qwen3RotaryEmbedding),
+        "apply_rotary_pos_emb": live_fingerprint(ropekit.transformers._unwrapped(modeling_qwen3.apply_rotary_pos_emb)),
+        "Qwen3RMSNorm.forward": live_fingerprint(vars(modeling_qwen3.Qwen3RMSNorm)["forward"],
+                                                 modeling_qwen3.Qwen3RMSNorm),
+    }
+    for name, fingerprint in live.items():
+        assert fingerprint is not None, name
+        assert record[name] == {fingerprint: {"releases": "9.9.9", "verified": ["9.9.9"]}}, name

@@ -185,8 +185,12 @@ def _known(module, qualname: str, obj, owner=None) -> tuple[bool, str]:
     fingerprint = _guard.live_fingerprint(function, owner)
     releases = _guard.known_releases(module.__name__, qualname, fingerprint)
     if releases is None:
-        return False, (f"its code (fingerprint {fingerprint}) is not that of a transformers release ropekit was "
-                       f"checked against")
+        entry = _guard.recorded(module.__name__, qualname, fingerprint)
+        if entry:
+            return False, (f"its code (fingerprint {fingerprint}) is that of transformers {entry['releases']}, "
+                           f"which ropekit's suite has not been run on")
+        return False, (f"its code (fingerprint {fingerprint}) is not that of any transformers release ropekit "
+                       f"knows")
     return True, f"the code of transformers {releases}"
 
 

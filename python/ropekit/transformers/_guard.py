@@ -275,13 +275,19 @@ def known_code() -> dict:
         return {}
 
 
-def known_releases(module_name: str, qualname: str, fingerprint: str | None) -> str | None:
-    """The releases (a string such as ``"4.57.0-4.57.6, 5.18.0"``) whose ``module_name.qualname`` has this
-    fingerprint; None when ropekit knows no release with it."""
+def recorded(module_name: str, qualname: str, fingerprint: str | None) -> dict | None:
+    """The record of this fingerprint of ``module_name.qualname``: ``{"releases": "5.19.0-5.23.0", "verified":
+    [...]}``, or None when no recorded release carries it."""
     if fingerprint is None:
         return None
     tail = module_name.rsplit(".", 1)[-1].removeprefix("modeling_")
-    entry = known_code().get("modules", {}).get(tail, {}).get(qualname, {}).get(fingerprint)
+    return known_code().get("modules", {}).get(tail, {}).get(qualname, {}).get(fingerprint)
+
+
+def known_releases(module_name: str, qualname: str, fingerprint: str | None) -> str | None:
+    """The releases (a string such as ``"4.57.0-4.57.6, 5.18.0"``) whose ``module_name.qualname`` has this
+    fingerprint, when one of them is a release ropekit's suite passed on; None otherwise."""
+    entry = recorded(module_name, qualname, fingerprint)
     if not entry or not entry.get("verified"):
         return None
     return entry["releases"]
@@ -382,6 +388,7 @@ def record_known(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m ropekit record-known", description=record_known.__doc__)
     parser.add_argument("--verified", required=True, help="comma-separated releases the suite passed on")
+    parser.add_argument("--output", default=_KNOWN_PATH, help="where to write (default: the package's record)")
     parser.add_argument("wheels", nargs="+")
     args = parser.parse_args(argv)
     verified = set(args.verified.split(","))
@@ -397,8 +404,8 @@ def record_known(argv: list[str] | None = None) -> int:
                     "releases": _ranges(vs, all_versions),
                     "verified": sorted(verified & set(vs), key=_version_key),
                 }
-    with open(_KNOWN_PATH, "w", encoding="utf-8") as f:
+    with open(args.output, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=1, sort_keys=True)
         f.write("\n")
-    print(f"wrote {_KNOWN_PATH}: {sum(len(q) for q in out['modules'].values())} functions")
+    print(f"wrote {args.output}: {sum(len(q) for q in out['modules'].values())} functions")
     return 0
