@@ -157,6 +157,10 @@ DECLINED = {
         r"^(\s+)value_states = ", r"\1self.last_keys = key_states\n\1value_states = "),
     "the norm applied without the transpose": _edit_attention(
         r"self\.q_norm\((.*)\)\.transpose\(1, 2\)", r"self.q_norm(\1).transpose(1, 2).contiguous()"),
+    "RoPE's results bound to other names (the old names read later)": _edit_attention(
+        r"^(\s+)query_states, key_states = apply_rotary_pos_emb\(query_states, key_states, cos, sin\)",
+        r"\1q_rot, k_rot = apply_rotary_pos_emb(query_states, key_states, cos, sin)\n"
+        r"\1query_states, key_states = q_rot + 0 * query_states.sum(), k_rot"),
     "RoPE called with a keyword argument": _edit_attention(
         r"apply_rotary_pos_emb\(query_states, key_states, cos, sin\)",
         r"apply_rotary_pos_emb(query_states, key_states, cos, sin, unsqueeze_dim=1)"),
@@ -454,3 +458,53 @@ def test_recorded_fingerprints_equal_the_live_ones(tmp_path):
     for name, fingerprint in live.items():
         assert fingerprint is not None, name
         assert record[name] == {fingerprint: {"releases": "9.9.9", "verified": ["9.9.9"]}}, name
+
+
+def test_a_rotation_replaced_after_patching_turns_fusion_off(count_fused, unpatch_after):
+    """The fused op stands in for the module's apply_rotary_pos_emb as checked at patch time: a function put there
+    later (another library, a user's own rotation) is called, not skipped."""
+    from transformers.models.qwen3 import modeling_qwen3
+
+    model = _model(modeling_qwen3)
+    ropekit.apply_to_qwen3(model, rope=False)
+    installed = modeling_qwen3.apply_rotary_pos_emb
+    calls = []
+
+    def mine(*args, **kwargs):
+        calls.append(1)
+        return installed(*args, **kwargs)
+
+    _run(model)
+    assert count_fused
+    count_fused.clear()
+    modeling_qwen3.apply_rotary_pos_emb = mine
+    try:
+        _run(model)
+    finally:
+        modeling_qwen3.apply_rotary_pos_emb = installed
+    assert calls and not count_fused
+
+
+def test_hooks_on_the_hub_kernel_rotation_module_fire(count_fused, unpatch_after):
+    """transformers 5.25's apply_rotary_pos_emb is an nn.Module: a hook on it sees every layer's call, patched or
+    not (the attention does not fuse around it, the patched function calls the module)."""
+    if not _kernels_wrapped():
+        pytest.skip("this transformers release does not wrap apply_rotary_pos_emb in a kernels Hub-kernel module")
+    from transformers.models.qwen3 import modeling_qwen3
+
+    model = _model(modeling_qwen3)
+    wrapper = modeling_qwen3.apply_rotary_pos_emb
+    counts = []
+    for patched in (False, True):
+        if patched:
+            ropekit.apply_to_qwen3(model)
+        calls = []
+        handle = wrapper.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            tokens = _run(model)[1]
+        finally:
+            handle.remove()
+        counts.append((len(calls), tokens))
+    assert counts[0][0] > 0 and counts[1][0] == counts[0][0]
+    assert torch.equal(counts[1][1], counts[0][1])
+    assert not count_fused

@@ -276,7 +276,8 @@ def _plan_attention(plan: _Plan, module, spec: _ModelingModule) -> None:
         plan.decline(module, "qk_norm_rope", target, f"{name}: {why if not ok else 'an unknown kernels wrapper'}")
         return
     replacement, reason = derive_attention_forward(attention_cls, module, spec.norm, spec.zero_centered,
-                                                   is_neox=spec.is_neox, partial=spec.partial, rope_routed=routed)
+                                                   is_neox=spec.is_neox, partial=spec.partial, rope_routed=routed,
+                                                   rope_function=function)
     if replacement is None:
         plan.decline(module, "qk_norm_rope", target, f"its forward is not of a shape ropekit transforms: {reason}")
         return

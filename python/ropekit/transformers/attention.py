@@ -178,6 +178,12 @@ def _transform(function: ast.FunctionDef) -> ast.FunctionDef:
     if len(rope) != 1 or not iq < ik < rope[0][0] or q_name == k_name:
         raise _Declined(f"no `apply_rotary_pos_emb({q_name}, {k_name}, cos, sin)` statement after the norms")
     ir, (targets, cos, sin) = rope[0]
+    # on the fused path q_name / k_name hold the un-normed inputs until RoPE's targets rebind them: the targets must
+    # be those names, and cos / sin must not read them
+    if [t.id for t in targets.elts] != [q_name, k_name]:
+        raise _Declined(f"apply_rotary_pos_emb's results are not assigned back to {q_name}, {k_name}")
+    if (_names(cos) | _names(sin)) & {q_name, k_name}:
+        raise _Declined(f"the cos / sin arguments of apply_rotary_pos_emb read {q_name} or {k_name}")
     for j in range(iq + 1, ir):
         if j != ik and _names(body[j]) & {q_name, k_name}:
             raise _Declined(f"a statement between the norms and RoPE uses {q_name} or {k_name}")
@@ -213,7 +219,7 @@ def _transform(function: ast.FunctionDef) -> ast.FunctionDef:
         body=[ast.If(test=ast.Name(fuse, ast.Load()),
                      body=[norm_again(body[iq], q_name), norm_again(body[ik], k_name)], orelse=[]), body[ir]],
         orelse=[ast.Assign([targets], ast.Name(out, ast.Load()))],
-    )]
+    )] + parse(f"del {q_raw}, {k_raw}, {out}")  # the raw projections are not kept alive past this point
     new_body = body[:iq] + q_stmts + body[iq + 1:ik] + k_stmts + body[ik + 1:ir] + rope_stmts + body[ir + 1:]
     function.body = new_body
     function.decorator_list = []
@@ -270,8 +276,13 @@ def _compile(function: ast.FunctionDef, module, where: str, free: tuple[str, ...
 class _Fusion:
     """The two run-time decisions of a derived forward, with what they need from the family and its module."""
 
-    def __init__(self, module, norm_cls, zero_centered: bool, is_neox: bool, partial: bool, rope_routed):
+    def __init__(self, module, norm_cls, zero_centered: bool, is_neox: bool, partial: bool, rope_routed,
+                 rope_function=None):
         self.module, self.norm_cls, self.norm_forward = module, norm_cls, norm_cls.forward
+        # the module-level rotation checked at patch time (the fused op stands in for it): fusion only while the
+        # module still calls that one (or ropekit's replacement of it), and, a Hub-kernel module, has no hooks
+        self.rope_function = rope_function
+        self.rope_is_module = isinstance(rope_function, torch.nn.Module)
         self.zero_centered, self.is_neox, self.partial = zero_centered, is_neox, partial
         self.rope_routed = rope_routed  # kernels: a kernelized apply_rotary_pos_emb would run -> no fusion
         self.replacement = None  # the installed forward, for is_live
@@ -301,6 +312,15 @@ class _Fusion:
             and norm.weight.device == query.device
         )
 
+    def rope_current(self) -> bool:
+        if self.rope_function is None:
+            return True
+        current = vars(self.module).get("apply_rotary_pos_emb")
+        if current is not self.rope_function and getattr(current, "__ropekit_original__", None) is not \
+                self.rope_function:
+            return False
+        return not (self.rope_is_module and _has_hooks(self.rope_function))
+
     def norms(self, attention, query):
         """(q_norm, k_norm) whose weights the fused op can use in their place, or None: fusion only where nothing
         observable would differ (no hook on the norms, on this attention module, or registered globally; stock
@@ -313,6 +333,7 @@ class _Fusion:
             and not global_module_hooks()
             and not _has_hooks(attention, attention=True)
             and not (self.rope_routed is not None and self.rope_routed())
+            and self.rope_current()
             and query.dim() == 4
             and self.stock_norm(q_norm, query)
             and self.stock_norm(k_norm, query)
@@ -362,12 +383,13 @@ class _Fusion:
 
 
 def derive_attention_forward(attention_cls, module, norm_cls_name: str, zero_centered: bool, *,
-                             is_neox: bool = True, partial: bool = False, rope_routed=None):
+                             is_neox: bool = True, partial: bool = False, rope_routed=None, rope_function=None):
     """(replacement forward, None), or (None, reason) where the installed forward is not of a shape ropekit can
     transform. ``attention_cls.forward`` as found (seen through ropekit's own earlier replacement) is the original;
     ``zero_centered``: the norms are Qwen3.5 / Qwen4-Exp's ``(1 + w)`` RMSNorm; ``is_neox``: the rotation of the
     family's ``apply_rotary_pos_emb``; ``partial``: it rotates the first ``cos.shape[-1]`` channels and passes the rest
-    through; ``rope_routed``: for a ``kernels``-wrapped ``apply_rotary_pos_emb``, whether a kernelized one would run."""
+    through; ``rope_routed``: for a ``kernels``-wrapped ``apply_rotary_pos_emb``, whether a kernelized one would run;
+    ``rope_function``: the module-level rotation checked at patch time, which fusion requires to be still in place."""
     original = attention_cls.__dict__.get("forward")
     original = getattr(original, "__ropekit_original__", original)
     chain = [original]
@@ -389,7 +411,7 @@ def derive_attention_forward(attention_cls, module, norm_cls_name: str, zero_cen
     norm_cls = getattr(module, norm_cls_name, None)
     if norm_cls is None:
         return None, f"the module has no {norm_cls_name}"
-    fusion = _Fusion(module, norm_cls, zero_centered, is_neox, partial, rope_routed)
+    fusion = _Fusion(module, norm_cls, zero_centered, is_neox, partial, rope_routed, rope_function)
     where = f"{attention_cls.__qualname__}.forward of {inspect.getsourcefile(inner)}"
     try:
         maker = _compile(function, module, where, (f"{_PREFIX}norms", f"{_PREFIX}rope"))
