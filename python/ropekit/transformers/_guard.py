@@ -343,21 +343,20 @@ def _ranges(versions: list[str], all_versions: list[str]) -> str:
     return ", ".join(out)
 
 
-def scan(wheels: list[str], modules: list[str], names: dict[str, list[str]], keep_versions: bool = False) -> dict:
+def scan(wheels: list[str], modules: list[str], names: dict[str, list[str]]) -> dict:
     """Record the fingerprints of the functions ropekit patches or stands in for, from transformers wheels.
 
-    ``modules``: modeling module tails (``qwen3``, ...); ``names[tail]``: the qualified names in it."""
+    ``modules``: modeling module tails (``qwen3``, ...); ``names[tail]``: the qualified names in it. Returns
+    ``{tail: {qualname: {fingerprint: [versions]}}}``."""
     import re
     import zipfile
 
     seen: dict = {}
-    versions = []
     for wheel in wheels:
         match = re.search(r"transformers-([^-]+)-", os.path.basename(wheel))
         if not match:
             continue
         version = match.group(1)
-        versions.append(version)
         with zipfile.ZipFile(wheel) as z:
             for tail in modules:
                 path = f"transformers/models/{tail}/modeling_{tail}.py"
@@ -370,11 +369,7 @@ def scan(wheels: list[str], modules: list[str], names: dict[str, list[str]], kee
                     if qualname in prints:
                         seen.setdefault(tail, {}).setdefault(qualname, {}).setdefault(prints[qualname], []).append(
                             version)
-    versions.sort(key=_version_key)
-    if keep_versions:
-        return seen
-    return {tail: {q: {fp: _ranges(vs, versions) for fp, vs in fps.items()} for q, fps in quals.items()}
-            for tail, quals in seen.items()}
+    return seen
 
 
 def record_known(argv: list[str] | None = None) -> int:
@@ -393,7 +388,7 @@ def record_known(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     verified = set(args.verified.split(","))
     names = guarded_names()
-    raw = scan(args.wheels, list(names), names, keep_versions=True)
+    raw = scan(args.wheels, list(names), names)
     out = {"verified": sorted(verified, key=_version_key), "modules": {}}
     all_versions = sorted({v for q in raw.values() for fps in q.values() for vs in fps.values() for v in vs},
                           key=_version_key)

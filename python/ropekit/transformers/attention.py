@@ -34,7 +34,7 @@ import types
 import torch
 
 from .. import ops
-from ._patching import global_module_hooks, is_live, plain_tensors
+from ._patching import global_module_hooks, is_live, module_hooks, plain_tensors
 
 _FUSABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -50,15 +50,10 @@ def _has_hooks(module, attention: bool = False) -> bool:
     it installs for good on every attention module the first time ``output_attentions`` / ``output_hidden_states``
     is asked for. It records the attention module's outputs, which the fused forward returns as well, so it sees
     the same thing either way; counting it would switch fusion off for the model's lifetime."""
-    forward_hooks = module._forward_hooks.values()
-    if attention:
-        forward_hooks = [h for h in forward_hooks if getattr(h, "__module__", None) != _OUTPUT_CAPTURING]
-    return bool(
-        forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-    )
+    if not attention:
+        return module_hooks(module)
+    forward_hooks = [h for h in module._forward_hooks.values() if getattr(h, "__module__", None) != _OUTPUT_CAPTURING]
+    return bool(forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
 
 
 def _accelerate_placement_only(norm, stock_forward) -> bool:
