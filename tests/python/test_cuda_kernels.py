@@ -428,3 +428,18 @@ def test_gather_no_host_sync_and_cuda_graph():
     graph.replay()
     for a, b in zip(static, ops.rope_cos_sin(*tables, pos[0], torch.bfloat16, inv)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qk_norm_rope_launch_bounds_knob_gives_the_same_bits(dtype):
+    """4 or 5 resident blocks per SM (`_cuda_forward_min_blocks`) changes register allocation only."""
+    args = make(batch=2, seq=300, heads=32, kv_heads=8, dtype=dtype, device="cuda", seed=23)
+    knob = torch.ops.ropekit._cuda_forward_min_blocks
+    before = knob(4)
+    try:
+        four = ops.qk_norm_rope(*args, EPS)
+        knob(5)
+        five = ops.qk_norm_rope(*args, EPS)
+    finally:
+        knob(before)
+    assert all(torch.equal(a, b) for a, b in zip(four, five))

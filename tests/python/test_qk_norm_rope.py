@@ -415,3 +415,19 @@ def test_backward_allocates_no_forward_outputs():
     allocated = _cpu_bytes_allocated(lambda: op(gq, gk, q, k, qw, kw, cos, sin, EPS, False))
     grads_bytes = (q.numel() + k.numel()) * 4
     assert grads_bytes <= allocated < grads_bytes + 64 * 1024, (allocated, grads_bytes)
+
+
+def test_cuda_forward_min_blocks_knob_validates_and_restores():
+    """The launch-bounds knob of the CUDA forward (a benchmark setting, csrc/qk_norm_rope.h): 4 or 5, 0 reads it,
+    anything else is a ValueError naming the argument; it returns the previous value."""
+    knob = torch.ops.ropekit._cuda_forward_min_blocks
+    before = knob(0)
+    assert before in (4, 5)
+    try:
+        assert knob(5) == before and knob(0) == 5
+        assert knob(4) == 5 and knob(0) == 4
+        with pytest.raises(ValueError, match=r"blocks: expected 4 or 5 \(or 0 to only read the setting\), got 3"):
+            knob(3)
+        assert knob(0) == 4
+    finally:
+        knob(before)
