@@ -110,12 +110,28 @@ RopeArgs prepare_apply_rope_backward(const at::Tensor& grad_q, const at::Tensor&
                                      const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType q_dtype,
                                      bool is_neox) {
   TORCH_CHECK(is_rope_float(q_dtype), "q_dtype: expected float32, float16, bfloat16 or float64, got ", q_dtype);
-  const auto expected = apply_rope_out_dtype(q_dtype, cos.scalar_type());
-  TORCH_CHECK(grad_q.scalar_type() == expected, "grad_q: expected dtype ", expected, ", got ", grad_q.scalar_type());
-  TORCH_CHECK(grad_k.scalar_type() == expected, "grad_k: expected dtype ", expected, ", got ", grad_k.scalar_type());
+  // The forward's output dtype: promote(q, cos) for apply_rope, q's own for apply_rope_vision.
+  const auto promoted = apply_rope_out_dtype(q_dtype, cos.scalar_type());
+  TORCH_CHECK(grad_q.scalar_type() == promoted || grad_q.scalar_type() == q_dtype, "grad_q: expected dtype ",
+              promoted, " (apply_rope) or ", q_dtype, " (apply_rope_vision), got ", grad_q.scalar_type());
+  TORCH_CHECK(grad_k.scalar_type() == grad_q.scalar_type(), "grad_k: expected the dtype of grad_q (",
+              grad_q.scalar_type(), "), got ", grad_k.scalar_type());
   TORCH_CHECK(cos.scalar_type() == q_dtype || cos.scalar_type() == at::kFloat, "cos: expected dtype ", q_dtype,
               " or float32, got ", cos.scalar_type());
   return prepare_apply_rope(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox);
+}
+
+RopeArgs prepare_apply_rope_vision(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                   const at::Tensor& sin, bool is_neox) {
+  TORCH_CHECK(q.dim() == 3, "q: expected a 3-D (tokens, heads, head_dim) tensor, got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, "k: expected a 3-D (tokens, heads, head_dim) tensor like q, got shape ", k.sizes());
+  TORCH_CHECK(cos.dim() == 2, "cos: expected a 2-D (tokens, rotary_dim) tensor, got shape ", cos.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0), "k: expected ", q.size(0), " tokens like q, got shape ", k.sizes());
+  TORCH_CHECK(cos.size(0) == q.size(0), "cos: expected ", q.size(0), " tokens like q, got shape ", cos.sizes());
+  // (tokens, heads, dim) is a batch-1 (batch, seq, heads, dim) with cos/sin broadcast over the heads; the output
+  // keeps q's dtype (transformers computes in float32 and casts back).
+  return prepare_apply_rope(q.unsqueeze(0), k.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0), /*unsqueeze_dim=*/2,
+                            q.scalar_type(), is_neox);
 }
 
 namespace {
@@ -145,9 +161,9 @@ void rotate_operand_row(const RopeOperand& op, int64_t b, int64_t s, const RopeA
 }
 
 template <bool kBackward>
-void apply_rope_cpu_impl(const RopeArgs& a, at::ScalarType x_dtype) {
+void apply_rope_cpu_impl(const RopeArgs& a) {
   if (a.batch * a.seq * (a.q.heads + a.k.heads) * a.head_dim == 0) return;
-  dispatch_rope_types<kBackward>(x_dtype, a.cos.scalar_type(), [&](auto types) {
+  dispatch_rope_types<kBackward>(a.q.in.scalar_type(), a.cos.scalar_type(), a.q.out.scalar_type(), [&](auto types) {
    dispatch_rope_style(a.is_neox, [&](auto neox) {
     constexpr bool kNeox = decltype(neox)::value;
     using Types = decltype(types);
@@ -181,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_cpu(const at::Tensor& q, const at:
                                                   const at::Tensor& sin, int64_t unsqueeze_dim, bool is_neox) {
   RopeArgs a = prepare_apply_rope(q, k, cos, sin, unsqueeze_dim,
                                   apply_rope_out_dtype(q.scalar_type(), cos.scalar_type()), is_neox);
-  apply_rope_cpu_impl<false>(a, q.scalar_type());
+  apply_rope_cpu_impl<false>(a);
   return {a.q.out, a.k.out};
 }
 
@@ -190,8 +206,15 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_backward_cpu(const at::Tensor& gra
                                                            int64_t unsqueeze_dim, at::ScalarType q_dtype,
                                                            bool is_neox) {
   RopeArgs a = prepare_apply_rope_backward(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox);
-  apply_rope_cpu_impl<true>(a, q_dtype);
+  apply_rope_cpu_impl<true>(a);
   return {a.q.out, a.k.out};
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rope_vision_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& cos, const at::Tensor& sin, bool is_neox) {
+  RopeArgs a = prepare_apply_rope_vision(q, k, cos, sin, is_neox);
+  apply_rope_cpu_impl<false>(a);
+  return {a.q.out.squeeze(0), a.k.out.squeeze(0)};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -242,31 +265,50 @@ std::tuple<at::Tensor, at::Tensor> cos_sin_grads(const at::Tensor& x, const at::
   return {gc, gs};
 }
 
+std::tuple<at::Tensor, at::Tensor> call_apply_rope_vision(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& cos, const at::Tensor& sin,
+                                                          bool is_neox) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("ropekit::apply_rope_vision", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(q, k, cos, sin, is_neox);
+}
+
+// One Function for both layouts: apply_rope's (batch, heads|seq, ...) with cos (B or 1, S, R), and
+// apply_rope_vision's (tokens, heads, dim) with cos (tokens, R), whose gradients are the batch-1 case of the first
+// (unsqueeze_dim 2) in q's dtype.
 class ApplyRopeFunction : public torch::autograd::Function<ApplyRopeFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
                                                 const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-                                                int64_t unsqueeze_dim, bool is_neox) {
+                                                int64_t unsqueeze_dim, bool is_neox, bool vision) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [q_out, k_out] = call_apply_rope(q, k, cos, sin, unsqueeze_dim, is_neox);
+    auto [q_out, k_out] = vision ? call_apply_rope_vision(q, k, cos, sin, is_neox)
+                                 : call_apply_rope(q, k, cos, sin, unsqueeze_dim, is_neox);
     const bool need_table_grad = cos.requires_grad() || sin.requires_grad();
     // q and k are saved only for cos/sin gradients; out-of-place, so nothing saved is ever mutated here.
     ctx->save_for_backward({cos, sin, need_table_grad ? q : at::Tensor(), need_table_grad ? k : at::Tensor()});
-    ctx->saved_data["unsqueeze_dim"] = unsqueeze_dim < 0 ? unsqueeze_dim + 4 : unsqueeze_dim;
+    ctx->saved_data["unsqueeze_dim"] = vision ? 2 : (unsqueeze_dim < 0 ? unsqueeze_dim + 4 : unsqueeze_dim);
     ctx->saved_data["q_dtype"] = static_cast<int64_t>(q.scalar_type());
     ctx->saved_data["is_neox"] = is_neox;
+    ctx->saved_data["vision"] = vision;
     return {q_out, k_out};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &cos = saved[0], &sin = saved[1], &q = saved[2], &k = saved[3];
+    const bool vision = ctx->saved_data["vision"].toBool();
+    // the vision layout as its batch-1 (1, tokens, heads, dim) view
+    const auto view = [vision](const at::Tensor& t) { return vision && t.defined() ? t.unsqueeze(0) : t; };
+    const auto unview = [vision](const at::Tensor& t) { return vision && t.defined() ? t.squeeze(0) : t; };
+    const at::Tensor cos = view(saved[0]), sin = view(saved[1]), q = view(saved[2]), k = view(saved[3]);
     const int64_t unsqueeze_dim = ctx->saved_data["unsqueeze_dim"].toInt();
     const auto q_dtype = static_cast<at::ScalarType>(ctx->saved_data["q_dtype"].toInt());
     const bool is_neox = ctx->saved_data["is_neox"].toBool();
     // Undefined output gradients arrive materialised as zeros (the Function default).
-    const at::Tensor &gq = grads[0], &gk = grads[1];
+    const at::Tensor gq = view(grads[0]), gk = view(grads[1]);
     at::Tensor dq, dk, dcos, dsin;
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
       std::tie(dq, dk) = call_apply_rope_backward(gq, gk, cos, sin, unsqueeze_dim, q_dtype, is_neox);
@@ -277,7 +319,7 @@ class ApplyRopeFunction : public torch::autograd::Function<ApplyRopeFunction> {
       dcos = (cq + ck).to(cos.scalar_type());
       dsin = (sq + sk).to(sin.scalar_type());
     }
-    return {dq, dk, dcos, dsin, at::Tensor(), at::Tensor()};
+    return {unview(dq), unview(dk), unview(dcos), unview(dsin), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -286,7 +328,14 @@ class ApplyRopeFunction : public torch::autograd::Function<ApplyRopeFunction> {
 std::tuple<at::Tensor, at::Tensor> apply_rope_autograd(const at::Tensor& q, const at::Tensor& k,
                                                        const at::Tensor& cos, const at::Tensor& sin,
                                                        int64_t unsqueeze_dim, bool is_neox) {
-  auto out = ApplyRopeFunction::apply(q, k, cos, sin, unsqueeze_dim, is_neox);
+  auto out = ApplyRopeFunction::apply(q, k, cos, sin, unsqueeze_dim, is_neox, /*vision=*/false);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rope_vision_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& cos, const at::Tensor& sin,
+                                                              bool is_neox) {
+  auto out = ApplyRopeFunction::apply(q, k, cos, sin, /*unsqueeze_dim=*/2, is_neox, /*vision=*/true);
   return {out[0], out[1]};
 }
 

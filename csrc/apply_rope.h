@@ -37,7 +37,13 @@ struct RopeArgs {
 RopeArgs prepare_apply_rope(const at::Tensor& x_q, const at::Tensor& x_k, const at::Tensor& cos,
                             const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType out_dtype, bool is_neox);
 
-// The backward's grad_q/grad_k have the forward output dtype; its outputs have q's dtype.
+// apply_rope_vision's (tokens, heads, head_dim) q/k and (tokens, rotary_dim) cos/sin, as the batch-1 (B, S, H, D)
+// layout of the above; the outputs keep q's dtype.
+RopeArgs prepare_apply_rope_vision(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                   const at::Tensor& sin, bool is_neox);
+
+// The backward's grad_q/grad_k have the forward output dtype (promote(q, cos), or q's dtype for the vision op); its
+// outputs have q's dtype.
 RopeArgs prepare_apply_rope_backward(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& cos,
                                      const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType q_dtype,
                                      bool is_neox);
@@ -48,7 +54,14 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_backward_cpu(const at::Tensor& gra
                                                            const at::Tensor& cos, const at::Tensor& sin,
                                                            int64_t unsqueeze_dim, at::ScalarType q_dtype,
                                                            bool is_neox = true);
+// The vision towers' apply_rotary_pos_emb_vision: float32 math, outputs in q's dtype.
+std::tuple<at::Tensor, at::Tensor> apply_rope_vision_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& cos, const at::Tensor& sin,
+                                                         bool is_neox = true);
 #ifdef ROPEKIT_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> apply_rope_vision_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& cos, const at::Tensor& sin,
+                                                          bool is_neox = true);
 std::tuple<at::Tensor, at::Tensor> apply_rope_cuda(const at::Tensor& q, const at::Tensor& k,
                                                    const at::Tensor& cos, const at::Tensor& sin,
                                                    int64_t unsqueeze_dim, bool is_neox = true);
@@ -63,6 +76,10 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_autograd(const at::Tensor& q, cons
                                                        const at::Tensor& cos, const at::Tensor& sin,
                                                        int64_t unsqueeze_dim, bool is_neox = true);
 
+std::tuple<at::Tensor, at::Tensor> apply_rope_vision_autograd(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& cos, const at::Tensor& sin,
+                                                              bool is_neox = true);
+
 at::ScalarType apply_rope_out_dtype(at::ScalarType x_dtype, at::ScalarType cos_dtype);
 
 template <typename In, typename Cs, typename Out>
@@ -73,15 +90,22 @@ struct RopeTypes {
   using acc = std::conditional_t<std::is_same_v<In, double> || std::is_same_v<Out, double>, double, float>;
 };
 
-// Calls f(RopeTypes<in, cos, out>{}) for the supported dtype combinations: cos has q's dtype, or cos is float32
-// and the forward output is promoted (bf16 q, fp32 cos -> fp32 out, as in eager).
+// Calls f(RopeTypes<in, cos, out>{}) for the supported dtype combinations, T being the narrower of the input and
+// output dtypes: cos has T's dtype (T, T, T); or cos is float32 and
+//   - the output is promoted (the forward of `apply_rotary_pos_emb` on bf16 q with fp32 cos: (T, float, float)),
+//     whose backward reads fp32 gradients and writes T: (float, float, T);
+//   - the output keeps T (the vision towers' `apply_rotary_pos_emb_vision`, forward and backward): (T, float, T).
+// kBackward selects which of the two promoted forms can occur, so each direction instantiates three combinations.
 template <bool kBackward, typename F>
-void dispatch_rope_types(at::ScalarType q_dtype, at::ScalarType cos_dtype, F&& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_dtype, "ropekit_apply_rope", [&] {
+void dispatch_rope_types(at::ScalarType in_dtype, at::ScalarType cos_dtype, at::ScalarType out_dtype, F&& f) {
+  const at::ScalarType narrow = kBackward ? out_dtype : in_dtype;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, narrow, "ropekit_apply_rope", [&] {
     using T = scalar_t;
     using Wide = std::conditional_t<std::is_same_v<T, double>, double, float>;  // promote(T, float32)
-    if (cos_dtype == q_dtype) {
+    if (cos_dtype == narrow) {
       f(RopeTypes<T, T, T>{});
+    } else if (in_dtype == out_dtype) {
+      f(RopeTypes<T, float, T>{});
     } else if constexpr (kBackward) {
       f(RopeTypes<Wide, float, T>{});
     } else {

@@ -5,6 +5,7 @@
 #include "qk_norm_rope.h"
 #include "rope_index.h"
 #include "rope_table.h"
+#include "vision_positions.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -160,6 +161,11 @@ TORCH_LIBRARY(ropekit, m) {
   m.def(
       "apply_rope(Tensor q, Tensor k, Tensor cos, Tensor sin, int unsqueeze_dim=1, bool is_neox=True) -> "
       "(Tensor q_out, Tensor k_out)");
+  // The vision towers' apply_rotary_pos_emb_vision: q/k (tokens, heads, head_dim), cos/sin (tokens, rotary_dim);
+  // float32 math, outputs in q's dtype. Its backward is apply_rope_backward with grads in q's dtype.
+  m.def(
+      "apply_rope_vision(Tensor q, Tensor k, Tensor cos, Tensor sin, bool is_neox=True) -> "
+      "(Tensor q_out, Tensor k_out)");
   m.def(
       "apply_rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin, int unsqueeze_dim, "
       "ScalarType q_dtype, bool is_neox=True) -> (Tensor grad_q_in, Tensor grad_k_in)");
@@ -179,6 +185,14 @@ TORCH_LIBRARY(ropekit, m) {
       "Tensor? second_per_grid_ts=None, Scalar? tokens_per_second=None, int video_start_token_id=-1, "
       "int video_end_token_id=-1, bool packed=False, Tensor? cu_seqlens=None, bool strict=False, "
       "str algorithm) -> (Tensor position_ids, Tensor deltas)");
+  // The vision towers' position inputs from grid_thw (vision_positions.h); integer results, not differentiable.
+  m.def("vision_position_ids(Tensor grid_thw, int spatial_merge_size, int? num_tokens=None) -> Tensor");
+  m.def(
+      "vision_window_index(Tensor grid_thw, int spatial_merge_size, int window_size, int patch_size) -> "
+      "(Tensor window_index, Tensor cu_window_seqlens)");
+  m.def(
+      "vision_pos_embed_interp(Tensor grid_thw, int num_grid_per_side, int spatial_merge_size) -> "
+      "(Tensor indices, Tensor weights)");
   m.def(
       "qk_norm_rope(Tensor q, Tensor k, Tensor q_weight, Tensor k_weight, Tensor cos, Tensor sin, float eps, "
       "bool zero_centered=False, bool is_neox=True) -> (Tensor q_out, Tensor k_out)");
@@ -202,9 +216,13 @@ TORCH_LIBRARY_IMPL(ropekit, CPU, m) {
   m.impl("rope_cos_sin", &ropekit::rope_cos_sin_impl<&ropekit::gather_cos_sin_cpu>);
   m.impl("mrope_cos_sin", &ropekit::mrope_cos_sin_impl<&ropekit::gather_cos_sin_cpu>);
   m.impl("apply_rope", &ropekit::apply_rope_cpu);
+  m.impl("apply_rope_vision", &ropekit::apply_rope_vision_cpu);
   m.impl("apply_rope_backward", &ropekit::apply_rope_backward_cpu);
   m.impl("rope_index", &ropekit::rope_index);
   m.impl("_rope_index_algorithm", &ropekit::rope_index_algorithm_op);
+  m.impl("vision_position_ids", &ropekit::vision_position_ids);
+  m.impl("vision_window_index", &ropekit::vision_window_index);
+  m.impl("vision_pos_embed_interp", &ropekit::vision_pos_embed_interp);
   m.impl("qk_norm_rope", &ropekit::qk_norm_rope_cpu);
   m.impl("qk_norm_rope_backward", &ropekit::qk_norm_rope_backward_cpu);
   m.impl("qk_norm_rope_qkv_", &ropekit::qk_norm_rope_qkv_cpu);
@@ -217,10 +235,15 @@ TORCH_LIBRARY_IMPL(ropekit, CUDA, m) {
   m.impl("rope_cos_sin", &ropekit::rope_cos_sin_impl<&ropekit::gather_cos_sin_cuda>);
   m.impl("mrope_cos_sin", &ropekit::mrope_cos_sin_impl<&ropekit::gather_cos_sin_cuda>);
   m.impl("apply_rope", &ropekit::apply_rope_cuda);
+  m.impl("apply_rope_vision", &ropekit::apply_rope_vision_cuda);
   m.impl("apply_rope_backward", &ropekit::apply_rope_backward_cuda);
   // on_host=false: the fused kernel, zero host syncs; on_host=true: one pull, the host loop.
   m.impl("rope_index", &ropekit::rope_index);
   m.impl("_rope_index_algorithm", &ropekit::rope_index_algorithm_op);
+  // grid_thw read once on the host (vision_position_ids with num_tokens: the sync-free device kernel)
+  m.impl("vision_position_ids", &ropekit::vision_position_ids);
+  m.impl("vision_window_index", &ropekit::vision_window_index);
+  m.impl("vision_pos_embed_interp", &ropekit::vision_pos_embed_interp);
   m.impl("qk_norm_rope", &ropekit::qk_norm_rope_cuda);
   m.impl("qk_norm_rope_backward", &ropekit::qk_norm_rope_backward_cuda);
   m.impl("qk_norm_rope_qkv_", &ropekit::qk_norm_rope_qkv_cuda);
@@ -232,6 +255,7 @@ TORCH_LIBRARY_IMPL(ropekit, Autograd, m) {
   m.impl("rope_cos_sin", &ropekit::rope_cos_sin_autograd);
   m.impl("mrope_cos_sin", &ropekit::mrope_cos_sin_autograd);
   m.impl("apply_rope", &ropekit::apply_rope_autograd);
+  m.impl("apply_rope_vision", &ropekit::apply_rope_vision_autograd);
   m.impl("qk_norm_rope", &ropekit::qk_norm_rope_autograd);
   m.impl("qk_norm_rope_qkv_", &ropekit::qk_norm_rope_qkv_autograd);
   m.impl("apply_rope_backward", &ropekit::apply_rope_backward_autograd);

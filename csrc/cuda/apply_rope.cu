@@ -1,9 +1,10 @@
 // apply_rope on CUDA, forward and backward (the backward is the transposed rotation of the output gradients).
 //
-// Fast path (rows that split into 16-byte lanes, see rope_vec.cuh): G = D / E lanes per row; a warp takes one token
-// (or a part of its rows when there are few tokens), loads its lanes' cos/sin once, then walks the token's q and k
-// rows 32 / G at a time with kUnroll iterations of 16-byte loads in flight. The rotate-half partner comes across by
-// shuffle; GPT-J pairs sit inside a lane.
+// Fast path (rows that split into 16-byte lanes, or 8-byte lanes where 16 bytes do not divide the row or its
+// halves; see rope_vec.cuh): G = D / E lanes per row, any G up to 32 (the vision towers' D = 80 in bf16 is G = 10);
+// a warp takes one token (or a part of its rows when there are few tokens), loads its lanes' cos/sin once, then
+// walks the token's q and k rows 32 / G at a time with kUnroll iterations of loads in flight. The rotate-half
+// partner comes across by shuffle; GPT-J pairs sit inside a lane.
 // Generic path (fp64, head_dim or rotary dim that do not split into 16-byte lanes, unaligned views): one thread per
 // rotary pair or pass-through element, cos/sin read from global memory (no shared memory, so any rotary dim works).
 // The host picks the path once per call.
@@ -49,13 +50,13 @@ Params make_params(const RopeArgs& a) {
           a.cos_stride_b,     a.cos_stride_s,    static_cast<int>(a.head_dim), static_cast<int>(a.rot_dim)};
 }
 
-template <typename Types, bool kBackward, bool kNeox>
+template <typename Types, bool kBackward, bool kNeox, int kLaneBytes>
 __global__ void __launch_bounds__(kThreads, 4) apply_rope_vec_kernel(const Params p, const vec::Schedule sch) {
   using in_t = typename Types::in_t;
   using cs_t = typename Types::cs_t;
   using out_t = typename Types::out_t;
   using acc = typename Types::acc;
-  constexpr int E = vec::elems_per_lane<in_t, out_t>();
+  constexpr int E = vec::elems_per_lane<in_t, out_t, kLaneBytes>();
   // The forward sends x across lanes, exact in its own dtype; the backward sends products g*sin, which need acc.
   using Wire = std::conditional_t<kBackward, acc, in_t>;
 
@@ -94,7 +95,7 @@ __global__ void __launch_bounds__(kThreads, 4) apply_rope_vec_kernel(const Param
         sn[e] = static_cast<acc>(s_raw[e]);
       }
       vec::rotate_lane<kBackward, kNeox, Wire>(g, p.rot_dim, x, c, sn, o);
-      if (it + u < w.it_end && row < rows) {
+      if (g.active && it + u < w.it_end && row < rows) {
         vec::store_acc(out.row(row), o);
       }
     }
@@ -142,43 +143,66 @@ __global__ void apply_rope_generic_kernel(const Params p, int64_t total_items) {
   }
 }
 
-bool operand_aligned(const RopeOperand& op, int64_t in_size, int64_t out_size) {
-  return aligned_16(op.in_ptr) && strides_aligned_16({op.in_stride_b, op.in_stride_s, op.in_stride_h}, in_size) &&
-         aligned_16(op.out_ptr) && strides_aligned_16({op.out_stride_b, op.out_stride_s, op.out_stride_h}, out_size);
+bool operand_aligned(const RopeOperand& op, int64_t in_size, int64_t out_size, int64_t lane_bytes) {
+  // a lane's bytes of the wider dtype of a row are one access of up to 16 bytes, or several of 16
+  const auto bytes = [lane_bytes](int64_t size, int64_t narrow) {
+    return std::min<int64_t>(lane_bytes * size / narrow, vec::kVecBytes);
+  };
+  const int64_t narrow = std::min(in_size, out_size), in_b = bytes(in_size, narrow), out_b = bytes(out_size, narrow);
+  return aligned_to(op.in_ptr, in_b) && strides_aligned({op.in_stride_b, op.in_stride_s, op.in_stride_h}, in_size, in_b) &&
+         aligned_to(op.out_ptr, out_b) &&
+         strides_aligned({op.out_stride_b, op.out_stride_s, op.out_stride_h}, out_size, out_b);
 }
 
-// Lanes per row of the fast path, or 0 for the generic path.
-int vector_group(const RopeArgs& a, at::ScalarType in_dtype, at::ScalarType out_dtype) {
-  if (in_dtype == at::kDouble || out_dtype == at::kDouble) return 0;
+// The fast path's lanes: G lanes per row of `bytes` bytes each (16, or 8 where 16 does not divide the row, its
+// rotary halves or the alignment of the views), or G = 0 for the generic path.
+struct LaneChoice {
+  int group = 0, bytes = 0;
+};
+
+LaneChoice vector_lanes(const RopeArgs& a, at::ScalarType in_dtype, at::ScalarType out_dtype) {
+  if (in_dtype == at::kDouble || out_dtype == at::kDouble) return {};
   const int64_t in_size = c10::elementSize(in_dtype), out_size = c10::elementSize(out_dtype);
-  const int elems = static_cast<int>(vec::kVecBytes / std::min(in_size, out_size));
-  const int group = lanes_per_row(a.head_dim, elems);
-  if (group == 0 || !rotary_vectorizable(a.rot_dim, elems, a.is_neox)) return 0;
-  if (!aligned_16(a.cos.data_ptr()) || !aligned_16(a.sin.data_ptr()) ||
-      !strides_aligned_16({a.cos_stride_b, a.cos_stride_s}, a.cos.element_size())) {
-    return 0;
+  const int64_t cs_size = a.cos.element_size(), narrow = std::min(in_size, out_size);
+  for (const int bytes : {vec::kVecBytes, vec::kVecBytes / 2}) {
+    const int elems = static_cast<int>(bytes / narrow);
+    const int group = lanes_per_row(a.head_dim, elems, /*any_group=*/true);
+    if (group == 0 || !rotary_vectorizable(a.rot_dim, elems, a.is_neox)) continue;
+    const int64_t cs_bytes = std::min<int64_t>(bytes * cs_size / narrow, vec::kVecBytes);
+    if (!aligned_to(a.cos.data_ptr(), cs_bytes) || !aligned_to(a.sin.data_ptr(), cs_bytes) ||
+        !strides_aligned({a.cos_stride_b, a.cos_stride_s}, cs_size, cs_bytes)) {
+      continue;
+    }
+    if (operand_aligned(a.q, in_size, out_size, bytes) && operand_aligned(a.k, in_size, out_size, bytes)) {
+      return {group, bytes};
+    }
   }
-  return operand_aligned(a.q, in_size, out_size) && operand_aligned(a.k, in_size, out_size) ? group : 0;
+  return {};
 }
 
 template <bool kBackward>
-void launch_apply_rope(const RopeArgs& a, at::ScalarType x_dtype) {
+void launch_apply_rope(const RopeArgs& a) {
   const int64_t tokens = a.batch * a.seq, rows = tokens * (a.q.heads + a.k.heads);
   if (rows == 0 || a.head_dim == 0) return;
   const c10::cuda::CUDAGuard guard(a.cos.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const Params p = make_params(a);
-  const int group = vector_group(a, a.q.in.scalar_type(), a.q.out.scalar_type());
-  dispatch_rope_types<kBackward>(x_dtype, a.cos.scalar_type(), [&](auto types) {
+  const LaneChoice lanes = vector_lanes(a, a.q.in.scalar_type(), a.q.out.scalar_type());
+  dispatch_rope_types<kBackward>(a.q.in.scalar_type(), a.cos.scalar_type(), a.q.out.scalar_type(), [&](auto types) {
     dispatch_rope_style(a.is_neox, [&](auto neox) {
       using Types = decltype(types);
       constexpr bool kNeox = decltype(neox)::value;
       if constexpr (!std::is_same_v<typename Types::acc, double>) {
-        if (group > 0) {
-          const vec::Schedule sch = make_schedule(tokens, a.q.heads + a.k.heads, group,
+        if (lanes.group > 0) {
+          const vec::Schedule sch = make_schedule(tokens, a.q.heads + a.k.heads, lanes.group,
                                                   at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
           const int64_t blocks = (sch.items + kWarps - 1) / kWarps;
-          apply_rope_vec_kernel<Types, kBackward, kNeox><<<blocks, kThreads, 0, stream>>>(p, sch);
+          if (lanes.bytes == vec::kVecBytes) {
+            apply_rope_vec_kernel<Types, kBackward, kNeox, vec::kVecBytes><<<blocks, kThreads, 0, stream>>>(p, sch);
+          } else {
+            apply_rope_vec_kernel<Types, kBackward, kNeox, vec::kVecBytes / 2><<<blocks, kThreads, 0, stream>>>(p,
+                                                                                                            sch);
+          }
           return;
         }
       }
@@ -197,8 +221,16 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_cuda(const at::Tensor& q, const at
                                                    int64_t unsqueeze_dim, bool is_neox) {
   RopeArgs a = prepare_apply_rope(q, k, cos, sin, unsqueeze_dim,
                                   apply_rope_out_dtype(q.scalar_type(), cos.scalar_type()), is_neox);
-  launch_apply_rope<false>(a, q.scalar_type());
+  launch_apply_rope<false>(a);
   return {a.q.out, a.k.out};
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rope_vision_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& cos, const at::Tensor& sin,
+                                                          bool is_neox) {
+  RopeArgs a = prepare_apply_rope_vision(q, k, cos, sin, is_neox);
+  launch_apply_rope<false>(a);
+  return {a.q.out.squeeze(0), a.k.out.squeeze(0)};
 }
 
 std::tuple<at::Tensor, at::Tensor> apply_rope_backward_cuda(const at::Tensor& grad_q, const at::Tensor& grad_k,
@@ -206,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> apply_rope_backward_cuda(const at::Tensor& gr
                                                             int64_t unsqueeze_dim, at::ScalarType q_dtype,
                                                             bool is_neox) {
   RopeArgs a = prepare_apply_rope_backward(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox);
-  launch_apply_rope<true>(a, q_dtype);
+  launch_apply_rope<true>(a);
   return {a.q.out, a.k.out};
 }
 

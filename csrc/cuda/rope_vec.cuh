@@ -3,10 +3,13 @@
 //
 // Layout. A row (one head of one token) of head_dim D is split across a group of G = D / E lanes, lane `sub` holding
 // elements [sub*E, sub*E + E). E is the number of elements that makes the narrowest dtype a row touches move 16
-// bytes per lane (8 for bf16/fp16, 4 for fp32); wider dtypes of the same row (fp32 cos under autocast, an fp32
-// output) move 32 bytes per lane as two 16-byte accesses. G is a power of two up to 32, so a warp holds 32 / G rows
-// side by side (D = 128 in bf16: half a warp per row). The rotate-half partner of element j < R/2 is j + R/2, which
-// lives in lane sub + (R/2)/E of the same group: it comes across by shuffle. GPT-J pairs (2i, 2i+1) sit in one lane.
+// bytes per lane (8 for bf16/fp16, 4 for fp32), or 8 bytes where 16 do not divide the row (the vision towers' head
+// dims 72 and 80 with their halves 36 and 40); wider dtypes of the same row (fp32 cos under autocast, an fp32
+// output) move twice that per lane. A warp holds 32 / G rows side by side (D = 128 in bf16: half a warp per row).
+// Where G is a power of two up to 32 the warp is full and the groups can reduce by butterfly (qk_norm_rope's RMS
+// sum); apply_rope also takes any other G up to 32 (D = 80 in bf16: G = 10, three rows per warp, two lanes idle).
+// The rotate-half partner of element j < R/2 is j + R/2, which lives in lane sub + (R/2)/E of the same group: it
+// comes across by shuffle. GPT-J pairs (2i, 2i+1) sit in one lane.
 #pragma once
 
 #include "../rope_common.h"
@@ -25,15 +28,15 @@ namespace vec {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kVecBytes = 16;
 
-// E for a row whose narrowest dtype is T.
-template <typename T>
+// E for a row whose narrowest dtype is T, at kLaneBytes (16, or 8) per lane.
+template <typename T, int kLaneBytes = kVecBytes>
 constexpr int elems_per_lane() {
-  return kVecBytes / static_cast<int>(sizeof(T));
+  return kLaneBytes / static_cast<int>(sizeof(T));
 }
 
-template <typename A, typename B>
+template <typename A, typename B, int kLaneBytes = kVecBytes>
 constexpr int elems_per_lane() {
-  return elems_per_lane<std::conditional_t<(sizeof(A) < sizeof(B)), A, B>>();
+  return elems_per_lane<std::conditional_t<(sizeof(A) < sizeof(B)), A, B>, kLaneBytes>();
 }
 
 template <typename A, typename B, typename C>
@@ -41,10 +44,11 @@ constexpr int elems_per_lane() {
   return elems_per_lane<std::conditional_t<(sizeof(A) < sizeof(B)), A, B>, C>();
 }
 
-// N elements of T moved as 16-byte units (N * sizeof(T) is a multiple of 16 whenever N is an E above).
+// N elements of T moved as 16-byte units, or as one 8-byte unit (N * sizeof(T) is 8 or a multiple of 16 whenever N
+// is an E above).
 template <typename T, int N>
-struct alignas(kVecBytes) Vec {
-  static_assert((N * sizeof(T)) % kVecBytes == 0, "a lane moves whole 16-byte units");
+struct alignas(N * sizeof(T) >= kVecBytes ? kVecBytes : N * sizeof(T)) Vec {
+  static_assert((N * sizeof(T)) % kVecBytes == 0 || N * sizeof(T) == 8, "a lane moves 8 bytes or whole 16-byte units");
   T v[N];
 };
 
@@ -71,17 +75,28 @@ __device__ __forceinline__ void store_16(void* p, const uint4& w) {
                : "memory");
 }
 
-// Rounds N accumulators to T and stores them as 16-byte words.
+// An 8-byte global store, for lanes of 8 bytes.
+__device__ __forceinline__ void store_8(void* p, const uint2& w) {
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w.x), "r"(w.y) : "memory");
+}
+
+// Rounds N accumulators to T and stores them as 16-byte words (or one 8-byte word).
 template <typename T, typename acc, int N>
 __device__ __forceinline__ void store_acc(T* p, const acc (&in)[N]) {
   Vec<T, N> v;
 #pragma unroll
   for (int i = 0; i < N; ++i) v.v[i] = static_cast<T>(in[i]);
-  constexpr int kWords = static_cast<int>(sizeof(v) / sizeof(uint4));
-  uint4 words[kWords];
-  memcpy(words, &v, sizeof(v));
+  if constexpr (sizeof(v) == 8) {
+    uint2 word;
+    memcpy(&word, &v, sizeof(v));
+    store_8(p, word);
+  } else {
+    constexpr int kWords = static_cast<int>(sizeof(v) / sizeof(uint4));
+    uint4 words[kWords];
+    memcpy(words, &v, sizeof(v));
 #pragma unroll
-  for (int i = 0; i < kWords; ++i) store_16(reinterpret_cast<uint4*>(p) + i, words[i]);
+    for (int i = 0; i < kWords; ++i) store_16(reinterpret_cast<uint4*>(p) + i, words[i]);
+  }
 }
 
 // Sum over the G lanes of a group (G a power of two): xor offsets G/2 .. 1 stay inside the group. Every lane of the
@@ -117,22 +132,24 @@ __device__ __forceinline__ void shuffle(T (&v)[N], int src_lane) {
 }
 
 // Where this lane sits: `sub` in its row group, `slot` = which of the warp's 32 / G rows, and (neox) the lane that
-// holds its rotate-half partner. Lanes past the rotary channels get themselves as partner (value unused).
+// holds its rotate-half partner. Lanes past the rotary channels get themselves as partner (value unused). When G
+// does not divide 32 the last 32 % G lanes hold no row (`active` false): they take part in the shuffles only.
 struct LaneGeometry {
   int group, sub, slot, rows_per_warp, j0, partner_lane;
-  bool first_half, rotary;
+  bool first_half, rotary, active;
 
   __device__ __forceinline__ LaneGeometry(int lane, int group_, int elems, int64_t rot_dim) {
     group = group_;
-    sub = lane & (group - 1);
     slot = lane / group;
+    sub = lane - slot * group;
     rows_per_warp = 32 / group;
+    active = slot < rows_per_warp;
     j0 = sub * elems;
     const int half_lanes = static_cast<int>(rot_dim / 2) / elems;  // neox: rot_dim / 2 is a multiple of elems
     first_half = sub < half_lanes;
     rotary = j0 < rot_dim;
     const int partner = first_half ? sub + half_lanes : (rotary ? sub - half_lanes : sub);
-    partner_lane = slot * group + partner;
+    partner_lane = active ? slot * group + partner : lane;
   }
 };
 
@@ -158,7 +175,7 @@ __device__ __forceinline__ void load_rows(const LaneGeometry& g, int it, int it_
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int row = (it + u) * g.rows_per_warp + g.slot;
-    if (it + u < it_end && row < rows) {
+    if (g.active && it + u < it_end && row < rows) {
       load(src.row(row), out[u]);
     } else {
 #pragma unroll
@@ -250,18 +267,26 @@ __device__ __forceinline__ WarpWork warp_work(int64_t item, int parts, int iters
 
 inline bool aligned_16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % vec::kVecBytes == 0; }
 
-inline bool strides_aligned_16(std::initializer_list<int64_t> strides, int64_t elem_size) {
+inline bool aligned_to(const void* ptr, int64_t bytes) { return reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0; }
+
+// Whether every stride (in elements of elem_size bytes) keeps `bytes`-byte alignment.
+inline bool strides_aligned(std::initializer_list<int64_t> strides, int64_t elem_size, int64_t bytes) {
   for (int64_t s : strides) {
-    if ((s * elem_size) % vec::kVecBytes != 0) return false;
+    if ((s * elem_size) % bytes != 0) return false;
   }
   return true;
 }
 
-// Lanes per row for head_dim d and E elements per lane: a power of two up to 32, or 0 when d does not split so.
-inline int lanes_per_row(int64_t d, int elems) {
+inline bool strides_aligned_16(std::initializer_list<int64_t> strides, int64_t elem_size) {
+  return strides_aligned(strides, elem_size, vec::kVecBytes);
+}
+
+// Lanes per row for head_dim d and E elements per lane: a power of two up to 32 (or, `any_group`, any count up to
+// 32), or 0 when d does not split so.
+inline int lanes_per_row(int64_t d, int elems, bool any_group = false) {
   if (d <= 0 || d % elems != 0) return 0;
   const int64_t g = d / elems;
-  return (g <= 32 && (g & (g - 1)) == 0) ? static_cast<int>(g) : 0;
+  return (g <= 32 && (any_group || (g & (g - 1)) == 0)) ? static_cast<int>(g) : 0;
 }
 
 // The rotary layout the vector path handles: rot_dim a multiple of E (neox: R/2 too, so partners align by lane).

@@ -2,7 +2,8 @@
 
 from . import data, ops
 from .modules import CachedMRotaryEmbedding, CachedRotaryEmbedding, RopeTable
-from .ops import apply_rope, mrope_cos_sin, qk_norm_rope, qk_norm_rope_qkv_, rope_cache, rope_cos_sin, rope_index
+from .ops import (apply_rope, apply_rope_vision, mrope_cos_sin, qk_norm_rope, qk_norm_rope_qkv_, rope_cache,
+                  rope_cos_sin, rope_index)
 from .transformers import (apply_to_glm4v, apply_to_model, apply_to_qwen2_5_vl, apply_to_qwen2_vl, apply_to_qwen3,
                            apply_to_qwen3_5, apply_to_qwen3_vl, apply_to_qwen4_exp, unpatch)
 
@@ -13,6 +14,7 @@ __all__ = [
     "rope_cos_sin",
     "mrope_cos_sin",
     "apply_rope",
+    "apply_rope_vision",
     "rope_index",
     "qk_norm_rope",
     "qk_norm_rope_qkv_",

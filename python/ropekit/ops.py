@@ -13,7 +13,8 @@ import torch
 from . import _C  # noqa: F401  (registers torch.ops.ropekit)
 
 __all__ = [
-    "rope_cache", "rope_cos_sin", "mrope_cos_sin", "apply_rope", "rope_index", "qk_norm_rope", "qk_norm_rope_qkv_",
+    "rope_cache", "rope_cos_sin", "mrope_cos_sin", "apply_rope", "apply_rope_vision", "rope_index", "qk_norm_rope",
+    "qk_norm_rope_qkv_", "vision_position_ids", "vision_window_index", "vision_pos_embed_interp",
 ]
 
 _ops = torch.ops.ropekit
@@ -130,6 +131,27 @@ def apply_rope(
     return _ops.apply_rope(q, k, cos, sin, int(unsqueeze_dim), bool(is_neox))
 
 
+def apply_rope_vision(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, is_neox: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for the vision towers' ``apply_rotary_pos_emb_vision`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5,
+    Qwen4-Exp, GLM-4V, ...): ``q.float() * cos + rotate_half(q.float()) * sin``, cast back to q's dtype.
+
+    ``q`` / ``k`` are ``(tokens, heads, head_dim)``, float32/bfloat16/float16/float64, read through their strides
+    (the ``qkv.reshape(N, 3, H, D).permute(1, 0, 2, 3).unbind(0)`` views the towers pass are not copied; a
+    head_dim with a non-unit stride is copied once). ``cos`` / ``sin`` are ``(tokens, R)``, float32 or q's dtype,
+    ``R <= head_dim`` even: the first ``R`` channels rotate, the rest pass through. The math runs in float32 (float64
+    for float64 q) with each product and the sum rounded once, then one rounding to q's dtype: bit-identical to
+    transformers' function for float32/bfloat16/float16 q (which upcasts to float32 itself). The outputs have q's
+    dtype and shape, in a dense layout. ``is_neox=False`` rotates GPT-J pairs, as :func:`apply_rope`.
+
+    Differentiable in q, k, cos and sin; the q/k gradients are computed in float32 and rounded once to q's dtype,
+    as autograd does through transformers' function. Raises ``RuntimeError`` naming the argument for a wrong rank,
+    dtype, device, token count or rotary dim.
+    """
+    return _ops.apply_rope_vision(q, k, cos, sin, bool(is_neox))
+
+
 def rope_index(
     input_ids: torch.Tensor,
     image_grid_thw: torch.Tensor | None = None,
@@ -203,6 +225,66 @@ def rope_index(
         video_start_token_id=int(video_start_token_id), video_end_token_id=int(video_end_token_id),
         packed=bool(packed), cu_seqlens=cu_seqlens, strict=bool(strict),
     )
+
+
+def vision_position_ids(
+    grid_thw: torch.Tensor, spatial_merge_size: int, num_tokens: int | None = None
+) -> torch.Tensor:
+    """The vision towers' rotary positions: ``(N, 2)`` int64 ``(h, w)`` of every patch, ``N = sum(t * h * w)``, on
+    ``grid_thw``'s device.
+
+    ``grid_thw`` is ``(num_grids, 3)`` integer ``(t, h, w)`` per image or video (patches). Patches are listed per grid
+    in the tower's order: frame, ``spatial_merge_size`` block row, block column, row and column inside the block;
+    every frame of a video repeats its image positions. Element-wise identical to transformers 5.x
+    ``vision_utils.get_vision_position_ids(grid_thw, spatial_merge_size)`` and to the ``pos_ids`` of 4.57's
+    ``rot_pos_emb`` (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, GLM-4V).
+
+    ``grid_thw`` is read on the host once (one device-to-host pull for an accelerator tensor; results go back with a
+    non-blocking copy). With ``num_tokens`` (``N``, when the caller knows it, e.g. ``hidden_states.shape[0]``) a
+    CUDA ``grid_thw`` takes the device path instead: no host sync at all, a device-side assert where the grids are
+    invalid or give another count. Raises ``ValueError`` for a grid_thw that is not ``(n, 3)`` integers, negative
+    extents, ``h`` or ``w`` not multiples of ``spatial_merge_size`` (the tower's reshape fails there), more than
+    2^40 patches in one grid, or (host path) a ``num_tokens`` other than ``N``.
+    """
+    return _ops.vision_position_ids(grid_thw, int(spatial_merge_size), num_tokens)
+
+
+def vision_window_index(
+    grid_thw: torch.Tensor, spatial_merge_size: int, window_size: int, patch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2.5-VL's window attention: ``(window_index, cu_window_seqlens)``, both int64 on ``grid_thw``'s device.
+
+    ``window_index`` (``sum(t * (h // m) * (w // m))``,) lists the merged patches (``m = spatial_merge_size``) window
+    by window: per grid and frame, windows of ``window_size // m // patch_size`` merged rows and columns in raster
+    order, patches in raster order inside each, numbered from the grid's offset. ``cu_window_seqlens`` holds
+    ``[0, ...]`` the cumulative patch counts (merged patches times ``m * m``) after every window, empty padding
+    windows included (transformers pads each side by ``window - extent % window``, a whole empty window where the
+    extent divides evenly), which repeat the previous bound.
+
+    These are transformers 4.57's ``Qwen2_5_VisionTransformerPretrainedModel.get_window_index`` values (its
+    ``cu_window_seqlens`` list is this tensor's ``tolist()``) and 5.x ``vision_utils.get_vision_window_index``'s
+    before its ``unique_consecutive``. ``grid_thw`` is read on the host once. Raises ``ValueError`` for a bad
+    ``grid_thw``, negative extents, or a window of no merged patch (``window_size // m // patch_size == 0``).
+    """
+    return _ops.vision_window_index(grid_thw, int(spatial_merge_size), int(window_size), int(patch_size))
+
+
+def vision_pos_embed_interp(
+    grid_thw: torch.Tensor, num_grid_per_side: int, spatial_merge_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-VL 4.57's learned position embedding, resampled bilinearly to each grid: ``(indices, weights)``, each
+    ``(4, N)``, ``N = sum(h * w)`` (one frame per grid, patches in raster order), on ``grid_thw``'s device; indices
+    int64 into the ``num_grid_per_side ** 2`` rows of ``pos_embed``, weights in the default float dtype (float32).
+
+    Tap ``k`` of patch ``(row, col)`` is what ``Qwen3VLVisionModel.fast_pos_embed_interpolate`` (transformers 4.57)
+    lists before its embedding lookup: ``linspace(0, n - 1, h)`` (torch's own CPU linspace, whose values ropekit
+    takes from it), truncated to int, ceil clipped at ``n - 1``, weights ``(1 - dh)(1 - dw)``, ``(1 - dh) dw``,
+    ``dh (1 - dw)``, ``dh dw`` in float32. The tower then sums the four weighted embedding rows, repeats each grid's
+    rows over its ``t`` frames and orders them by ``spatial_merge_size`` block. ``grid_thw`` is read on the host
+    once. Raises ``ValueError`` for a bad ``grid_thw``, negative extents, ``h`` / ``w`` not multiples of
+    ``spatial_merge_size``, or ``num_grid_per_side < 1``.
+    """
+    return _ops.vision_pos_embed_interp(grid_thw, int(num_grid_per_side), int(spatial_merge_size))
 
 
 def qk_norm_rope(
@@ -296,6 +378,12 @@ def _apply_rope_fake(q, k, cos, sin, unsqueeze_dim=1, is_neox=True):
     return _rope_outputs_like(q, out_dtype), _rope_outputs_like(k, out_dtype)
 
 
+def _apply_rope_vision_fake(q, k, cos, sin, is_neox=True):
+    # the kernel's layout: the batch-1 (1, tokens, heads, dim) view's output, squeezed
+    return (_rope_outputs_like(q.unsqueeze(0), q.dtype).squeeze(0),
+            _rope_outputs_like(k.unsqueeze(0), q.dtype).squeeze(0))
+
+
 def _apply_rope_backward_fake(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox=True):
     return _rope_outputs_like(grad_q, q_dtype), _rope_outputs_like(grad_k, q_dtype)
 
@@ -314,6 +402,24 @@ def _rope_index_fake(input_ids, image_grid_thw, video_grid_thw, attention_mask, 
     elif batch == 0 and not is_packed:
         delta_dtype = torch.float32  # transformers' torch.tensor([]) of no per-row deltas
     return input_ids.new_empty((3, batch, seq), dtype=pos_dtype), input_ids.new_empty((batch, 1), dtype=delta_dtype)
+
+
+def _vision_position_ids_fake(grid_thw, spatial_merge_size, num_tokens=None):
+    if num_tokens is None:
+        num_tokens = torch.library.get_ctx().new_dynamic_size()
+    return grid_thw.new_empty((num_tokens, 2), dtype=torch.int64)
+
+
+def _vision_window_index_fake(grid_thw, spatial_merge_size, window_size, patch_size):
+    ctx = torch.library.get_ctx()
+    return (grid_thw.new_empty((ctx.new_dynamic_size(),), dtype=torch.int64),
+            grid_thw.new_empty((ctx.new_dynamic_size(min=1),), dtype=torch.int64))
+
+
+def _vision_pos_embed_interp_fake(grid_thw, num_grid_per_side, spatial_merge_size):
+    n = torch.library.get_ctx().new_dynamic_size()
+    return (grid_thw.new_empty((4, n), dtype=torch.int64),
+            grid_thw.new_empty((4, n), dtype=torch.get_default_dtype()))
 
 
 def _norm_out_dtype(q, weight, cos, zero_centered):
@@ -346,6 +452,7 @@ torch.library.register_fake("ropekit::rope_cache")(_table_fake)
 torch.library.register_fake("ropekit::rope_cos_sin")(_rope_cos_sin_fake)
 torch.library.register_fake("ropekit::mrope_cos_sin")(_mrope_cos_sin_fake)
 torch.library.register_fake("ropekit::apply_rope")(_apply_rope_fake)
+torch.library.register_fake("ropekit::apply_rope_vision")(_apply_rope_vision_fake)
 torch.library.register_fake("ropekit::apply_rope_backward")(_apply_rope_backward_fake)
 torch.library.register_fake("ropekit::rope_index")(_rope_index_fake)
 torch.library.register_fake("ropekit::_rope_index_algorithm")(
@@ -353,3 +460,6 @@ torch.library.register_fake("ropekit::_rope_index_algorithm")(
 torch.library.register_fake("ropekit::qk_norm_rope")(_qk_norm_rope_fake)
 torch.library.register_fake("ropekit::qk_norm_rope_backward")(_qk_norm_rope_backward_fake)
 torch.library.register_fake("ropekit::qk_norm_rope_qkv_")(_qk_norm_rope_qkv_fake)
+torch.library.register_fake("ropekit::vision_position_ids")(_vision_position_ids_fake)
+torch.library.register_fake("ropekit::vision_window_index")(_vision_window_index_fake)
+torch.library.register_fake("ropekit::vision_pos_embed_interp")(_vision_pos_embed_interp_fake)

@@ -54,6 +54,35 @@ def op_cases(device):
         (torch.ops.ropekit.apply_rope_backward.default, (q, k, cos, sin, 1, torch.float32, False)),
         *rope_index_cases(device),
         *qk_norm_rope_cases(device),
+        *vision_cases(device),
+    ]
+
+
+def vision_cases(device):
+    """apply_rope_vision on the towers' strided q/k views (bf16 with fp32 cos/sin, fp32, fp64 with grads), its
+    backward through apply_rope_backward with gradients in q's dtype, and the position ops (host path)."""
+    from test_vision import _cos_sin, _qkv
+
+    rg = lambda *ts: [t.detach().clone().requires_grad_() for t in ts]  # noqa: E731
+    qb, kb = _qkv(9, 2, 80, torch.bfloat16, "qkv", device)
+    cos, sin = _cos_sin(9, 80, torch.float32, device)
+    qf, kf = _qkv(9, 3, 16, torch.float32, "heads_first", device)
+    cf, sf = _cos_sin(9, 16, torch.float32, device)
+    qd, kd = _qkv(4, 2, 8, torch.float64, "contiguous", device)
+    cd, sd = _cos_sin(4, 8, torch.float64, device)
+    op = torch.ops.ropekit.apply_rope_vision.default
+    grid = torch.tensor([[1, 4, 6], [2, 2, 2]], device=device)
+    return [
+        (op, (qb, kb, cos, sin)),
+        (op, (*rg(qb, kb), cos, sin)),
+        (op, (*rg(qf, kf), cf, sf)),
+        (op, (*rg(qd, kd, cd, sd), False)),
+        (torch.ops.ropekit.apply_rope_backward.default,
+         (qb.unsqueeze(0), kb.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0), 2, torch.bfloat16)),
+        (torch.ops.ropekit.vision_position_ids.default, (grid, 2)),
+        (torch.ops.ropekit.vision_position_ids.default, (grid, 2, 32)),
+        (torch.ops.ropekit.vision_window_index.default, (grid, 2, 16, 4)),
+        (torch.ops.ropekit.vision_pos_embed_interp.default, (grid, 8, 2)),
     ]
 
 
@@ -160,6 +189,31 @@ def test_compile_qk_norm_rope_fullgraph(device):
     q.grad = qw.grad = None
     ref[0].sum().backward()
     assert torch.equal(compiled_grads[0], q.grad) and torch.equal(compiled_grads[1], qw.grad)
+
+
+def test_compile_vision_fullgraph(device):
+    """A vision block's rotation and the tower-shaped position inputs compile whole; the rotation matches eager,
+    forward and backward."""
+    from test_vision import _cos_sin, _qkv
+
+    torch._dynamo.reset()
+    q, k = _qkv(9, 2, 80, torch.bfloat16, "qkv", device)
+    cos, sin = _cos_sin(9, 80, torch.float32, device)
+    q.requires_grad_()
+    fn = lambda q, k, cos, sin: ops.apply_rope_vision(q, k, cos, sin)  # noqa: E731
+    explanation = torch._dynamo.explain(fn)(q, k, cos, sin)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    out = torch.compile(fn, fullgraph=True)(q, k, cos, sin)
+    ref = fn(q, k, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    out[0].float().sum().backward()
+    compiled_grad = q.grad.clone()
+    q.grad = None
+    ref[0].float().sum().backward()
+    assert torch.equal(compiled_grad, q.grad)
+    grid = torch.tensor([[1, 4, 6], [2, 2, 2]], device=device)
+    positions = torch.compile(lambda g: ops.vision_position_ids(g, 2, 32), fullgraph=True)(grid)
+    assert torch.equal(positions, ops.vision_position_ids(grid, 2))
 
 
 def test_compile_rope_index_fullgraph(device):
