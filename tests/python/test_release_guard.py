@@ -304,6 +304,69 @@ def test_changed_get_rope_index_is_declined(tmp_path, change, count_rope_index, 
         vars(module.Qwen3VLModel)["get_rope_index"], "__ropekit_original__")
 
 
+def _qwen2_5_vl_vision_spec(module):
+    from ropekit.transformers.vision import VisionTower
+
+    return _ModelingModule(module.__name__, None, vision=VisionTower("Qwen2_5_VisionTransformerPretrainedModel",
+                                                                     "Qwen2_5_VisionRotaryEmbedding"))
+
+
+def _edit_function(name, pattern, replacement):
+    def edit(source):
+        start = source.index(f"def {name}(")
+        end = source.index("\ndef ", start + 1) if "\ndef " in source[start + 1:] else len(source)
+        end = min(end, source.index("\nclass ", start + 1))
+        body, n = re.subn(pattern, replacement, source[start:end], count=1)
+        assert n == 1, f"{pattern!r} not in {name}"
+        return source[:start] + body + source[end:]
+
+    return edit
+
+
+@pytest.mark.parametrize("edit", [
+    _edit_function("apply_rotary_pos_emb_vision", r"q, k = q\.float\(\), k\.float\(\)",
+                   "q, k = q.double(), k.double()"),
+    _edit_function("apply_rotary_pos_emb_vision", r"q_embed = q_embed\.to\(orig_q_dtype\)",
+                   "q_embed = (q_embed * 1.0).to(orig_q_dtype)"),
+], ids=["computes in float64", "an extra step"])
+def test_changed_vision_rotation_is_declined(tmp_path, edit, unpatch_after):
+    """An edited apply_rotary_pos_emb_vision: one warning, transformers' function stays, the results are its own."""
+    module = _future_module(tmp_path, edit, family="qwen2_5_vl")
+    original = module.apply_rotary_pos_emb_vision
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = _apply("Qwen2.5-VL", None, False, False, False, specs=[_qwen2_5_vl_vision_spec(module)],
+                      vision_rope=True)
+    declined = [w for w in caught if issubclass(w.category, RopekitDeclined)]
+    assert len(declined) == 1 and "apply_rotary_pos_emb_vision" in str(declined[0].message)
+    assert not _row(rows, "vision_rope", "apply_rotary_pos_emb_vision").patched
+    assert module.apply_rotary_pos_emb_vision is original
+
+
+def test_changed_vision_position_helper_is_declined(tmp_path, unpatch_after):
+    """transformers 4.57: an edited get_window_index is declined with one warning (rot_pos_emb, unchanged, is
+    patched); on 5.x the towers have no such helper and the switch has nothing to patch."""
+    installed = importlib.import_module("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl")
+    if "get_window_index" not in vars(installed.Qwen2_5_VisionTransformerPretrainedModel):
+        rows = _apply("Qwen2.5-VL", None, False, False, False, vision_positions=True)
+        assert not [r for r in rows if r.switch == "vision_positions"]
+        return
+
+    def edit(source):
+        return source.replace("vit_merger_window_size = self.window_size // self.spatial_merge_size // "
+                              "self.patch_size", "vit_merger_window_size = self.window_size // self.patch_size", 1)
+
+    module = _future_module(tmp_path, edit, family="qwen2_5_vl")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = _apply("Qwen2.5-VL", None, False, False, False, specs=[_qwen2_5_vl_vision_spec(module)],
+                      vision_positions=True)
+    declined = [w for w in caught if issubclass(w.category, RopekitDeclined)]
+    assert len(declined) == 1 and "get_window_index" in str(declined[0].message)
+    assert not _row(rows, "vision_positions", "get_window_index").patched
+    assert _row(rows, "vision_positions", "rot_pos_emb").patched
+
+
 def test_unchanged_copy_is_patched_like_the_release(tmp_path, count_fused, unpatch_after):
     """Control for the tests above: the unedited copy of the installed release is patched everywhere."""
     module = _future_module(tmp_path, _unchanged)
@@ -332,7 +395,10 @@ def test_support_report_patches_everything_on_this_release():
     assert rows
     declined = [r.line() for r in rows if not r.patched]
     assert not declined, declined
-    assert {r.switch for r in rows} == {"rope", "qk_norm_rope", "rope_index"}
+    switches = {r.switch for r in rows}
+    # vision_positions: the position helpers of transformers 4.57's towers (5.x towers have none to replace)
+    assert {"rope", "qk_norm_rope", "rope_index", "vision_rope"} <= switches <= {
+        "rope", "qk_norm_rope", "rope_index", "vision_rope", "vision_positions"}
 
 
 def test_python_m_ropekit_reports_and_exits_zero():

@@ -16,6 +16,7 @@ from ._patching import import_optional, patch, unpatch_all
 from .attention import derive_attention_forward
 from .rope_index import MROPE_RULES, make_get_rope_index
 from .rotary import RotaryLayout, make_apply_multimodal_rotary_pos_emb, make_apply_rotary_pos_emb, make_rotary_forward
+from .vision import POSITION_HELPERS, VisionTower, make_apply_rotary_pos_emb_vision, make_position_helper
 
 __all__ = [
     "apply_to_qwen3", "apply_to_qwen3_vl", "apply_to_qwen3_5", "apply_to_qwen2_vl", "apply_to_qwen2_5_vl",
@@ -39,6 +40,7 @@ class _ModelingModule:
     partial: bool = False  # apply_rotary_pos_emb passes channels past cos.shape[-1] through (partial rotary)
     vl_model: str | None = None  # class defining get_rope_index
     model_type: str | None = None  # its config.model_type (its rules in MROPE_RULES)
+    vision: VisionTower | None = None  # the vision tower (its module-level apply_rotary_pos_emb_vision, 4.57 helpers)
 
 
 _FAMILIES = {
@@ -51,38 +53,48 @@ _FAMILIES = {
     "Qwen3-VL": (
         _ModelingModule("transformers.models.qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextRotaryEmbedding", "interleaved",
                         attention="Qwen3VLTextAttention", norm="Qwen3VLTextRMSNorm", vl_model="Qwen3VLModel",
-                        model_type="qwen3_vl"),
+                        model_type="qwen3_vl",
+                        vision=VisionTower("Qwen3VLVisionModel", "Qwen3VLVisionRotaryEmbedding")),
         _ModelingModule("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeTextRotaryEmbedding",
                         "interleaved", attention="Qwen3VLMoeTextAttention", norm="Qwen3VLMoeTextRMSNorm",
-                        vl_model="Qwen3VLMoeModel", model_type="qwen3_vl_moe"),
+                        vl_model="Qwen3VLMoeModel", model_type="qwen3_vl_moe",
+                        vision=VisionTower("Qwen3VLMoeVisionModel", "Qwen3VLMoeVisionRotaryEmbedding")),
     ),
     "Qwen3.5": (
         _ModelingModule("transformers.models.qwen3_5.modeling_qwen3_5", "Qwen3_5TextRotaryEmbedding", "interleaved",
                         attention="Qwen3_5Attention", norm="Qwen3_5RMSNorm", zero_centered=True,
-                        partial=True, vl_model="Qwen3_5Model", model_type="qwen3_5"),
+                        partial=True, vl_model="Qwen3_5Model", model_type="qwen3_5",
+                        vision=VisionTower("Qwen3_5VisionModel")),
         _ModelingModule("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeTextRotaryEmbedding",
                         "interleaved", attention="Qwen3_5MoeAttention", norm="Qwen3_5MoeRMSNorm", zero_centered=True,
-                        partial=True, vl_model="Qwen3_5MoeModel", model_type="qwen3_5_moe"),
+                        partial=True, vl_model="Qwen3_5MoeModel", model_type="qwen3_5_moe",
+                        vision=VisionTower("Qwen3_5MoeVisionModel")),
     ),
     "Qwen2-VL": (  # no q/k norms: nothing to fuse
         _ModelingModule("transformers.models.qwen2_vl.modeling_qwen2_vl", "Qwen2VLRotaryEmbedding", "sectioned",
-                        vl_model="Qwen2VLModel", model_type="qwen2_vl"),
+                        vl_model="Qwen2VLModel", model_type="qwen2_vl",
+                        vision=VisionTower("Qwen2VisionTransformerPretrainedModel", "VisionRotaryEmbedding")),
     ),
     "Qwen2.5-VL": (
         _ModelingModule("transformers.models.qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLRotaryEmbedding",
-                        "sectioned", vl_model="Qwen2_5_VLModel", model_type="qwen2_5_vl"),
+                        "sectioned", vl_model="Qwen2_5_VLModel", model_type="qwen2_5_vl",
+                        vision=VisionTower("Qwen2_5_VisionTransformerPretrainedModel",
+                                           "Qwen2_5_VisionRotaryEmbedding")),
     ),
     "Qwen4-Exp": (
         _ModelingModule("transformers.models.qwen4_exp.modeling_qwen4_exp", "Qwen4ExpTextRotaryEmbedding",
                         "interleaved", attention="Qwen4ExpTextAttention", norm="Qwen4ExpTextRMSNorm",
                         zero_centered=True, partial=True, vl_model="Qwen4ExpModel",
-                        model_type="qwen4_exp"),
+                        model_type="qwen4_exp", vision=VisionTower("Qwen4ExpVisionModel")),
     ),
     "GLM-4V": (  # no q/k norms: nothing to fuse; GLM-4.6V runs GLM-4V's text model (its module has get_rope_index)
         _ModelingModule("transformers.models.glm4v.modeling_glm4v", "Glm4vTextRotaryEmbedding", "sectioned",
-                        is_neox=False, partial=True, vl_model="Glm4vModel", model_type="glm4v"),
+                        is_neox=False, partial=True, vl_model="Glm4vModel", model_type="glm4v",
+                        vision=VisionTower("Glm4vVisionModel", "Glm4vVisionRotaryEmbedding", returns_pos_ids=True)),
         _ModelingModule("transformers.models.glm4v_moe.modeling_glm4v_moe", "Glm4vMoeTextRotaryEmbedding", "sectioned",
-                        partial=True, vl_model="Glm4vMoeModel", model_type="glm4v_moe"),
+                        partial=True, vl_model="Glm4vMoeModel", model_type="glm4v_moe",
+                        vision=VisionTower("Glm4vMoeVisionModel", "Glm4vMoeVisionRotaryEmbedding",
+                                           returns_pos_ids=True)),
         _ModelingModule("transformers.models.glm46v.modeling_glm46v", None, vl_model="Glm46VModel",
                         model_type="glm46v"),
     ),
@@ -161,7 +173,7 @@ class PatchStatus:
 
     family: str
     module: str  # modeling module tail (qwen3, qwen3_vl_moe, ...)
-    switch: str  # rope, qk_norm_rope, rope_index
+    switch: str  # rope, qk_norm_rope, rope_index, vision_rope, vision_positions
     target: str  # the transformers object (Qwen3Attention.forward, apply_rotary_pos_emb, ...)
     patched: bool
     reason: str = ""  # why it was declined; the releases whose code it matched when patched
@@ -297,8 +309,42 @@ def _plan_rope_index(plan: _Plan, module, spec: _ModelingModule) -> None:
                 make_get_rope_index(original, MROPE_RULES[spec.model_type]))
 
 
-def _plan(family: str, rope: bool, rope_index: bool, qk_norm_rope: bool, specs=None,
-          warn: bool = True) -> tuple[_Plan, list[str]]:
+def _plan_vision_rope(plan: _Plan, module, spec: _ModelingModule) -> None:
+    name = "apply_rotary_pos_emb_vision"
+    function = _unwrapped(getattr(module, name, None))
+    ok, why = _known(module, name, function)
+    if not ok:
+        plan.decline(module, "vision_rope", name, why)
+        return
+    plan.accept(module, "vision_rope", name, why, module, name, make_apply_rotary_pos_emb_vision(function))
+
+
+def _plan_vision_positions(plan: _Plan, module, spec: _ModelingModule) -> None:
+    """transformers 4.57's tower helpers (methods of the tower class). A 5.x tower has none: it takes its positions
+    precomputed (``ropekit.data``), so there is nothing to patch and no row."""
+    tower = spec.vision
+    tower_cls = getattr(module, tower.cls, None)
+    for name in POSITION_HELPERS:
+        original = _unwrapped(vars(tower_cls).get(name)) if tower_cls is not None else None
+        if original is None:
+            continue
+        target = f"{tower.cls}.{name}"
+        ok, why = _known(module, target, original, tower_cls)
+        if ok and name == "rot_pos_emb":  # it calls the rotary module with an int where transformers passes a tensor
+            rotary_cls = getattr(module, tower.rotary, None) if tower.rotary else None
+            rotary_forward = vars(rotary_cls).get("forward") if rotary_cls is not None else None
+            known, rotary_why = _known(module, f"{tower.rotary}.forward", rotary_forward, rotary_cls)
+            if not known:
+                ok, why = False, f"{tower.rotary}.forward: {rotary_why}"
+        if not ok:
+            plan.decline(module, "vision_positions", target, why)
+            continue
+        plan.accept(module, "vision_positions", target, why, tower_cls, name,
+                    make_position_helper(name, original, tower, module))
+
+
+def _plan(family: str, rope: bool, rope_index: bool, qk_norm_rope: bool, specs=None, warn: bool = True,
+          vision_rope: bool = False, vision_positions: bool = False) -> tuple[_Plan, list[str]]:
     plan, present = _Plan(family, warn), []
     for spec in specs if specs is not None else _FAMILIES[family]:
         module = import_optional(spec.name)
@@ -311,15 +357,21 @@ def _plan(family: str, rope: bool, rope_index: bool, qk_norm_rope: bool, specs=N
             _plan_attention(plan, module, spec)
         if rope_index and spec.vl_model is not None:
             _plan_rope_index(plan, module, spec)
+        if vision_rope and spec.vision is not None:
+            _plan_vision_rope(plan, module, spec)
+        if vision_positions and spec.vision is not None:
+            _plan_vision_positions(plan, module, spec)
     return plan, present
 
 
-def _apply(family: str, model, rope: bool, rope_index: bool, qk_norm_rope: bool, specs=None) -> list[PatchStatus]:
+def _apply(family: str, model, rope: bool, rope_index: bool, qk_norm_rope: bool, specs=None,
+           vision_rope: bool = False, vision_positions: bool = False) -> list[PatchStatus]:
     """Decide every patch of the family (each checked against the installed code; what is not known is declined
     with one warning and left as it is), install the accepted ones, and return the rows of the support report."""
     if model is not None:
         _check_model(family, model)
-    plan, present = _plan(family, rope, rope_index, qk_norm_rope, specs)
+    plan, present = _plan(family, rope, rope_index, qk_norm_rope, specs, vision_rope=vision_rope,
+                          vision_positions=vision_positions)
     if not present:
         import transformers
 
@@ -341,7 +393,8 @@ def support_report() -> list[PatchStatus]:
     installed release lacks are left out). ``python -m ropekit`` prints these rows."""
     rows = []
     for family in _FAMILIES:
-        rows += _plan(family, rope=True, rope_index=True, qk_norm_rope=True, warn=False)[0].rows
+        rows += _plan(family, rope=True, rope_index=True, qk_norm_rope=True, warn=False, vision_rope=True,
+                      vision_positions=True)[0].rows
     return rows
 
 
@@ -359,27 +412,36 @@ def apply_to_qwen3(model=None, *, rope: bool = True, qk_norm_rope: bool = True) 
     _apply("Qwen3", model, rope, rope_index=False, qk_norm_rope=qk_norm_rope)
 
 
-def apply_to_qwen3_vl(model=None, *, rope: bool = True, rope_index: bool = True, qk_norm_rope: bool = True) -> None:
+def apply_to_qwen3_vl(model=None, *, rope: bool = True, rope_index: bool = True, qk_norm_rope: bool = True,
+                      vision_rope: bool = True, vision_positions: bool = True) -> None:
     """Route Qwen3-VL (and Qwen3-VL-MoE) through ropekit.
 
     ``rope``: cached interleaved-mRoPE cos/sin and the native ``apply_rotary_pos_emb`` for the text model.
     ``rope_index``: ``get_rope_index`` computed by ``ropekit.rope_index`` (host loop for CPU inputs, sync-free
     device algorithm for GPU inputs), element-wise identical to transformers.
     ``qk_norm_rope``: the text attention's q_norm / k_norm + RoPE as one fused op.
+    ``vision_rope``: the vision tower's ``apply_rotary_pos_emb_vision`` as ``ropekit.apply_rope_vision`` (one pass,
+    bit-identical forward and backward). ``vision_positions``: under transformers 4.57, the tower's position helpers
+    (``rot_pos_emb``, ``get_window_index``, ``fast_pos_embed_interpolate``) computed natively with one host read of
+    ``grid_thw`` each (5.x towers take their positions precomputed: ``ropekit.data.MRopeCollator(vision=model)``).
     ``model``: as for ``apply_to_qwen3``.
     """
-    _apply("Qwen3-VL", model, rope, rope_index, qk_norm_rope)
+    _apply("Qwen3-VL", model, rope, rope_index, qk_norm_rope, vision_rope=vision_rope,
+           vision_positions=vision_positions)
 
 
-def apply_to_qwen3_5(model=None, *, rope: bool = True, rope_index: bool = True, qk_norm_rope: bool = True) -> None:
+def apply_to_qwen3_5(model=None, *, rope: bool = True, rope_index: bool = True, qk_norm_rope: bool = True,
+                     vision_rope: bool = True, vision_positions: bool = True) -> None:
     """Route Qwen3.5 (and Qwen3.5-MoE, transformers 5.x) through ropekit: partial-rotary mRoPE cos/sin with
     sections [11, 11, 10], the native ``apply_rotary_pos_emb`` (partial pass-through), ``get_rope_index``, and the
-    full-attention layers' zero-centred q/k norm + RoPE fused (the output gate is kept). ``model``: as for
-    ``apply_to_qwen3``."""
-    _apply("Qwen3.5", model, rope, rope_index, qk_norm_rope)
+    full-attention layers' zero-centred q/k norm + RoPE fused (the output gate is kept); ``vision_rope`` /
+    ``vision_positions`` as for :func:`apply_to_qwen3_vl`. ``model``: as for ``apply_to_qwen3``."""
+    _apply("Qwen3.5", model, rope, rope_index, qk_norm_rope, vision_rope=vision_rope,
+           vision_positions=vision_positions)
 
 
-def apply_to_qwen2_vl(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
+def apply_to_qwen2_vl(model=None, *, rope: bool = True, rope_index: bool = True, vision_rope: bool = True,
+                      vision_positions: bool = True) -> None:
     """Route Qwen2-VL through ropekit (transformers 4.57.x and 5.x).
 
     ``rope``: the text rotary embedding gathers its sectioned-mRoPE cos/sin from the cached table (transformers 5.x
@@ -389,27 +451,36 @@ def apply_to_qwen2_vl(model=None, *, rope: bool = True, rope_index: bool = True)
     ``rope_index``: ``Qwen2VLModel.get_rope_index`` computed by ``ropekit.rope_index`` (whole-video grids),
     element-wise identical to transformers.
     Qwen2-VL's attention has no q/k norms, so there is nothing to fuse (no ``qk_norm_rope`` switch).
+    ``vision_rope`` / ``vision_positions``: as for :func:`apply_to_qwen3_vl`.
     ``model``: as for ``apply_to_qwen3``.
     """
-    _apply("Qwen2-VL", model, rope, rope_index, qk_norm_rope=False)
+    _apply("Qwen2-VL", model, rope, rope_index, qk_norm_rope=False, vision_rope=vision_rope,
+           vision_positions=vision_positions)
 
 
-def apply_to_qwen2_5_vl(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
+def apply_to_qwen2_5_vl(model=None, *, rope: bool = True, rope_index: bool = True, vision_rope: bool = True,
+                        vision_positions: bool = True) -> None:
     """Route Qwen2.5-VL through ropekit (transformers 4.57.x and 5.x): as :func:`apply_to_qwen2_vl`, with
     Qwen2.5-VL's ``get_rope_index`` (temporal positions scaled by ``tokens_per_second * second_per_grid_ts`` in
-    transformers' own arithmetic of each line). No q/k norms, nothing to fuse."""
-    _apply("Qwen2.5-VL", model, rope, rope_index, qk_norm_rope=False)
+    transformers' own arithmetic of each line). No q/k norms, nothing to fuse. ``vision_positions`` (4.57) also
+    covers the tower's window-attention order (``get_window_index``)."""
+    _apply("Qwen2.5-VL", model, rope, rope_index, qk_norm_rope=False, vision_rope=vision_rope,
+           vision_positions=vision_positions)
 
 
-def apply_to_qwen4_exp(model=None, *, rope: bool = True, rope_index: bool = True, qk_norm_rope: bool = True) -> None:
+def apply_to_qwen4_exp(model=None, *, rope: bool = True, rope_index: bool = True, qk_norm_rope: bool = True,
+                       vision_rope: bool = True, vision_positions: bool = True) -> None:
     """Route Qwen4-Exp (transformers 5.x) through ropekit: partial-rotary interleaved-mRoPE cos/sin from the table,
     ``apply_rotary_pos_emb`` as the native op (also its ``k=None`` form, which the sparse-attention indexer calls
     to rotate queries alone), ``get_rope_index``, and the indexed-attention layers' zero-centred q/k norm + RoPE
-    fused (the indexer, its mask and the output gate are kept). ``model``: as for ``apply_to_qwen3``."""
-    _apply("Qwen4-Exp", model, rope, rope_index, qk_norm_rope)
+    fused (the indexer, its mask and the output gate are kept); ``vision_rope`` / ``vision_positions`` as for
+    :func:`apply_to_qwen3_vl`. ``model``: as for ``apply_to_qwen3``."""
+    _apply("Qwen4-Exp", model, rope, rope_index, qk_norm_rope, vision_rope=vision_rope,
+           vision_positions=vision_positions)
 
 
-def apply_to_glm4v(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
+def apply_to_glm4v(model=None, *, rope: bool = True, rope_index: bool = True, vision_rope: bool = True,
+                   vision_positions: bool = True) -> None:
     """Route GLM-4V (``glm4v``), GLM-4V-MoE (``glm4v_moe``) and GLM-4.6V (``glm46v``, 5.x; it runs GLM-4V's text
     model) through ropekit, on transformers 4.57.x (GLM-4V, GLM-4V-MoE) and 5.x.
 
@@ -420,9 +491,11 @@ def apply_to_glm4v(model=None, *, rope: bool = True, rope_index: bool = True) ->
     ``rope_index``: each model's ``get_rope_index`` (video frames are image tokens marked video by
     ``mm_token_type_ids`` in 5.x, by the video brackets in 4.57) computed by ``ropekit.rope_index``.
     GLM-4V's attention has no q/k norms, so there is nothing to fuse (no ``qk_norm_rope`` switch).
+    ``vision_rope`` / ``vision_positions``: as for :func:`apply_to_qwen3_vl` (GLM-4.6V's tower is GLM-4V's).
     ``model``: as for ``apply_to_qwen3``.
     """
-    _apply("GLM-4V", model, rope, rope_index, qk_norm_rope=False)
+    _apply("GLM-4V", model, rope, rope_index, qk_norm_rope=False, vision_rope=vision_rope,
+           vision_positions=vision_positions)
 
 
 _APPLY = {"Qwen3": apply_to_qwen3, "Qwen3-VL": apply_to_qwen3_vl, "Qwen3.5": apply_to_qwen3_5,
@@ -432,11 +505,16 @@ _APPLY = {"Qwen3": apply_to_qwen3, "Qwen3-VL": apply_to_qwen3_vl, "Qwen3.5": app
 _MODEL_TYPES = {model_type: _APPLY[family] for family, types_ in _FAMILY_MODEL_TYPES.items() for model_type in types_}
 
 
+# switches some families lack because they have nothing to patch there: apply_to_model drops them for those
+_OPTIONAL_SWITCHES = ("qk_norm_rope", "vision_rope", "vision_positions")
+
+
 def apply_to_model(model, **switches) -> None:
     """Patch whatever family ``model`` belongs to, chosen from ``model.config.model_type``. Keyword switches are
-    passed on (``rope``, ``qk_norm_rope``, ``rope_index`` where the family has it). ``qk_norm_rope`` is dropped for
-    the families whose attention has no q/k norms (Qwen2-VL, Qwen2.5-VL, GLM-4V): there is nothing to fuse, so the
-    switch changes nothing there; any other switch a family does not have is a ``TypeError``."""
+    passed on (``rope``, ``qk_norm_rope``, ``rope_index``, ``vision_rope``, ``vision_positions`` where the family has
+    them). ``qk_norm_rope`` is dropped for the families whose attention has no q/k norms (Qwen2-VL, Qwen2.5-VL,
+    GLM-4V) and the vision switches for those without a vision tower (Qwen3): there is nothing to patch, so the switch
+    changes nothing there; any other switch a family does not have is a ``TypeError``."""
     model_type = _model_type(model)
     apply = _MODEL_TYPES.get(model_type)
     if apply is None:
@@ -444,8 +522,10 @@ def apply_to_model(model, **switches) -> None:
             f"ropekit.apply_to_model: model_type {model_type!r} is not supported; supported: "
             + ", ".join(sorted(_MODEL_TYPES, key=str.lower))
         )
-    if "qk_norm_rope" not in inspect.signature(apply).parameters:
-        switches.pop("qk_norm_rope", None)
+    parameters = inspect.signature(apply).parameters
+    for switch in _OPTIONAL_SWITCHES:
+        if switch not in parameters:
+            switches.pop(switch, None)
     apply(model, **switches)
 
 
@@ -468,4 +548,9 @@ def guarded_names() -> dict[str, list[str]]:
                 entry.append(f"{spec.norm}.forward")
             if spec.vl_model is not None:
                 entry.append(f"{spec.vl_model}.get_rope_index")
+            if spec.vision is not None:
+                entry.append("apply_rotary_pos_emb_vision")
+                entry += [f"{spec.vision.cls}.{name}" for name in POSITION_HELPERS]
+                if spec.vision.rotary is not None:
+                    entry.append(f"{spec.vision.rotary}.forward")
     return names
