@@ -3,12 +3,17 @@ no position work at all (transformers skips get_rope_index when a batch brings i
 
     collate = ropekit.data.MRopeCollator(model.config, collate_fn=my_collate)            # unpacked batches
     collate = ropekit.data.MRopeCollator(model.config, collate_fn=my_collate, packed=True)  # segment-id masks
+    collate = ropekit.data.MRopeCollator(model.config, collate_fn=my_collate, vision=model)  # + the tower's inputs
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=collate, num_workers=4)
 
 Every mRoPE family ropekit supports (config.model_type of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen4-Exp,
 GLM-4V and their MoE / 4.6 siblings), with the rules of the installed transformers line (5.x reads
 mm_token_type_ids from the batch; 4.57 the token ids). The positions are exactly what the model's own
 get_rope_index returns for the batch (ropekit.rope_index), or for packed batches each sample's own positions.
+
+With ``vision=model`` (transformers 5.x) the collator also adds what the vision tower would compute from the grids
+(its rotary position ids, attention boundaries, window order, interpolation taps: ``VisionInputs``), under the
+``image_`` / ``video_`` names ``model(...)`` forwards to the tower, so the tower does no position work either.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import torch
 
 from . import ops
 from .transformers.rope_index import MROPE_RULES, MRopeRules, convention_of, rope_index_kwargs
+from .transformers.vision import VisionInputs, VisionInputsUnavailable
 
-__all__ = ["MRopeCollator", "mrope_position_ids"]
+__all__ = ["MRopeCollator", "mrope_position_ids", "VisionInputs", "VisionInputsUnavailable"]
 
 
 def _rules(config) -> MRopeRules:
@@ -111,16 +117,24 @@ class MRopeCollator:
     ``packed`` and ``text_positions`` are passed on to :func:`mrope_position_ids`; ``text_positions`` defaults to
     ``packed`` (packed batches need per-sample text positions). ``rope_deltas_key``: also store the deltas under
     that key (``None``: do not).
+
+    ``vision``: the model (transformers 5.x; a PEFT wrapper is fine) whose vision tower's inputs to add as well
+    (:class:`VisionInputs`: ``image_position_ids``, ``image_cu_seqlens``, ``video_...``, as that tower takes them).
+    Build the collator after setting the model's attention implementation: under flash attention the tower also
+    takes ``max_seqlen``, which is then precomputed too. Raises ``VisionInputsUnavailable`` (a ``ValueError``) when
+    the tower takes no precomputed inputs (transformers 4.57, whose towers ``apply_to_*(vision_positions=True)``
+    speeds up instead) or its code is not of a shape ropekit can derive them from.
     """
 
     def __init__(self, config, collate_fn: Callable | None = None, *, packed: bool = False,
-                 text_positions: bool | None = None, rope_deltas_key: str | None = None):
+                 text_positions: bool | None = None, rope_deltas_key: str | None = None, vision=None):
         _rules(config)  # fail now, not in a worker
         self.config = config
         self.collate_fn = collate_fn or torch.utils.data.default_collate
         self.packed = packed
         self.text_positions = packed if text_positions is None else text_positions
         self.rope_deltas_key = rope_deltas_key
+        self.vision_inputs = VisionInputs(vision) if vision is not None else None
 
     def __call__(self, features):
         batch = self.collate_fn(features)
@@ -129,4 +143,6 @@ class MRopeCollator:
         batch["position_ids"] = position_ids
         if self.rope_deltas_key is not None:
             batch[self.rope_deltas_key] = deltas
+        if self.vision_inputs is not None:
+            batch.update(self.vision_inputs(batch.get("image_grid_thw"), batch.get("video_grid_thw")))
         return batch

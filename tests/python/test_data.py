@@ -126,3 +126,39 @@ def test_model_fed_position_ids_skips_get_rope_index(unpatch_after, monkeypatch)
         ours = model(**inputs, position_ids=position_ids).logits
     assert not calls
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def _multimodal(seed):
+    return multimodal_batch(tiny_qwen3_vl_config(), torch.Generator().manual_seed(seed))
+
+
+def test_collator_adds_the_vision_towers_inputs_in_spawned_workers(unpatch_after):
+    """MRopeCollator(vision=model): in spawned DataLoader workers, the tower's precomputed inputs (image_ and video_
+    position ids, attention boundaries, interpolation taps) next to the positions; the model fed the whole batch
+    gives the logits of a plain forward. transformers 4.57's towers take none: a clear error."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from ropekit.data import VisionInputsUnavailable
+
+    config = tiny_qwen3_vl_config()
+    model = build(Qwen3VLForConditionalGeneration, config, "cpu")
+    try:
+        import transformers.vision_utils  # noqa: F401  (5.x)
+    except ImportError:
+        with pytest.raises(VisionInputsUnavailable, match="4.57"):
+            MRopeCollator(config, collate_fn=_first, vision=model)
+        return
+    collate = MRopeCollator(config, collate_fn=_first, vision=model)
+    raw = [_multimodal(seed) for seed in range(3)]
+    loader = torch.utils.data.DataLoader(_Batches(raw), batch_size=1, collate_fn=collate, num_workers=2,
+                                         multiprocessing_context="spawn")
+    batches = list(loader)
+    assert len(batches) == len(raw)
+    for inputs, batch in zip(raw, batches):
+        local = collate([inputs])
+        assert set(batch) == set(local)
+        assert {"image_position_ids", "image_cu_seqlens", "image_interp_indices", "video_position_ids"} <= set(batch)
+        for key, value in local.items():
+            assert torch.equal(batch[key], value) if isinstance(value, torch.Tensor) else batch[key] == value, key
+        with torch.no_grad():
+            torch.testing.assert_close(model(**batch).logits, model(**inputs).logits, rtol=0, atol=1e-6)
