@@ -107,6 +107,7 @@ bench: build
 	$(PY) benchmarks/bench_rope.py
 	$(PY) benchmarks/bench_qk_norm_rope.py
 	$(PY) benchmarks/bench_rope_index.py
+	$(PY) benchmarks/bench_vision.py
 	$(PY) benchmarks/bench_host_overhead.py
 
 clean:

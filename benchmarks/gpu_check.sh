@@ -13,15 +13,16 @@
 # Steps, in order of value, each under its own cap; the caps add up to less than the budget (GPU_CHECK_BUDGET_S,
 # default 450 s), and a step that no longer fits what is left is skipped and the summary says so:
 #   build        setup.py build_ext --inplace for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16)  120 s
-#   sass         tests/python/test_sass.py: 16-byte global accesses, no local memory in the bf16 fast paths  20 s
-#   smoke        benchmarks/sanitize_ops.py without a sanitizer: every kernel of every op once against the CPU  40 s
-#   bench-qk     benchmarks/bench_qk_norm_rope.py (fwd B4 S4096, fwd+bwd, decode B64, fwd B1 S32768)  60 s
+#   sass         tests/python/test_sass.py: 16-byte global accesses, no local memory in the bf16 fast paths  30 s
+#   smoke        benchmarks/sanitize_ops.py without a sanitizer: every kernel of every op once against the CPU  25 s
+#   bench-qk     benchmarks/bench_qk_norm_rope.py (fwd B4 S4096, fwd+bwd, decode B64, fwd B1 S32768)  45 s
 #   bench-rope   benchmarks/bench_rope.py (model-level cos/sin and apply_rope, B4 S4096)  30 s
 #   bench-index  benchmarks/bench_rope_index.py (B2 S4096 and B64 S1024 targets, device time and latency)  30 s
+#   bench-vision benchmarks/bench_vision.py (vision rotary apply at tower shapes, tower syncs, tower forward)  40 s
 #   bench-host   benchmarks/bench_host_overhead.py (host time per patched rotary call, decode launches)  15 s
 #   cuda-tests   pytest -k cuda --maxfail=10: every CUDA test (bound-based against float64, sync-free, graphs)  60 s
-#   memcheck     compute-sanitizer memcheck over benchmarks/sanitize_ops.py  40 s
-#   racecheck    compute-sanitizer racecheck over the kernels with shared memory  25 s
+#   memcheck     compute-sanitizer memcheck over benchmarks/sanitize_ops.py  35 s
+#   racecheck    compute-sanitizer racecheck over the kernels with shared memory  20 s
 # Every benchmark writes its JSON after each measured case, so a step stopped by its cap keeps what it measured.
 # Then one final table (steps, then each performance target of DESIGN.md section 5 with its measured value).
 #
@@ -152,11 +153,12 @@ fi
 
 DEVICE_ARGS=()
 (( DRY )) && DEVICE_ARGS=(--device cpu)
-step sass 20 $PY tests/python/test_sass.py
-step smoke 40 $PY benchmarks/sanitize_ops.py "${DEVICE_ARGS[@]}"
-step bench-qk 60 $PY benchmarks/bench_qk_norm_rope.py $DRYARG --json "$OUT/bench_qk_norm_rope.json"
+step sass 30 $PY tests/python/test_sass.py
+step smoke 25 $PY benchmarks/sanitize_ops.py "${DEVICE_ARGS[@]}"
+step bench-qk 45 $PY benchmarks/bench_qk_norm_rope.py $DRYARG --json "$OUT/bench_qk_norm_rope.json"
 step bench-rope 30 $PY benchmarks/bench_rope.py $DRYARG --json "$OUT/bench_rope.json"
 step bench-index 30 $PY benchmarks/bench_rope_index.py $DRYARG --json "$OUT/bench_rope_index.json"
+step bench-vision 40 $PY benchmarks/bench_vision.py $DRYARG --json "$OUT/bench_vision.json"
 step bench-host 15 $PY benchmarks/bench_host_overhead.py $DRYARG --json "$OUT/bench_host_overhead.json"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 export ROPEKIT_RI_CASES=600 ROPEKIT_RI_WILD_CASES=600 ROPEKIT_FAMILY_CASES=400  # the CPU-side references
@@ -167,11 +169,11 @@ else
     step cuda-tests 60 $PY -m pytest tests/python -q -p no:cacheprovider -k cuda --maxfail=10 $XDIST
 fi
 if (( DRY )); then  # the sanitizer's script, without the sanitizer
-    step memcheck 40 $PY benchmarks/sanitize_ops.py --device cpu
-    step racecheck 25 $PY benchmarks/sanitize_ops.py --device cpu --shared-memory-only
+    step memcheck 35 $PY benchmarks/sanitize_ops.py --device cpu
+    step racecheck 20 $PY benchmarks/sanitize_ops.py --device cpu --shared-memory-only
 elif [ -x "$SANITIZER" ]; then
-    step memcheck 40 "$SANITIZER" --tool memcheck --error-exitcode 99 $PY benchmarks/sanitize_ops.py
-    step racecheck 25 "$SANITIZER" --tool racecheck --racecheck-report all --error-exitcode 99 \
+    step memcheck 35 "$SANITIZER" --tool memcheck --error-exitcode 99 $PY benchmarks/sanitize_ops.py
+    step racecheck 20 "$SANITIZER" --tool racecheck --racecheck-report all --error-exitcode 99 \
         $PY benchmarks/sanitize_ops.py --shared-memory-only
 else
     printf "memcheck\tunavailable\t0\tcompute-sanitizer not found\n" >> "$SUMMARY"

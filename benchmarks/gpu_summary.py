@@ -106,6 +106,22 @@ def main(out, dry_run=False):
         target("patched rotary forward: <= 10 us host time", None, "not measured")
     if not any(r.get("target_us") for r in index):
         target("get_rope_index B2 S4096 / B64 S1024 targets", None, "not measured")
+    vision = (load(os.path.join(out, "bench_vision.json")) or {}).get("results") or []
+    for case in ("Qwen2.5-VL-7B N8192 fwd", "Qwen2.5-VL-7B N8192 fwd+bwd"):
+        ours = next((r for r in vision if r["case"] == case and r["impl"] == "ropekit"), None)
+        comp = next((r for r in vision if r["case"] == case and r["impl"] == "torch.compile(eager)"), None)
+        target(f"vision rotary {case}: <= 1.2x byte floor, bit-identical",
+               None if ours is None else ours["vs_floor"] <= 1.2 and ours["exact"],
+               "not measured" if ours is None else f"{ours['device_us']:.1f} us = {ours['vs_floor']:.2f}x floor "
+               f"({ours['pct_bw']:.0f}% BW), {'identical' if ours['exact'] else 'DIFFERS'}")
+        target(f"vision rotary {case}: >= 2x faster than torch.compile",
+               None if ours is None or comp is None else comp["device_us"] / ours["device_us"] >= 2,
+               "not measured" if ours is None or comp is None else
+               f"{ours['device_us']:.1f} vs {comp['device_us']:.1f} us = {comp['device_us'] / ours['device_us']:.2f}x")
+    fed = [r for r in vision if r.get("section") == "syncs" and "ropekit.data" in r["impl"]]
+    target("vision tower forward fed by ropekit.data (5.x): zero syncs",
+           None if not fed else all(r["syncs"] == 0 for r in fed),
+           "not measured" if not fed else "; ".join(f"{r['case']}: {r['syncs']}" for r in fed))
     width = max(len(c[0]) for c in checks)
     lines += ["", "=== gpu_check: targets (DESIGN.md section 5)"]
     lines += [f"{name:<{width}}  {verdict:<5} {measured}" for name, measured, verdict in checks]

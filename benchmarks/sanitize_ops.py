@@ -3,9 +3,10 @@
     compute-sanitizer --tool memcheck --error-exitcode 99 python benchmarks/sanitize_ops.py
 
 Runs both paths (16-byte and generic) of qk_norm_rope forward / backward / in-place qkv, apply_rope forward /
-backward, the cos/sin gather (16-byte, exact rows, scalar), in bf16 and fp32, neox and GPT-J, and the fused rope_index
-kernel (both conventions, time scaling, packed rows), and checks each result against the CPU so a kernel that
-wrote nothing cannot pass. Exits non-zero on a mismatch.
+backward, apply_rope_vision on the towers' views (16-byte, 8-byte and generic lanes, forward and backward), the
+cos/sin gather (16-byte, exact rows, scalar), in bf16 and fp32, neox and GPT-J, vision_position_ids' device path,
+and the fused rope_index kernel (both conventions, time scaling, packed rows), and checks each result against the
+CPU so a kernel that wrote nothing cannot pass (the vision rotation bit for bit). Exits non-zero on a mismatch.
 """
 
 from __future__ import annotations
@@ -110,6 +111,31 @@ def main():
                 gpu = ops.mrope_cos_sin(*[t.to(DEV) for t in tables], pos.to(DEV), section, dtype, now.to(DEV), 1.0,
                                         inv.to(DEV), mrope_interleaved=interleaved, is_neox=is_neox)
                 close(tag, gpu, cpu, 1e-6)
+    # apply_rope_vision on the towers' strided q/k views: 16-byte lanes (D 80), 8-byte lanes (D 72), generic (D 36,
+    # unaligned), forward and backward; and vision_position_ids' sync-free device path (its two launches)
+    for head_dim in () if smem_only else (80, 72, 36):
+        for dtype in (torch.bfloat16, torch.float32):
+            n, h = 11, 3
+            qkv = torch.randn(n, 3 * h * head_dim, generator=gen).to(dtype)
+            q, k, _ = qkv.reshape(n, 3, h, head_dim).permute(1, 0, 2, 3).unbind(0)
+            cos, sin = torch.randn(n, head_dim, generator=gen), torch.randn(n, head_dim, generator=gen)
+            grads = [torch.randn(n, h, head_dim, generator=gen).to(dtype) for _ in range(2)]
+            tag = f"apply_rope_vision {dtype} D{head_dim}"
+
+            def run(device, q=q, k=k, cos=cos, sin=sin, grads=grads):
+                qd, kd = (q.to(device).requires_grad_(), k.to(device).requires_grad_()) if device == "cpu" else \
+                    [t.detach().requires_grad_() for t in qkv.to(device).reshape(n, 3, h, head_dim)
+                     .permute(1, 0, 2, 3).unbind(0)[:2]]
+                out = ops.apply_rope_vision(qd, kd, cos.to(device), sin.to(device))
+                torch.autograd.backward(out, [g.to(device) for g in grads])
+                return [o.detach() for o in out] + [qd.grad, kd.grad]
+
+            close(tag, run(DEV), run("cpu"), 0)
+    if not smem_only:
+        grid = torch.tensor([[1, 4, 6], [3, 2, 2], [1, 8, 4]])
+        n = int(grid.prod(-1).sum())
+        close("vision_position_ids device path", [ops.vision_position_ids(grid.to(DEV), 2, n)],
+              [ops.vision_position_ids(grid, 2)], 0)
     # rope_index: the fused kernel (count and index launches) on both conventions, packed rows, time scaling
     if not smem_only:
         ids = torch.tensor([[1, 7, 9, 9, 9, 9, 6, 5, 7, 8, 8, 8, 8, 6], [0, 0, 7, 8, 8, 8, 8, 6, 1, 2, 7, 9, 9, 6]])

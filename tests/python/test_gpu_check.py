@@ -46,7 +46,7 @@ def test_dry_run_runs_every_step_on_the_cpu(tmp_path):
     assert status["build"] == "skipped" and status["preflight"] == "ok"
     final = (tmp_path / "final.txt").read_text()
     assert "=== gpu_check: targets" in final and "=== gpu_check: steps" in final
-    for name in ("bench_qk_norm_rope", "bench_rope", "bench_rope_index", "bench_host_overhead"):
+    for name in ("bench_qk_norm_rope", "bench_rope", "bench_rope_index", "bench_vision", "bench_host_overhead"):
         assert (tmp_path / f"{name}.json").stat().st_size > 0, name
     assert "DIFFERS" not in final and "MISMATCH" not in log
     assert "PASS" not in final and "MISS" not in final  # a dry run judges no target
