@@ -84,10 +84,15 @@ def make_apply_rotary_pos_emb_vision(original):
 # transformers 4.57's position helpers
 
 
-def _native(replacement) -> bool:
-    """Whether a helper replacement computes natively now: patched, and not traced by torch.compile (its one host
-    read would be a graph break of ropekit's; transformers' own helper runs inside the graph as unpatched)."""
-    return is_live(replacement) and not torch.compiler.is_compiling()
+def _installed(replacement, original):
+    """The helper replacement as installed: run outside torch.compile's tracing (``torch.compiler.disable``). Its host
+    read of the grid would be a graph break in ropekit's code, and a wrapper that called transformers' helper under
+    tracing would make Dynamo meet that helper's data-dependent steps once more per frame; skipped whole, the tower's
+    graph breaks once at the call, where transformers' helper breaks at every such step (per image)."""
+    installed = torch.compiler.disable(replacement, recursive=True)
+    installed.__ropekit_original__ = original
+    installed.__ropekit_live__ = False  # set by patch(), cleared by unpatch()
+    return installed
 
 
 def _host_grid(grid_thw, require_t: bool, merge: int | None):
@@ -133,7 +138,7 @@ def make_rot_pos_emb(original, rotary_cls, returns_pos_ids: bool):
     @functools.wraps(original)
     def rot_pos_emb(self, grid_thw):
         rotary = getattr(self, "rotary_pos_emb", None)
-        if not (_native(rot_pos_emb) and type(rotary) is rotary_cls and _module_unobserved(rotary)):
+        if not (is_live(installed) and type(rotary) is rotary_cls and _module_unobserved(rotary)):
             return original(self, grid_thw)
         grid = _host_grid(grid_thw, require_t=True, merge=self.spatial_merge_size)
         if grid is None:
@@ -145,9 +150,8 @@ def make_rot_pos_emb(original, rotary_cls, returns_pos_ids: bool):
             return embeddings, pos_ids.to(_default_device())
         return embeddings
 
-    rot_pos_emb.__ropekit_original__ = original
-    rot_pos_emb.__ropekit_live__ = False
-    return rot_pos_emb
+    installed = _installed(rot_pos_emb, original)
+    return installed
 
 
 def make_get_window_index(original):
@@ -157,7 +161,7 @@ def make_get_window_index(original):
 
     @functools.wraps(original)
     def get_window_index(self, grid_thw):
-        if not _native(get_window_index):
+        if not is_live(installed):
             return original(self, grid_thw)
         m, window, patch = self.spatial_merge_size, self.window_size, self.patch_size
         if not (isinstance(m, int) and isinstance(window, int) and isinstance(patch, int) and m >= 1 and patch >= 1
@@ -169,9 +173,8 @@ def make_get_window_index(original):
         index, bounds = ops.vision_window_index(grid, m, window, patch)
         return index.to(_default_device()), bounds.tolist()
 
-    get_window_index.__ropekit_original__ = original
-    get_window_index.__ropekit_live__ = False
-    return get_window_index
+    installed = _installed(get_window_index, original)
+    return installed
 
 
 def make_fast_pos_embed_interpolate(original):
@@ -184,7 +187,7 @@ def make_fast_pos_embed_interpolate(original):
     @functools.wraps(original)
     def fast_pos_embed_interpolate(self, grid_thw):
         pos_embed = getattr(self, "pos_embed", None)
-        if not (_native(fast_pos_embed_interpolate) and type(pos_embed) is torch.nn.Embedding
+        if not (is_live(installed) and type(pos_embed) is torch.nn.Embedding
                 and _module_unobserved(pos_embed) and torch.get_default_dtype() in (torch.float32, torch.float64)):
             return original(self, grid_thw)
         merge = self.config.spatial_merge_size
@@ -203,9 +206,8 @@ def make_fast_pos_embed_interpolate(original):
             for x, (t, h, w) in zip(per_grid, extents)
         ])
 
-    fast_pos_embed_interpolate.__ropekit_original__ = original
-    fast_pos_embed_interpolate.__ropekit_live__ = False
-    return fast_pos_embed_interpolate
+    installed = _installed(fast_pos_embed_interpolate, original)
+    return installed
 
 
 POSITION_HELPERS = ("rot_pos_emb", "get_window_index", "fast_pos_embed_interpolate")
