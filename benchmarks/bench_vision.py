@@ -96,6 +96,8 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384])
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--images", type=int, default=8, help="images per tower forward (448 px on a GPU)")
+    parser.add_argument("--only", nargs="+", choices=("apply", "syncs", "tower"), default=None,
+                        help="run only these sections")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--json", default=None)
@@ -112,9 +114,11 @@ def main():
     def save(final=False):
         write_json(args.json, {"results": results, "partial": not final})
 
+    sections = set(args.only or ("apply", "syncs", "tower"))
+
     # ---- 1. the rotary apply ---------------------------------------------------------------------------------
     eager = family_function("qwen2_5_vl")
-    for label, n, heads, head_dim in apply_cases(args):
+    for label, n, heads, head_dim in apply_cases(args) if "apply" in sections else ():
         gen = torch.Generator().manual_seed(0)
         qkv = torch.randn(n, 3 * heads * head_dim, generator=gen).to(device, dtype)
         q, k, _ = qkv.reshape(n, 3, heads, head_dim).permute(1, 0, 2, 3).unbind(0)
@@ -125,6 +129,7 @@ def main():
         cos, sin = emb.cos(), emb.sin()
         impls = {"transformers eager": eager, "ropekit": ops.apply_rope_vision}  # compile last: its compile time
         if not args.no_compile:
+            torch._dynamo.reset()  # one function compiled per case (shapes, grad mode): no recompile limit to meet
             impls["torch.compile(eager)"] = torch.compile(eager, fullgraph=True)
         qk_bytes = 2 * n * heads * head_dim * elt
         fwd_bytes = 2 * qk_bytes + 2 * n * head_dim * 4  # q, k read and written once; fp32 cos, sin read once
@@ -157,7 +162,7 @@ def main():
 
     # ---- 2. host syncs per tower forward ---------------------------------------------------------------------
     for name, images in (("qwen2_5_vl", 1), ("qwen2_5_vl", 64), ("qwen3_vl", 64), ("glm4v", 64), ("qwen2_vl", 64)):
-        if DRY_RUN and images > 2:
+        if "syncs" not in sections or DRY_RUN and images > 2:
             continue
         tower = build_tower(name, 1, device, torch.float32)
         grid = image_grid(name, images, 56)
@@ -188,7 +193,7 @@ def main():
     # ---- 3. a tower forward, patched vs unpatched ------------------------------------------------------------
     side_px = 448 if gpu else 224
     for name in TOWERS:
-        if importlib.util.find_spec(f"transformers.models.{TOWERS[name][0]}") is None:
+        if "tower" not in sections or importlib.util.find_spec(f"transformers.models.{TOWERS[name][0]}") is None:
             continue
         tower = build_tower(name, args.depth, device, dtype)
         grid = image_grid(name, args.images, 56 if DRY_RUN else side_px)
@@ -223,17 +228,23 @@ def main():
                    f"{r['pct_bw']:.0f}%", fmt(r.get("host_us")), fmt(r.get("kernels"), ".0f"),
                    "identical" if r["exact"] else "DIFFERS", f"{r['rel_err']:.1e}"]
                   for r in results if r["section"] == "apply"]
-    table = format_table(["case", "implementation", "us", "floor us", "vs floor", "% BW", "host us", "kernels",
-                          "vs eager", "rel err vs fp64"], apply_rows)
     tower_rows = [[r["case"], r["impl"], fmt(r["device_us"] / 1e3, ",.2f"), fmt(r.get("speedup"), ".2f")]
                   for r in results if r["section"] == "tower"]
     sync_rows = [[r["case"], r["impl"], str(r["syncs"])] for r in results if r["section"] == "syncs"]
-    text = "\n\n".join([table, format_table(["tower forward", "implementation", "ms", "speed-up"], tower_rows),
-                        format_table(["host syncs per tower forward", "implementation", "syncs"], sync_rows)])
+    tables = []
+    if apply_rows:
+        tables.append(format_table(["case", "implementation", "us", "floor us", "vs floor", "% BW", "host us",
+                                    "kernels", "vs eager", "rel err vs fp64"], apply_rows))
+    if tower_rows:
+        tables.append(format_table(["tower forward", "implementation", "ms", "speed-up"], tower_rows))
+    if sync_rows:
+        tables.append(format_table(["host syncs per tower forward", "implementation", "syncs"], sync_rows))
+    text = "\n\n".join(tables)
     notes = (f"{args.dtype} rotary apply on the towers' strided q/k views with fp32 cos/sin; copy bandwidth measured "
              f"{bandwidth / 1e9:,.0f} GB/s; byte floor = q, k read + written once and cos, sin read once (twice that "
-             f"fwd+bwd); {'device medians, L2 flushed' if gpu else 'CPU wall-clock medians'}. Towers at their real "
-             f"widths, depth {args.depth}, sdpa attention, random weights. Syncs: "
+             f"fwd+bwd); {'device medians, L2 flushed' if gpu else 'CPU wall-clock medians'}. Tower forwards at their "
+             f"real widths, depth {args.depth}, sdpa attention, random weights. Syncs: towers of depth 1 with 64 "
+             f"images of 56 px (4 x 4 patches), counted by "
              f"{'torch.cuda.set_sync_debug_mode warnings' if gpu else 'tests/python/sync_count.py (CPU stand-in)'}; "
              f"transformers 4.57 towers: patched vs unpatched (vision_positions); 5.x towers: with vs without "
              f"ropekit.data's inputs, both under a flash-style varlen attention (defined in this script, sync-free).")
