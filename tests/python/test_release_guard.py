@@ -304,11 +304,16 @@ def test_changed_get_rope_index_is_declined(tmp_path, change, count_rope_index, 
         vars(module.Qwen3VLModel)["get_rope_index"], "__ropekit_original__")
 
 
-def _qwen2_5_vl_vision_spec(module):
+def _patch_vision(module, **switches):
+    """Qwen2.5-VL's vision switches on a copy of its modeling module: (support rows, RopekitDeclined warnings)."""
     from ropekit.transformers.vision import VisionTower
 
-    return _ModelingModule(module.__name__, None, vision=VisionTower("Qwen2_5_VisionTransformerPretrainedModel",
+    spec = _ModelingModule(module.__name__, None, vision=VisionTower("Qwen2_5_VisionTransformerPretrainedModel",
                                                                      "Qwen2_5_VisionRotaryEmbedding"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = _apply("Qwen2.5-VL", None, False, False, False, specs=[spec], **switches)
+    return rows, [w for w in caught if issubclass(w.category, RopekitDeclined)]
 
 
 def _edit_function(name, pattern, replacement):
@@ -333,11 +338,7 @@ def test_changed_vision_rotation_is_declined(tmp_path, edit, unpatch_after):
     """An edited apply_rotary_pos_emb_vision: one warning, transformers' function stays, the results are its own."""
     module = _future_module(tmp_path, edit, family="qwen2_5_vl")
     original = module.apply_rotary_pos_emb_vision
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rows = _apply("Qwen2.5-VL", None, False, False, False, specs=[_qwen2_5_vl_vision_spec(module)],
-                      vision_rope=True)
-    declined = [w for w in caught if issubclass(w.category, RopekitDeclined)]
+    rows, declined = _patch_vision(module, vision_rope=True)
     assert len(declined) == 1 and "apply_rotary_pos_emb_vision" in str(declined[0].message)
     assert not _row(rows, "vision_rope", "apply_rotary_pos_emb_vision").patched
     assert module.apply_rotary_pos_emb_vision is original
@@ -357,11 +358,7 @@ def test_changed_vision_position_helper_is_declined(tmp_path, unpatch_after):
                               "self.patch_size", "vit_merger_window_size = self.window_size // self.patch_size", 1)
 
     module = _future_module(tmp_path, edit, family="qwen2_5_vl")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rows = _apply("Qwen2.5-VL", None, False, False, False, specs=[_qwen2_5_vl_vision_spec(module)],
-                      vision_positions=True)
-    declined = [w for w in caught if issubclass(w.category, RopekitDeclined)]
+    rows, declined = _patch_vision(module, vision_positions=True)
     assert len(declined) == 1 and "get_window_index" in str(declined[0].message)
     assert not _row(rows, "vision_positions", "get_window_index").patched
     assert _row(rows, "vision_positions", "rot_pos_emb").patched
