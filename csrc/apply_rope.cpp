@@ -156,7 +156,10 @@ void rotate_operand_row(const RopeOperand& op, int64_t b, int64_t s, const RopeA
       y[j1] = static_cast<out_t>(o1);
       y[j2] = static_cast<out_t>(o2);
     }
-    for (int64_t j = a.rot_dim; j < a.head_dim; ++j) y[j] = static_cast<out_t>(static_cast<acc>(x[j]));
+    for (int64_t j = a.rot_dim; j < a.head_dim; ++j) {
+      const acc v = static_cast<acc>(x[j]);
+      y[j] = static_cast<out_t>(kBackward ? as_accumulated(v) : v);
+    }
   }
 }
 
@@ -287,6 +290,14 @@ class ApplyRopeFunction : public torch::autograd::Function<ApplyRopeFunction> {
     auto [q_out, k_out] = vision ? call_apply_rope_vision(q, k, cos, sin, is_neox)
                                  : call_apply_rope(q, k, cos, sin, unsqueeze_dim, is_neox);
     const bool need_table_grad = cos.requires_grad() || sin.requires_grad();
+    // An output none of whose inputs requires grad carries none, as in transformers' q * cos + rotate_half(q) * sin
+    // (q_embed of a frozen q next to a trainable k); its gradient then arrives as zeros, unused.
+    if (!need_table_grad) {
+      torch::autograd::variable_list frozen;
+      if (!q.requires_grad()) frozen.push_back(q_out);
+      if (!k.requires_grad()) frozen.push_back(k_out);
+      if (!frozen.empty()) ctx->mark_non_differentiable(frozen);
+    }
     // q and k are saved only for cos/sin gradients; out-of-place, so nothing saved is ever mutated here.
     ctx->save_for_backward({cos, sin, need_table_grad ? q : at::Tensor(), need_table_grad ? k : at::Tensor()});
     ctx->saved_data["unsqueeze_dim"] = vision ? 2 : (unsqueeze_dim < 0 ? unsqueeze_dim + 4 : unsqueeze_dim);

@@ -88,14 +88,23 @@ C10_HOST_DEVICE inline int64_t pair_second(int64_t i, int64_t half) {
   return kNeox ? i + half : 2 * i + 1;
 }
 
+// A gradient as autograd's accumulation leaves it: transformers' rotate_half (and the partial-rotary split) slice
+// their input, and each slice's backward is zero-padded, so autograd adds +0 to every element's gradient sum. That is
+// exact for every value but -0, which becomes +0; adding +0 here gives the same bits (IEEE arithmetic without fast
+// math cannot drop it).
+template <typename acc>
+C10_HOST_DEVICE inline acc as_accumulated(acc v) {
+  return add_rn(v, acc(0));
+}
+
 // One rotary pair. Forward: out = x*cos + rot(x)*sin with rot(x)[first] = -x2 and rot(x)[second] = x1 (true of
 // both rotate_half and rotate_half_llm). Backward is its transpose: g*cos + rot^T(g*sin), which reads the
 // partner's sin. Each product and the sum round once, as in eager.
 template <bool kBackward, typename acc>
 C10_HOST_DEVICE inline void rotate_pair(acc x1, acc x2, acc c1, acc c2, acc s1, acc s2, acc& o1, acc& o2) {
   if (kBackward) {
-    o1 = add_rn(mul_rn(x1, c1), mul_rn(x2, s2));
-    o2 = add_rn(mul_rn(x2, c2), -mul_rn(x1, s1));
+    o1 = as_accumulated(add_rn(mul_rn(x1, c1), mul_rn(x2, s2)));
+    o2 = as_accumulated(add_rn(mul_rn(x2, c2), -mul_rn(x1, s1)));
   } else {
     o1 = add_rn(mul_rn(x1, c1), -mul_rn(x2, s1));
     o2 = add_rn(mul_rn(x2, c2), mul_rn(x1, s2));

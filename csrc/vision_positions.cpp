@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/DefaultDtype.h>
+#include <c10/util/safe_numerics.h>
 
 #include <map>
 
@@ -13,16 +14,31 @@ namespace {
 
 using rope_index_detail::kMaxGridTokens;
 
+// 2^20: a merge block of m * m patches, and every product with it, stays far inside int64.
 void check_merge(int64_t spatial_merge_size) {
-  TORCH_CHECK_VALUE(spatial_merge_size >= 1, "spatial_merge_size: expected >= 1, got ", spatial_merge_size);
+  TORCH_CHECK_VALUE(spatial_merge_size >= 1 && spatial_merge_size <= (int64_t(1) << 20),
+                    "spatial_merge_size: expected 1 to 2^20, got ", spatial_merge_size);
 }
 
-// t, h, w non-negative and small enough that no sum of tokens overflows; h and w multiples of the merge size where
-// the tower's reshape needs it (transformers fails there: a ValueError here instead).
+void check_grid_tensor(const at::Tensor& grid_thw, const char* what) {
+  TORCH_CHECK_VALUE(grid_thw.dim() == 2 && grid_thw.size(1) == 3, what,
+                    ": grid_thw: expected shape (num_grids, 3) of (t, h, w), got ", grid_thw.sizes());
+  TORCH_CHECK_VALUE(at::isIntegralType(grid_thw.scalar_type(), /*includeBool=*/false), what,
+                    ": grid_thw: expected an integer dtype, got ", grid_thw.scalar_type());
+}
+
+// transformers' window count along an axis of `extent` merged patches: it pads by win - extent % win, so an extent
+// that divides evenly gets a whole empty window more.
+int64_t windows_along(int64_t extent, int64_t win) { return (extent + win - extent % win) / win; }
+
+// t, h, w non-negative and small enough that no sum of tokens overflows (t * h * w and one frame's h * w at most
+// 2^40); h and w multiples of the merge size where the tower's reshape needs it (transformers fails there: a
+// ValueError here instead).
 void check_grid(const VisionGrid& g, size_t i, int64_t merge, bool divisible, const char* what) {
   TORCH_CHECK_VALUE(g.t >= 0 && g.h >= 0 && g.w >= 0, what, ": grid_thw[", i, "] = (", g.t, ", ", g.h, ", ", g.w,
                     ") has a negative extent");
   TORCH_CHECK_VALUE(g.t <= kMaxGridTokens && g.h <= kMaxGridTokens && g.w <= kMaxGridTokens &&
+                        (g.h == 0 || g.w <= kMaxGridTokens / g.h) &&
                         (g.h == 0 || g.w == 0 || g.t <= kMaxGridTokens / g.h / g.w),
                     what, ": grid_thw[", i, "] = (", g.t, ", ", g.h, ", ", g.w, ") has more than 2^40 patches");
   TORCH_CHECK_VALUE(!divisible || (g.h % merge == 0 && g.w % merge == 0), what, ": grid_thw[", i, "] = (", g.t,
@@ -62,10 +78,7 @@ void for_each_merged_patch(const VisionGrid& g, int64_t m, F&& f) {
 }  // namespace
 
 std::vector<VisionGrid> read_vision_grids(const at::Tensor& grid_thw, const char* what) {
-  TORCH_CHECK_VALUE(grid_thw.dim() == 2 && grid_thw.size(1) == 3, what,
-                    ": grid_thw: expected shape (num_grids, 3) of (t, h, w), got ", grid_thw.sizes());
-  TORCH_CHECK_VALUE(at::isIntegralType(grid_thw.scalar_type(), /*includeBool=*/false), what,
-                    ": grid_thw: expected an integer dtype, got ", grid_thw.scalar_type());
+  check_grid_tensor(grid_thw, what);
   std::vector<VisionGrid> grids(grid_thw.size(0));
   if (grids.empty()) return grids;
   const HostInputs host({grid_thw.to(at::kLong).reshape(-1)});
@@ -80,11 +93,7 @@ at::Tensor vision_position_ids(const at::Tensor& grid_thw, int64_t spatial_merge
   const int64_t m = spatial_merge_size;
 #ifdef ROPEKIT_WITH_CUDA
   if (num_tokens.has_value() && grid_thw.is_cuda()) {
-    TORCH_CHECK_VALUE(grid_thw.dim() == 2 && grid_thw.size(1) == 3,
-                      "vision_position_ids: grid_thw: expected shape (num_grids, 3) of (t, h, w), got ",
-                      grid_thw.sizes());
-    TORCH_CHECK_VALUE(at::isIntegralType(grid_thw.scalar_type(), /*includeBool=*/false),
-                      "vision_position_ids: grid_thw: expected an integer dtype, got ", grid_thw.scalar_type());
+    check_grid_tensor(grid_thw, "vision_position_ids");
     const int64_t n = *num_tokens;
     TORCH_CHECK_VALUE(n >= 0, "vision_position_ids: num_tokens: expected >= 0, got ", n);
     return vision_position_ids_cuda_kernel(grid_thw.to(at::kLong).contiguous(), m, n);
@@ -122,9 +131,12 @@ std::tuple<at::Tensor, at::Tensor> vision_window_index(const at::Tensor& grid_th
     const auto& g = grids[i];
     check_grid(g, i, m, /*divisible=*/false, "vision_window_index");
     const int64_t lh = g.h / m, lw = g.w / m;
-    merged += g.t * lh * lw;
-    // transformers pads each side by win - extent % win: a whole empty window where the extent divides evenly
-    windows += g.t * ((lh + win - lh % win) / win) * ((lw + win - lw % win) / win);
+    merged += g.t * lh * lw;  // <= 2^40 each (check_grid)
+    // windows of a frame: at most (lh + 1) * (lw + 1), which with lh or lw 0 can exceed t * lh * lw's bound
+    int64_t frame_windows = 0, grid_windows = 0;
+    const bool overflow = c10::mul_overflows(windows_along(lh, win), windows_along(lw, win), &frame_windows) ||
+                          c10::mul_overflows(g.t, frame_windows, &grid_windows);
+    windows += overflow ? (int64_t(1) << 41) : grid_windows;
     TORCH_CHECK_VALUE(merged <= (int64_t(1) << 62) && windows <= (int64_t(1) << 40),
                       "vision_window_index: the grids have too many patches or windows");
   }
@@ -136,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> vision_window_index(const at::Tensor& grid_th
   int64_t offset = 0, bound = 0;
   for (const auto& g : grids) {
     const int64_t lh = g.h / m, lw = g.w / m;
-    const int64_t nwh = (lh + win - lh % win) / win, nww = (lw + win - lw % win) / win;
+    const int64_t nwh = windows_along(lh, win), nww = windows_along(lw, win);
     for (int64_t frame = 0; frame < g.t; ++frame) {
       for (int64_t wi = 0; wi < nwh; ++wi) {
         for (int64_t wj = 0; wj < nww; ++wj) {
@@ -223,12 +235,16 @@ std::tuple<at::Tensor, at::Tensor> interp_taps(const std::vector<VisionGrid>& gr
 std::tuple<at::Tensor, at::Tensor> vision_pos_embed_interp(const at::Tensor& grid_thw, int64_t num_grid_per_side,
                                                            int64_t spatial_merge_size) {
   check_merge(spatial_merge_size);
-  TORCH_CHECK_VALUE(num_grid_per_side >= 1, "vision_pos_embed_interp: num_grid_per_side: expected >= 1, got ",
-                    num_grid_per_side);
+  // 2^20: the tap indices (up to num_grid_per_side^2) and transformers' .int() of the linspace stay exact
+  TORCH_CHECK_VALUE(num_grid_per_side >= 1 && num_grid_per_side <= (int64_t(1) << 20),
+                    "vision_pos_embed_interp: num_grid_per_side: expected 1 to 2^20, got ", num_grid_per_side);
   const auto grids = read_vision_grids(grid_thw, "vision_pos_embed_interp");
   total_patches(grids, spatial_merge_size, /*divisible=*/true, "vision_pos_embed_interp");
   int64_t total = 0;  // one frame per grid
-  for (const auto& g : grids) total += g.h * g.w;
+  for (const auto& g : grids) {
+    total += g.h * g.w;  // <= 2^40 each (check_grid)
+    TORCH_CHECK_VALUE(total <= (int64_t(1) << 62), "vision_pos_embed_interp: the grids have more than 2^62 patches");
+  }
   const auto dtype = c10::typeMetaToScalarType(c10::get_default_dtype());
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble, "vision_pos_embed_interp: the default dtype is ",
                     dtype, "; transformers' linspace then runs in it, which ropekit reproduces for float32 and float64");

@@ -5,8 +5,8 @@
 // a warp takes one token (or a part of its rows when there are few tokens), loads its lanes' cos/sin once, then
 // walks the token's q and k rows 32 / G at a time with kUnroll iterations of loads in flight. The rotate-half
 // partner comes across by shuffle; GPT-J pairs sit inside a lane.
-// Generic path (fp64, head_dim or rotary dim that do not split into 16-byte lanes, unaligned views): one thread per
-// rotary pair or pass-through element, cos/sin read from global memory (no shared memory, so any rotary dim works).
+// Generic path (fp64, head_dim or rotary dim that split into neither 16- nor 8-byte lanes, unaligned views): one thread
+// per rotary pair or pass-through element, cos/sin read from global memory (no shared memory, so any rotary dim works).
 // The host picks the path once per call.
 #include "../apply_rope.h"
 #include "rope_vec.cuh"
@@ -138,7 +138,8 @@ __global__ void apply_rope_generic_kernel(const Params p, int64_t total_items) {
       y[j2] = static_cast<out_t>(o2);
     } else {
       const int j = p.rot_dim + (item - half);
-      y[j] = static_cast<out_t>(static_cast<acc>(x[j]));
+      const acc v = static_cast<acc>(x[j]);
+      y[j] = static_cast<out_t>(kBackward ? as_accumulated(v) : v);
     }
   }
 }

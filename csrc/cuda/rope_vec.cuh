@@ -3,9 +3,9 @@
 //
 // Layout. A row (one head of one token) of head_dim D is split across a group of G = D / E lanes, lane `sub` holding
 // elements [sub*E, sub*E + E). E is the number of elements that makes the narrowest dtype a row touches move 16
-// bytes per lane (8 for bf16/fp16, 4 for fp32), or 8 bytes where 16 do not divide the row (the vision towers' head
-// dims 72 and 80 with their halves 36 and 40); wider dtypes of the same row (fp32 cos under autocast, an fp32
-// output) move twice that per lane. A warp holds 32 / G rows side by side (D = 128 in bf16: half a warp per row).
+// bytes per lane (8 for bf16/fp16, 4 for fp32), or 8 bytes where 16 do not divide the row or its rotary halves (the
+// vision towers' head dim 72 in bf16, whose halves are 36 elements); wider dtypes of the same row (fp32 cos under
+// autocast, an fp32 output) move twice that per lane. A warp holds 32 / G rows side by side (D = 128 in bf16: half a warp per row).
 // Where G is a power of two up to 32 the warp is full and the groups can reduce by butterfly (qk_norm_rope's RMS
 // sum); apply_rope also takes any other G up to 32 (D = 80 in bf16: G = 10, three rows per warp, two lanes idle).
 // The rotate-half partner of element j < R/2 is j + R/2, which lives in lane sub + (R/2)/E of the same group: it
@@ -209,7 +209,8 @@ __device__ __forceinline__ void rotate_lane_sent(const LaneGeometry& g, int64_t 
 #pragma unroll
     for (int e = 0; e < E; ++e) {
       const acc term = kBackward ? static_cast<acc>(sent[e]) : mul_rn(static_cast<acc>(sent[e]), signed_sin(g, s[e]));
-      out[e] = g.rotary ? add_rn(mul_rn(x[e], c[e]), term) : x[e];
+      const acc o = g.rotary ? add_rn(mul_rn(x[e], c[e]), term) : x[e];
+      out[e] = kBackward ? as_accumulated(o) : o;
     }
   } else {
 #pragma unroll
@@ -217,8 +218,8 @@ __device__ __forceinline__ void rotate_lane_sent(const LaneGeometry& g, int64_t 
       if (g.j0 + e < rot_dim) {
         rotate_pair<kBackward, acc>(x[e], x[e + 1], c[e], c[e + 1], s[e], s[e + 1], out[e], out[e + 1]);
       } else {
-        out[e] = x[e];
-        out[e + 1] = x[e + 1];
+        out[e] = kBackward ? as_accumulated(x[e]) : x[e];
+        out[e + 1] = kBackward ? as_accumulated(x[e + 1]) : x[e + 1];
       }
     }
   }

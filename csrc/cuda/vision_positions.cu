@@ -32,7 +32,8 @@ __global__ void __launch_bounds__(kScanThreads)
       const int64_t t = grid[3 * g], h = grid[3 * g + 1], w = grid[3 * g + 2];
       const int64_t cap = rope_index_detail::kMaxGridTokens;
       CUDA_KERNEL_ASSERT(t >= 0 && h >= 0 && w >= 0 && "vision_position_ids: a grid has a negative extent");
-      CUDA_KERNEL_ASSERT(t <= cap && h <= cap && w <= cap && (h == 0 || w == 0 || t <= cap / h / w) &&
+      CUDA_KERNEL_ASSERT(t <= cap && h <= cap && w <= cap && (h == 0 || w <= cap / h) &&
+                         (h == 0 || w == 0 || t <= cap / h / w) &&
                          "vision_position_ids: a grid has more than 2^40 patches");
       CUDA_KERNEL_ASSERT(h % m == 0 && w % m == 0 &&
                          "vision_position_ids: h and w must be multiples of spatial_merge_size");
@@ -42,7 +43,8 @@ __global__ void __launch_bounds__(kScanThreads)
     Scan(temp).InclusiveSum(count, inclusive, aggregate);
     __syncthreads();
     if (g < n) ends[g] = carry + inclusive;
-    carry += aggregate;
+    carry += aggregate;  // at most 256 * 2^40 a step: checked before it could overflow
+    CUDA_KERNEL_ASSERT(carry <= (int64_t(1) << 62) && "vision_position_ids: the grids have more than 2^62 patches");
   }
   if (threadIdx.x == 0) {
     CUDA_KERNEL_ASSERT(carry == num_tokens && "vision_position_ids: num_tokens differs from the grids' patch count");

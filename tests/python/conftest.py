@@ -155,6 +155,19 @@ def build(cls, config, device, seed=0):
     return model.to(device).eval()
 
 
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit: same dtype, shape and bit pattern (``torch.equal`` takes -0 for +0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if not a.is_floating_point():
+        return torch.equal(a, b)
+    as_int = _SAME_WIDTH_INT[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
+
+
 def _count_calls(monkeypatch, op_name: str) -> list:
     """Wraps ropekit.ops.<op_name> (what the patched transformers code calls) to record each call."""
     calls = []

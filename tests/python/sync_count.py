@@ -89,9 +89,10 @@ class SyncCounter:
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 pull = func in _HOST_READS
-                if func is torch.Tensor.to:  # a literal "cpu": code moves to a tensor's .device for host-to-device
+                if func is torch.Tensor.to:  # a literal "cpu" ("cpu:0"): code moves to a tensor's .device (a
+                    # torch.device, on the CPU here) for host-to-device
                     target = kwargs.get("device", args[1] if len(args) > 1 else None)
-                    pull = target == "cpu"
+                    pull = isinstance(target, str) and torch.device(target).type == "cpu"
                 if not (pull and args and counter.is_device(args[0])):
                     return func(*args, **kwargs)
                 counter.record(f"{func.__name__}(cpu)" if func is torch.Tensor.to else func.__name__)

@@ -334,3 +334,29 @@ def test_head_dim_zero(device, is_neox):
     assert out_q.shape == q.shape and out_k.shape == k.shape
     (grad,) = torch.autograd.grad(out_q.sum(), q)
     assert grad.shape == q.shape
+
+
+@pytest.mark.parametrize("vision", [False, True])
+def test_frozen_operand_output_carries_no_grad(device, vision):
+    """A q that does not require grad (a frozen projection next to a trainable k) gives a rotated q that does not
+    either, as transformers' q * cos + rotate_half(q) * sin does; k's gradient is unchanged by it."""
+    q, k, cos, sin = make_inputs(batch=1, seq=5, heads=2, kv_heads=2, head_dim=16, device=device)
+    if vision:
+        q, k, cos, sin = q[0].transpose(0, 1), k[0].transpose(0, 1), cos[0], sin[0]
+    fn = ops.apply_rope_vision if vision else ops.apply_rope
+
+    def grads(q_grad, k_grad):
+        qi, ki = q.detach().requires_grad_(q_grad), k.detach().requires_grad_(k_grad)
+        out_q, out_k = fn(qi, ki, cos, sin)
+        assert out_q.requires_grad == q_grad and out_k.requires_grad == k_grad
+        (out_q.square().sum() + out_k.square().sum()).backward()
+        return qi.grad, ki.grad
+
+    both = grads(True, True)
+    dq, dk = grads(True, False)
+    assert dk is None and torch.equal(dq, both[0])
+    dq, dk = grads(False, True)
+    assert dq is None and torch.equal(dk, both[1])
+    # cos/sin that require grad: both outputs carry it
+    out_q, out_k = fn(q, k, cos.detach().requires_grad_(), sin)
+    assert out_q.requires_grad and out_k.requires_grad

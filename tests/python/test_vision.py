@@ -25,7 +25,7 @@ import ropekit
 from ropekit import ops
 from ropekit.transformers import _patching
 
-from conftest import build, requires_cuda
+from conftest import build, requires_cuda, same_bits
 
 VISION_MODULES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen4_exp",
                   "glm4v", "glm4v_moe")
@@ -95,10 +95,38 @@ def test_bit_identical_to_each_family(device, family, dtype, head_dim, layout, c
     cos, sin = _cos_sin(37, head_dim, torch.float32 if cos_dtype == "float32" else dtype, device)
     expected, ref_dq, ref_dk = _run_with_grads(reference, q, k, cos, sin)
     got, dq, dk = _run_with_grads(ops.apply_rope_vision, q, k, cos, sin)
+    assert len(got) == len(expected) == 2
     for e, g in zip(expected, got):
-        assert g.dtype == e.dtype == dtype and g.shape == e.shape
-        assert torch.equal(g, e)
-    assert torch.equal(dq, ref_dq) and torch.equal(dk, ref_dk), "the backward rounds like autograd through it"
+        assert g.dtype == dtype and same_bits(g, e)
+    assert same_bits(dq, ref_dq) and same_bits(dk, ref_dk), "the backward rounds like autograd through it"
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [80, 72, 16])
+def test_signed_zeros_like_transformers(device, dtype, head_dim):
+    """Zeros of both signs in q, cos, sin and the output gradient: products and sums of -0 keep their sign in the
+    forward; autograd's gradient sum adds +0 (the slices' zero padding), which the backward reproduces."""
+    reference = _transformers_function("qwen2_5_vl")
+    gen = torch.Generator().manual_seed(5)
+    values = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5])
+
+    def draw(*shape):
+        return values[torch.randint(0, len(values), shape, generator=gen)]
+
+    q = draw(9, 2, head_dim).to(device, dtype)
+    k = draw(9, 3, head_dim).to(device, dtype)
+    cos, sin = draw(9, head_dim).to(device), draw(9, head_dim).to(device)
+    grads = [draw(9, 2, head_dim).to(device, dtype), draw(9, 3, head_dim).to(device, dtype)]
+    results = []
+    for fn in (reference, ops.apply_rope_vision):
+        qi, ki = q.detach().requires_grad_(), k.detach().requires_grad_()
+        out = fn(qi, ki, cos, sin)
+        torch.autograd.backward(out, grads)
+        results.append([*out, qi.grad, ki.grad])
+    assert any(bool((r == 0).logical_and(r.signbit()).any()) for r in results[0]), "some -0 to reproduce"
+    for e, g in zip(*results):
+        assert same_bits(g, e)
 
 
 def test_partial_rotary_and_gptj(device):
@@ -281,14 +309,20 @@ def test_vision_pos_embed_interp(seed, dtype):
 @pytest.mark.parametrize("call, message", [
     (lambda g: ops.vision_position_ids(g[:, :2], 2), "expected shape \\(num_grids, 3\\)"),
     (lambda g: ops.vision_position_ids(g.float(), 2), "expected an integer dtype"),
-    (lambda g: ops.vision_position_ids(g, 0), "spatial_merge_size: expected >= 1"),
+    (lambda g: ops.vision_position_ids(g, 0), "spatial_merge_size: expected 1 to 2\\^20"),
+    (lambda g: ops.vision_window_index(g, 2**21, 2**30, 1), "spatial_merge_size: expected 1 to 2\\^20"),
     (lambda g: ops.vision_position_ids(g - 5, 2), "negative extent"),
     (lambda g: ops.vision_position_ids(g + torch.tensor([0, 1, 0]), 2), "multiples of spatial_merge_size"),
     (lambda g: ops.vision_position_ids(g, 2, 3), "num_tokens is 3"),
     (lambda g: ops.vision_position_ids(torch.tensor([[1, 2**21, 2**21]]), 2), "more than 2\\^40"),
+    # no frames, so no patches: but one frame's h * w, which the interpolation takes, past 2^40 all the same
+    (lambda g: ops.vision_pos_embed_interp(torch.tensor([[0, 2**30, 2**30]]), 8, 2), "more than 2\\^40"),
+    # few patches, too many (empty) windows: (0 + 1) * (2^40 + 1) a frame, 2^20 frames
+    (lambda g: ops.vision_window_index(torch.tensor([[2**20, 0, 2**40]]), 1, 1, 1), "too many patches or windows"),
     (lambda g: ops.vision_window_index(g, 2, 4, 4), "no window holds a merged patch"),
     (lambda g: ops.vision_window_index(g, 2, 16, 0), "patch_size: expected >= 1"),
-    (lambda g: ops.vision_pos_embed_interp(g, 0, 2), "num_grid_per_side: expected >= 1"),
+    (lambda g: ops.vision_pos_embed_interp(g, 0, 2), "num_grid_per_side: expected 1 to 2\\^20"),
+    (lambda g: ops.vision_pos_embed_interp(g, 2**21, 2), "num_grid_per_side: expected 1 to 2\\^20"),
 ])
 def test_position_ops_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
@@ -424,10 +458,9 @@ def test_tower_bit_identical(family, dtype, kind, unpatch_after, monkeypatch):
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _log=log, **k: _log.append(1) or _real(*a, **k))
     _tower_families()[family][2](_model(family))
     got, got_grads = _tower_run(tower, pixels, grid)
-    assert len(got) == len(expected) and len(got_grads) == len(expected_grads)
+    assert got and len(got) == len(expected) and len(got_grads) == len(expected_grads) > 1
     for e, g in zip(expected + expected_grads, got + got_grads):
-        assert g.dtype == e.dtype and g.shape == e.shape
-        assert torch.equal(g, e)
+        assert same_bits(g, e)
     assert len(calls["apply_rope_vision"]) == tower.config.depth, "every block's rotation ran natively"
     helpers = [n for n in ("rot_pos_emb", "get_window_index", "fast_pos_embed_interpolate") if n in vars(type(tower))]
     if "rot_pos_emb" in helpers:  # transformers 4.57
@@ -441,17 +474,23 @@ def test_tower_bit_identical(family, dtype, kind, unpatch_after, monkeypatch):
 @pytest.mark.transformers
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "glm4v"])
 @pytest.mark.parametrize("seed", range(6))
-def test_tower_random_grids(family, seed, unpatch_after):
+def test_tower_random_grids(family, seed, unpatch_after, monkeypatch):
     """Random grids, many small images among them (4.57: rot_pos_emb / get_window_index / fast_pos_embed_interpolate
     on each)."""
     tower = _tower(family)
     grid = _tower_grid(family, random_grids(100 + seed, max_side=10).tolist())
     pixels = _pixels(tower, grid, torch.float32, seed)
+    calls = []
+    real = ops.apply_rope_vision
+    monkeypatch.setattr(ops, "apply_rope_vision", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad():
         expected = _outputs(tower(pixels, grid_thw=grid))
+        assert not calls
         _tower_families()[family][2](_model(family))
         got = _outputs(tower(pixels, grid_thw=grid))
-    assert all(torch.equal(e, g) for e, g in zip(expected, got))
+    assert len(calls) == tower.config.depth, "the patched tower ran the op in every block"
+    assert got and len(got) == len(expected)
+    assert all(same_bits(g, e) for e, g in zip(expected, got))
 
 
 @pytest.mark.transformers
@@ -478,8 +517,11 @@ def test_switches_off(switches, unpatch_after):
 
 
 @pytest.mark.transformers
-def test_rotation_outside_the_op_domain_runs_transformers(unpatch_after):
-    """float64, cos/sin that require grad, a (1, D) cos that transformers broadcasts: transformers' own code."""
+def test_rotation_outside_the_op_domain_runs_transformers(unpatch_after, monkeypatch):
+    """float64, cos/sin that require grad, a (1, D) cos that transformers broadcasts, a device this build has no
+    kernel for: transformers' own code, the op not called."""
+    calls = []
+    monkeypatch.setattr(ops, "apply_rope_vision", lambda *a, **k: calls.append(1))
     ropekit.apply_to_qwen2_5_vl()
     module = _module("qwen2_5_vl")
     original = _patching.original(module, "apply_rotary_pos_emb_vision")
@@ -487,10 +529,16 @@ def test_rotation_outside_the_op_domain_runs_transformers(unpatch_after):
     q, k = _qkv(6, 2, 16, torch.float64, "qkv", "cpu")
     cos, sin = _cos_sin(6, 16, torch.float32, "cpu")
     cases = [(q, k, cos, sin), (q.float(), k.float(), cos[:1], sin[:1]),
-             (q.float(), k.float(), cos.requires_grad_(), sin)]
+             (q.float(), k.float(), cos.clone().requires_grad_(), sin)]
     for args in cases:
-        for e, g in zip(original(*args), patched(*args)):
-            assert torch.equal(e, g) and e.dtype == g.dtype
+        expected, got = original(*args), patched(*args)
+        assert len(expected) == len(got) == 2
+        assert all(same_bits(g, e) for e, g in zip(expected, got))
+    # CPU tensors, as if this build had kernels for CUDA alone
+    monkeypatch.setattr(_patching, "_kernel_device_types", lambda: frozenset({"cuda"}))
+    args = (q.float(), k.float(), cos, sin)
+    assert all(same_bits(g, e) for e, g in zip(original(*args), patched(*args)))
+    assert not calls
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -585,7 +633,8 @@ def test_tower_fed_by_ropekit_data(family, varlen_attention, unpatch_after):
         assert {"position_ids", "cu_seqlens", "max_seqlen"} <= set(kwargs)
         syncs_alone, expected = _count_syncs(tower, grid, pixels)
         syncs_fed, got = _count_syncs(tower, grid, pixels, **kwargs)
-        assert all(torch.equal(e, g) for e, g in zip(expected, got))
+        assert got and len(got) == len(expected)
+        assert all(same_bits(g, e) for e, g in zip(expected, got))
         assert syncs_alone.count > 0 and syncs_fed.count == 0, (syncs_alone.where, syncs_fed.where)
 
 
@@ -624,6 +673,8 @@ def test_vision_inputs_are_the_towers_own(family, monkeypatch):
         with torch.no_grad():
             tower(_pixels(tower, grid, torch.float32), grid_thw=grid)
         ours = inputs(image_grid_thw=inputs.grids["image"](grid))
+        assert own, "the tower ran its helpers"
+        assert set(ours) == {f"image_{key}" for key, value in own.items() if value is not None}
         for key, value in own.items():
             if value is None:
                 assert f"image_{key}" not in ours
@@ -648,3 +699,89 @@ def test_vision_inputs_are_the_towers_own(family, monkeypatch):
         model(**batch, **extra)
     assert handed and all(handed), "the tower took every precomputed input"
     del transformers
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# what VisionInputs refuses to derive: code of another shape than the towers' (decline, never guess)
+
+_helper = None  # stands for a vision_utils helper: the derivation refuses these forwards before it would run one
+
+
+class _RebindsKwargs(torch.nn.Module):
+    def forward(self, hidden_states, grid_thw, **kwargs):
+        kwargs = dict(kwargs, position_ids=None)
+        position_ids = _helper(grid_thw, 2, kwargs=kwargs)
+        return position_ids
+
+
+class _PopsKwargs(torch.nn.Module):
+    def forward(self, hidden_states, grid_thw, **kwargs):
+        kwargs.pop("cu_seqlens", None)
+        position_ids = _helper(grid_thw, 2, kwargs=kwargs)
+        return position_ids
+
+
+class _StoresIntoKwargs(torch.nn.Module):
+    def forward(self, hidden_states, grid_thw, **kwargs):
+        kwargs["position_ids"] = None
+        position_ids = _helper(grid_thw, 2, kwargs=kwargs)
+        return position_ids
+
+
+class _RebindsGrid(torch.nn.Module):
+    def forward(self, hidden_states, grid_thw, **kwargs):
+        for grid_thw in (grid_thw[:1],):
+            pass
+        position_ids = _helper(grid_thw, 2, kwargs=kwargs)
+        return position_ids
+
+
+class _HelperUnderCondition(torch.nn.Module):
+    def forward(self, hidden_states, grid_thw, **kwargs):
+        if hidden_states.shape[0]:
+            position_ids = _helper(grid_thw, 2, kwargs=kwargs)
+        return position_ids
+
+
+class _HelperInsideAnExpression(torch.nn.Module):
+    def forward(self, hidden_states, grid_thw, **kwargs):
+        position_ids = torch.as_tensor(_helper(grid_thw, 2, kwargs=kwargs))
+        return position_ids
+
+
+@pytest.mark.parametrize("tower, message", [
+    (_RebindsKwargs, "rebinds kwargs"),
+    (_PopsKwargs, "changes kwargs"),
+    (_StoresIntoKwargs, "changes kwargs"),
+    (_RebindsGrid, "rebinds grid_thw"),
+    (_HelperUnderCondition, "other than in a plain assignment"),
+    (_HelperInsideAnExpression, "other than in a plain assignment"),
+])
+def test_vision_inputs_decline_other_tower_code(tower, message):
+    from ropekit.transformers.vision import VisionInputs, VisionInputsUnavailable
+
+    with pytest.raises(VisionInputsUnavailable, match=message):
+        VisionInputs.for_tower(tower())
+
+
+class _Owner:
+    """get_<modality>_features of shapes the grid derivation refuses."""
+
+    def get_video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs):
+        flat = video_grid_thw.clone()
+        flat.mul_(2)  # an in-place step on the grid: left out, the transform would hand another grid
+        return self.visual(pixel_values_videos, grid_thw=flat, **kwargs)
+
+    def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+        return self.visual(pixel_values, grid_thw=image_grid_thw[:, 1:], **kwargs)
+
+
+def test_vision_inputs_decline_other_grid_code():
+    from ropekit.transformers.vision import VisionInputs, VisionInputsUnavailable, _grid_transform
+
+    with pytest.raises(VisionInputsUnavailable, match="may change the grid"):
+        _grid_transform(_Owner, "video")
+    transform = _grid_transform(_Owner, "image")  # derivable, but not a grid: the dry run finds it
+    inputs = object.__new__(VisionInputs)
+    with pytest.raises(VisionInputsUnavailable, match="does not give an \\(n, 3\\) grid"):
+        inputs._derive(torch.nn.Module(), [], {"image": transform})

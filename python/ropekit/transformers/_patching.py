@@ -7,6 +7,7 @@ then behaves as the original instead of running ropekit after ``unpatch()``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import types
 import weakref
@@ -64,6 +65,21 @@ def plain_tensors(*tensors: Any) -> bool:
         t is None or type(t) is torch.Tensor or type(t) is torch.nn.Parameter or isinstance(t, _TRACING_TENSORS)
         for t in tensors
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_device_types() -> frozenset:
+    """The device types this build of ropekit has kernels for: CPU, meta (the fake kernels), CUDA where built."""
+    from .. import has_cuda_kernels
+
+    return frozenset(("cpu", "meta") + (("cuda",) if has_cuda_kernels() else ()))
+
+
+def kernel_devices(*tensors: Any) -> bool:
+    """Whether every tensor (``None`` skipped) lives on a device ropekit's ops have kernels for; on any other (a
+    CPU-only build's CUDA tensors, MPS, XPU) a patch hands the call to transformers' code."""
+    types_ = _kernel_device_types()
+    return all(t is None or t.device.type in types_ for t in tensors)
 
 
 def global_module_hooks() -> bool:

@@ -34,7 +34,7 @@ import types
 import torch
 
 from .. import ops
-from ._patching import global_module_hooks, is_live, module_hooks, plain_tensors
+from ._patching import global_module_hooks, is_live, kernel_devices, module_hooks, plain_tensors
 
 _FUSABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -337,6 +337,7 @@ class _Fusion:
             and q_norm.weight.dtype in (query.dtype, torch.float32)
             and k_norm.weight.dtype == q_norm.weight.dtype
             and plain_tensors(query, q_norm.weight, k_norm.weight)
+            and kernel_devices(query)
         )
         return (q_norm, k_norm) if fusable else None
 

@@ -19,14 +19,15 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ._patching import is_live, plain_tensors
+from ._patching import is_live, kernel_devices, plain_tensors
 
 
 def _on_host(input_ids) -> bool:
-    # CUDA tensors: the fused device kernel, with zero host syncs, whose domain is every input. Anything else (CPU,
-    # and accelerators without a ropekit kernel, where the device algorithm would be the ATen reference, which does
-    # not take 4.57's mismatched vision spans): the host loop, which takes every input transformers takes.
-    return input_ids.device.type != "cuda"
+    # CUDA tensors, in a build with CUDA kernels: the fused device kernel, with zero host syncs, whose domain is every
+    # input. Anything else (CPU, a CPU-only build's CUDA tensors, accelerators without a ropekit kernel, where the
+    # device algorithm would be the ATen reference, which does not take 4.57's mismatched vision spans): the host
+    # loop, which takes every input transformers takes.
+    return input_ids.device.type != "cuda" or not kernel_devices(input_ids)
 
 
 def _to(t, device):

@@ -13,7 +13,7 @@ import torch
 
 from .. import ops
 from ..modules import RopeTable
-from ._patching import global_module_hooks, is_live, module_hooks, plain_tensors
+from ._patching import global_module_hooks, is_live, kernel_devices, module_hooks, plain_tensors
 
 _TABLE_ATTR = "_ropekit_table"
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -95,6 +95,7 @@ def make_rotary_forward(original, layout: RotaryLayout | bool):
             or not isinstance(inv_freq, torch.Tensor)
             or not (type(x) is torch.Tensor and type(position_ids) is torch.Tensor and type(inv_freq) is torch.Tensor
                     or plain_tensors(x, position_ids, inv_freq))
+            or not kernel_devices(x, position_ids, inv_freq)
             or x.dtype not in _SUPPORTED_DTYPES
             or position_ids.dtype not in (torch.int64, torch.int32)  # transformers casts any dtype to float
             or position_ids.dim() not in ranks
@@ -136,6 +137,7 @@ def _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, live):
         and isinstance(cos, torch.Tensor)
         and isinstance(sin, torch.Tensor)
         and plain_tensors(q, k, cos, sin)
+        and kernel_devices(q, k, cos, sin)
         and q.dim() == 4
         and cos.dim() == 3
         and sin.shape == cos.shape

@@ -16,6 +16,7 @@ Three things, each checked against or derived from the installed transformers co
 from __future__ import annotations
 
 import ast
+import builtins
 import functools
 import importlib
 import inspect
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from ._patching import global_module_hooks, is_live, module_hooks, plain_tensors
+from ._patching import global_module_hooks, is_live, kernel_devices, module_hooks, plain_tensors
 
 _VISION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,7 +50,7 @@ def _rotation_in_domain(q, k, cos, sin) -> bool:
     one float dtype (float64 is downcast by transformers: not in), (N, D) cos/sin in float32 or q's dtype (its
     ``.float()`` widens those exactly), not requiring grad, all on one device, plain tensors."""
     if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(cos, torch.Tensor)
-            and isinstance(sin, torch.Tensor) and plain_tensors(q, k, cos, sin)):
+            and isinstance(sin, torch.Tensor) and plain_tensors(q, k, cos, sin) and kernel_devices(q, k, cos, sin)):
         return False
     if not (q.dim() == 3 and k.dim() == 3 and cos.dim() == 2 and sin.shape == cos.shape):
         return False
@@ -114,10 +115,11 @@ def _host_grid(grid_thw, require_t: bool, merge: int | None):
 
 
 def _to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on ``device`` without a host sync (pinned memory, non-blocking copy)."""
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
+    """A host tensor on ``device``: on CUDA without a host sync (pinned memory, non-blocking copy), elsewhere as
+    ``.to`` copies it."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _default_device():
@@ -187,8 +189,10 @@ def make_fast_pos_embed_interpolate(original):
     @functools.wraps(original)
     def fast_pos_embed_interpolate(self, grid_thw):
         pos_embed = getattr(self, "pos_embed", None)
-        if not (is_live(installed) and type(pos_embed) is torch.nn.Embedding
-                and _module_unobserved(pos_embed) and torch.get_default_dtype() in (torch.float32, torch.float64)):
+        # transformers' linspace runs on the default device and in the default dtype: the op reproduces the CPU's
+        if not (is_live(installed) and type(pos_embed) is torch.nn.Embedding and _module_unobserved(pos_embed)
+                and torch.get_default_dtype() in (torch.float32, torch.float64)
+                and _default_device().type == "cpu"):
             return original(self, grid_thw)
         merge = self.config.spatial_merge_size
         grid = _host_grid(grid_thw, require_t=False, merge=merge)
@@ -316,6 +320,33 @@ def _target_names(target) -> tuple | None:
     return None
 
 
+def _passes_kwargs(call: ast.Call, kwargs_name: str) -> bool:
+    """``helper(..., kwargs=kwargs)``: the ``vision_utils`` convention for a helper that may take a precomputed value."""
+    return any(k.arg == "kwargs" and isinstance(k.value, ast.Name) and k.value.id == kwargs_name
+               for k in call.keywords)
+
+
+_MUTATING_METHODS = frozenset(("update", "pop", "popitem", "setdefault", "clear", "__setitem__", "__delitem__"))
+
+
+def _require_unchanged(node, names: tuple, where: str) -> None:
+    """Raise VisionInputsUnavailable where the function rebinds one of ``names`` (assignment, loop, ``with``,
+    walrus, ``del``, ``global`` / ``nonlocal``), stores into or deletes from it, or calls a mutating dict method on
+    it: the derivation reads the function's steps as running on the values it was given."""
+    names = set(names)
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name) and sub.id in names and isinstance(sub.ctx, (ast.Store, ast.Del)):
+            raise VisionInputsUnavailable(f"{where} rebinds {sub.id}")
+        if isinstance(sub, (ast.Global, ast.Nonlocal)) and names & set(sub.names):
+            raise VisionInputsUnavailable(f"{where} declares {sorted(names & set(sub.names))} global")
+        if isinstance(sub, (ast.Subscript, ast.Attribute)) and isinstance(sub.ctx, (ast.Store, ast.Del)) \
+                and isinstance(sub.value, ast.Name) and sub.value.id in names:
+            raise VisionInputsUnavailable(f"{where} changes {sub.value.id}: {ast.unparse(sub)}")
+        if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr in _MUTATING_METHODS \
+                and isinstance(sub.func.value, ast.Name) and sub.func.value.id in names:
+            raise VisionInputsUnavailable(f"{where} changes {sub.func.value.id}: {ast.unparse(sub)}")
+
+
 def _picklable(value) -> bool:
     try:
         pickle.dumps(value)
@@ -335,15 +366,22 @@ def _tower_steps(tower) -> list[_Step]:
     if "grid_thw" not in params or node.args.kwarg is None:
         raise VisionInputsUnavailable(f"{type(tower).__name__}.forward takes no grid_thw and **kwargs")
     kwargs_name, globals_ = node.args.kwarg.arg, forward.__globals__
+    _require_unchanged(node, ("grid_thw", kwargs_name), f"{type(tower).__name__}.forward")
+    top_level = {id(stmt.value) for stmt in _body(node) if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1}
+    for call in ast.walk(node):
+        if isinstance(call, ast.Call) and id(call) not in top_level and _passes_kwargs(call, kwargs_name):
+            raise VisionInputsUnavailable(f"{type(tower).__name__}.forward passes kwargs=kwargs other than in a "
+                                          f"plain assignment: {ast.unparse(call)}")
     steps, produced = [], set()
     for stmt in _body(node):
         if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.value, ast.Call)):
             continue
         call = stmt.value
-        takes_kwargs = [k for k in call.keywords if k.arg == "kwargs" and isinstance(k.value, ast.Name)
-                        and k.value.id == kwargs_name]
-        if not takes_kwargs or not isinstance(call.func, ast.Name):
+        if not _passes_kwargs(call, kwargs_name):
             continue
+        if not isinstance(call.func, ast.Name):
+            raise VisionInputsUnavailable(f"{type(tower).__name__}.forward passes its kwargs to "
+                                          f"{ast.unparse(call.func)}, which is not a helper ropekit can run")
         helper = globals_.get(call.func.id)
         targets = _target_names(stmt.targets[0])
         if not (inspect.isfunction(helper) and helper.__module__.startswith("transformers.") and targets):
@@ -430,18 +468,25 @@ def _slice(function, before: list, grid_param: str, grid, where: str) -> _GridTr
         return _GridTransform()
     if grid is None:
         raise VisionInputsUnavailable(f"{where} calls self.visual without a grid_thw")
+    node = _function_ast(function)
+    # the function's own variables: a statement left out that touches one the grid needs (a loop, an in-place
+    # call, an assignment that also rebinds it) could change the grid, so no transform is derived then
+    local = {a.arg for a in node.args.args + node.args.kwonlyargs} | \
+        {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     needed = {n.id for n in ast.walk(grid) if isinstance(n, ast.Name)}
     kept = []
     for stmt in reversed(before):
-        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1):
-            continue
-        targets = _target_names(stmt.targets[0])
+        targets = _target_names(stmt.targets[0]) if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 else None
+        mentioned = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)}
         if targets and set(targets) & needed:
             kept.insert(0, stmt)
             needed |= {n.id for n in ast.walk(stmt.value) if isinstance(n, ast.Name)}
+        elif mentioned & needed & local:
+            raise VisionInputsUnavailable(f"{where}: `{ast.unparse(stmt).splitlines()[0]}` may change the grid it "
+                                          "hands its tower")
     defined = {t for s in kept for t in _target_names(s.targets[0])} | {grid_param}
     free = needed - defined
-    if "self" in free or any(n not in function.__globals__ and n not in dir(__builtins__) for n in free):
+    if free & local or any(n not in function.__globals__ and not hasattr(builtins, n) for n in free):
         raise VisionInputsUnavailable(f"the grid {where} hands its tower depends on more than the batch's grid")
     lines = [f"def _ropekit_tower_grid({grid_param}):"] + [f"    {ast.unparse(s)}" for s in kept] + \
         [f"    return {ast.unparse(grid)}"]
@@ -480,10 +525,7 @@ class VisionInputs:
         """The inputs of ``tower`` itself, for grids handed to it directly (``tower(pixels, grid_thw=grid,
         **inputs(image_grid_thw=grid))`` with the ``image_`` prefix removed): no model, no modality transform."""
         inputs = object.__new__(cls)
-        inputs.grids = {"image": _GridTransform()}
-        merge = getattr(tower, "spatial_merge_size", 1) or 1
-        inputs.steps = inputs._check(_tower_steps(tower), torch.tensor([[1, 4 * merge, 6 * merge],
-                                                                        [2, 2 * merge, 2 * merge]]))
+        inputs._derive(tower, _tower_steps(tower), {"image": _GridTransform()})
         return inputs
 
     def __init__(self, model):
@@ -498,8 +540,23 @@ class VisionInputs:
         if not self.grids:
             raise VisionInputsUnavailable(f"{type(owner).__name__}.get_image_features / get_video_features do not "
                                           "take precomputed inputs (no accepts_precomputed_kwargs)")
+        self._derive(tower, steps, self.grids)
+
+    def _derive(self, tower, steps, grids: dict) -> None:
+        """Dry runs on a sample batch's grid (two images, or a 2-frame video): each modality's grid transform, then
+        the steps (``_check``)."""
         merge = getattr(tower, "spatial_merge_size", 1) or 1
-        self.steps = self._check(steps, torch.tensor([[1, 4 * merge, 6 * merge], [2, 2 * merge, 2 * merge]]))
+        sample = torch.tensor([[1, 4 * merge, 6 * merge], [2, 2 * merge, 2 * merge]])
+        for modality, transform in grids.items():
+            try:
+                tower_grid = transform(sample)
+            except Exception as error:  # noqa: BLE001 - a transform that fails on a plain grid is not one to run
+                raise VisionInputsUnavailable(f"the {modality} grid transform fails on a sample grid: {error}") \
+                    from None
+            if not (isinstance(tower_grid, torch.Tensor) and tower_grid.dim() == 2 and tower_grid.shape[1] == 3):
+                raise VisionInputsUnavailable(f"the {modality} grid transform does not give an (n, 3) grid")
+        self.grids = grids
+        self.steps = self._check(steps, sample)
 
     @staticmethod
     def _run(grid, steps, given=None) -> tuple[dict, list]:
