@@ -107,7 +107,8 @@ def main(out, dry_run=False):
     if not any(r.get("target_us") for r in index):
         target("get_rope_index B2 S4096 / B64 S1024 targets", None, "not measured")
     vision = (load(os.path.join(out, "bench_vision.json")) or {}).get("results") or []
-    for case in ("Qwen2.5-VL-7B N8192 fwd", "Qwen2.5-VL-7B N8192 fwd+bwd"):
+    for case in ("Qwen2.5-VL-7B N8192 fwd", "Qwen2.5-VL-7B N8192 fwd+bwd", "Qwen3-VL-8B N8192 fwd",
+                 "Qwen3-VL-8B N8192 fwd+bwd"):
         ours = next((r for r in vision if r["case"] == case and r["impl"] == "ropekit"), None)
         comp = next((r for r in vision if r["case"] == case and r["impl"] == "torch.compile(eager)"), None)
         target(f"vision rotary {case}: <= 1.2x byte floor, bit-identical",

@@ -111,9 +111,10 @@ def main():
                 gpu = ops.mrope_cos_sin(*[t.to(DEV) for t in tables], pos.to(DEV), section, dtype, now.to(DEV), 1.0,
                                         inv.to(DEV), mrope_interleaved=interleaved, is_neox=is_neox)
                 close(tag, gpu, cpu, 1e-6)
-    # apply_rope_vision on the towers' strided q/k views: 16-byte lanes (D 80), 8-byte lanes (D 72), generic (D 36,
-    # unaligned), forward and backward; and vision_position_ids' sync-free device path (its two launches)
-    for head_dim in () if smem_only else (80, 72, 36):
+    # apply_rope_vision on the towers' strided q/k views, forward and backward: bf16 takes 16-byte lanes at D 80,
+    # 8-byte lanes at D 72 and the generic path at D 36; fp32 16-byte lanes at D 80 and 72, 8-byte lanes at D 36;
+    # and vision_position_ids' sync-free device path (its two launches)
+    for head_dim in () if smem_only else (80, 72, 36, 34):
         for dtype in (torch.bfloat16, torch.float32):
             n, h = 11, 3
             qkv = torch.randn(n, 3 * h * head_dim, generator=gen).to(dtype)
