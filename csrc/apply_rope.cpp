@@ -1,5 +1,7 @@
 #include "apply_rope.h"
 
+#include "double_backward.h"
+
 #include "rope_common.h"
 
 #include <ATen/ATen.h>
@@ -322,7 +324,17 @@ class ApplyRopeFunction : public torch::autograd::Function<ApplyRopeFunction> {
     const at::Tensor gq = view(grads[0]), gk = view(grads[1]);
     at::Tensor dq, dk, dcos, dsin;
     if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
-      std::tie(dq, dk) = call_apply_rope_backward(gq, gk, cos, sin, unsqueeze_dim, q_dtype, is_neox);
+      if (building_graph({gq, gk, cos, sin})) {  // create_graph: the kernel's values, the reference's graph
+        {
+          at::NoGradGuard values_only;
+          std::tie(dq, dk) = call_apply_rope_backward(gq.detach(), gk.detach(), cos.detach(), sin.detach(),
+                                                      unsqueeze_dim, q_dtype, is_neox);
+        }
+        dq = with_graph_of(dq, rope_reference(gq, cos, sin, unsqueeze_dim, is_neox, /*transpose=*/true));
+        dk = with_graph_of(dk, rope_reference(gk, cos, sin, unsqueeze_dim, is_neox, /*transpose=*/true));
+      } else {
+        std::tie(dq, dk) = call_apply_rope_backward(gq, gk, cos, sin, unsqueeze_dim, q_dtype, is_neox);
+      }
     }
     if (ctx->needs_input_grad(2) || ctx->needs_input_grad(3)) {
       auto [cq, sq] = cos_sin_grads(q, gq, cos, unsqueeze_dim, is_neox);

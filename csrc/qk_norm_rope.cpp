@@ -1,6 +1,7 @@
 #include "qk_norm_rope.h"
 
 #include "cpu_isa.h"
+#include "double_backward.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -331,6 +332,19 @@ namespace {
 
 using FourTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
+// The fused op in ATen ops (float32, float64 for float64): per-head RMSNorm over the weight's length, times w (or
+// 1 + w, zero_centered), as (B, H, S, D), then the rotation. The double-backward reference; its values match the
+// kernel's up to rounding.
+at::Tensor norm_rope_reference(const at::Tensor& x, const at::Tensor& w, const at::Tensor& cos, const at::Tensor& sin,
+                               double eps, bool zero_centered, bool is_neox) {
+  const auto acc = at::promote_types(x.scalar_type(), at::kFloat);
+  const at::Tensor x4 = x.reshape({x.size(0), x.size(1), -1, w.size(0)}).to(acc);
+  const at::Tensor w_acc = w.to(acc);
+  const at::Tensor y = x4 * at::rsqrt(x4.pow(2).mean(-1, /*keepdim=*/true) + eps) *
+                       (zero_centered ? w_acc + 1 : w_acc);
+  return rope_reference(y.transpose(1, 2), cos, sin, /*unsqueeze_dim=*/1, is_neox);
+}
+
 class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
@@ -364,10 +378,40 @@ class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> 
                          .typed<FourTensors(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                             const at::Tensor&, const at::Tensor&, double, bool, bool)>();
-    auto [dq, dk, dwq, dwk] = op.call(grads[0], grads[1], s[0], s[1], s[2], s[3], s[4], s[5],
-                                      ctx->saved_data["eps"].toDouble(), ctx->saved_data["zero_centered"].toBool(),
-                                      ctx->saved_data["is_neox"].toBool());
-    return {dq, dk, dwq, dwk, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool zero_centered = ctx->saved_data["zero_centered"].toBool();
+    const bool is_neox = ctx->saved_data["is_neox"].toBool();
+    if (!building_graph({grads[0], grads[1], s[0], s[1], s[2], s[3]})) {
+      auto [dq, dk, dwq, dwk] = op.call(grads[0], grads[1], s[0], s[1], s[2], s[3], s[4], s[5], eps, zero_centered,
+                                        is_neox);
+      return {dq, dk, dwq, dwk, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
+    // create_graph: the kernel's values, and the graph of autograd through the reference forward
+    std::vector<at::Tensor> exact(4);
+    {
+      at::NoGradGuard values_only;
+      std::tie(exact[0], exact[1], exact[2], exact[3]) =
+          op.call(grads[0].detach(), grads[1].detach(), s[0].detach(), s[1].detach(), s[2].detach(), s[3].detach(),
+                  s[4], s[5], eps, zero_centered, is_neox);
+    }
+    const at::Tensor ref_q = norm_rope_reference(s[0], s[2], s[4], s[5], eps, zero_centered, is_neox);
+    const at::Tensor ref_k = norm_rope_reference(s[1], s[3], s[4], s[5], eps, zero_centered, is_neox);
+    std::vector<at::Tensor> inputs;
+    std::vector<size_t> slots;
+    for (size_t i = 0; i < 4; ++i) {
+      if (s[i].requires_grad()) {
+        inputs.push_back(s[i]);
+        slots.push_back(i);
+      }
+    }
+    if (!inputs.empty()) {
+      const auto refs = torch::autograd::grad({ref_q.to(grads[0].scalar_type()), ref_k.to(grads[1].scalar_type())},
+                                              inputs, {grads[0], grads[1]}, /*retain_graph=*/true,
+                                              /*create_graph=*/true, /*allow_unused=*/true);
+      for (size_t j = 0; j < slots.size(); ++j) exact[slots[j]] = with_graph_of(exact[slots[j]], refs[j]);
+    }
+    return {exact[0], exact[1], exact[2], exact[3], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 

@@ -233,15 +233,42 @@ def test_cuda_matches_cpu(dtype):
         assert torch.equal(a, b.cpu())
 
 
-def test_double_backward_is_refused_clearly():
-    q, k, cos, sin = make_inputs(dtype=torch.float64, batch=1, seq=3, heads=2, kv_heads=1, head_dim=8)
-    q.requires_grad_()
-    out_q, _ = ops.apply_rope(q, k, cos, sin)
-    (grad,) = torch.autograd.grad(out_q.square().sum(), q, create_graph=False)
-    assert grad.shape == q.shape
-    with pytest.raises(RuntimeError, match="double backward"):
-        out_q, _ = ops.apply_rope(q, k, cos, sin)
-        torch.autograd.grad(out_q.square().sum(), q, create_graph=True)
+@pytest.mark.parametrize("vision", [False, True])
+@pytest.mark.parametrize("is_neox, rot_dim", [(True, 8), (True, 4), (False, 4)])
+@pytest.mark.parametrize("table_grad", [False, True])
+def test_double_backward(device, vision, is_neox, rot_dim, table_grad):
+    """create_graph=True (a gradient penalty) through the rotation, cos/sin trainable or not: the first-order
+    gradients are the kernel's bits, the second-order ones those of the eager formula (float64: to rounding)."""
+    q, k, cos, sin = make_inputs(dtype=torch.float64, batch=1, seq=3, heads=2, kv_heads=1, head_dim=8,
+                                 rot_dim=rot_dim, device=device, is_neox=is_neox)
+    if vision:
+        q, k, cos, sin = q[0].transpose(0, 1), k[0].transpose(0, 1), cos[0], sin[0]
+
+    def eager(q, k, cos, sin):
+        if not vision:
+            return eager_rope(q, k, cos, sin, is_neox=is_neox)
+        out = eager_rope(q.unsqueeze(0), k.unsqueeze(0), cos.unsqueeze(0), sin.unsqueeze(0), unsqueeze_dim=2,
+                         is_neox=is_neox)
+        return out[0][0], out[1][0]
+
+    fn = (lambda *a: ops.apply_rope_vision(*a, is_neox=is_neox)) if vision else \
+        (lambda *a: ops.apply_rope(*a, is_neox=is_neox))
+    results = []
+    for f in (fn, eager):
+        inputs = [q.detach().requires_grad_(), k.detach().requires_grad_(), cos.detach().requires_grad_(table_grad),
+                  sin.detach().requires_grad_(table_grad)]
+        wrt = inputs if table_grad else inputs[:2]
+        out_q, out_k = f(*inputs)
+        first = torch.autograd.grad((out_q.square() * 0.5).sum() + out_k.pow(3).sum(), wrt, create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in first), wrt)
+        results.append((first, second))
+    (first, second), (ref_first, ref_second) = results
+    for g, r in zip(first + second, ref_first + ref_second):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    inputs = [q.detach().requires_grad_(), k.detach().requires_grad_()]
+    out_q, out_k = fn(*inputs, cos, sin)
+    plain = torch.autograd.grad((out_q.square() * 0.5).sum() + out_k.pow(3).sum(), inputs)
+    assert all(torch.equal(a, b) for a, b in zip(plain, first[:2])), "create_graph leaves the values as they were"
 
 
 def test_cos_and_sin_with_different_strides(device):

@@ -206,3 +206,26 @@ def test_training_step_matches(unpatch_after, count_fused, family, checkpointing
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     attention_layers = sum(hasattr(layer, "self_attn") for layer in language_model(model).layers)
     assert len(count_fused) == (2 if checkpointing else 1) * attention_layers, "checkpointing recomputes the fused op"
+
+
+@pytest.mark.parametrize("family", [FAMILIES[0], FAMILIES[2]])
+def test_gradient_penalty_matches(unpatch_after, count_fused, family):
+    """create_graph=True through a patched model (the loss plus a penalty on the gradients of every q/k projection,
+    the vision tower's qkv included): the same gradients as transformers' (to float32 rounding), the fused op run."""
+    inputs = multimodal_batch(family.config(), torch.Generator().manual_seed(3)) if family.vl else text_batch()
+    inputs["labels"] = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+    def step():
+        model = family.build().train()
+        loss = model(**inputs).loss
+        params = [p for n, p in model.named_parameters() if any(s in n for s in ("q_proj", "k_proj", "qkv"))]
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        (loss + sum(g.square().sum() for g in grads)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = step()
+    family.apply()
+    got = step()
+    assert count_fused and set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)

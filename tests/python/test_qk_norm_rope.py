@@ -260,12 +260,28 @@ def test_cuda_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
-def test_double_backward_is_refused_clearly():
-    q, k, qw, kw, cos, sin = make(dtype=torch.float64, batch=1, seq=2, heads=2, kv_heads=1, head_dim=8)
-    q.requires_grad_()
-    out_q, _ = ops.qk_norm_rope(q, k, qw, kw, cos, sin, EPS)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out_q.square().sum(), q, create_graph=True)
+@pytest.mark.parametrize("zero_centered, is_neox, rot_dim", [(False, True, 8), (True, True, 8), (False, False, 4)])
+def test_double_backward(device, zero_centered, is_neox, rot_dim):
+    """create_graph=True (a gradient penalty): the first-order gradients are the kernel's bits, the second-order
+    ones those of transformers' eager steps (all in float64: agreement to rounding)."""
+    args = make(dtype=torch.float64, batch=1, seq=3, heads=2, kv_heads=1, head_dim=8, rot_dim=rot_dim,
+                zero_centered=zero_centered, device=device, is_neox=is_neox)
+    results = []
+    for fn in (ops.qk_norm_rope, ref_qk_norm_rope64):  # transformers' steps in float64 (its norm upcasts to fp32)
+        q, k, qw, kw = (a.detach().requires_grad_() for a in args[:4])
+        out_q, out_k = fn(q, k, qw, kw, *args[4:], EPS, zero_centered, is_neox=is_neox)
+        first = torch.autograd.grad(out_q.square().sum() + out_k.pow(3).sum(), (q, k, qw, kw), create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        second = torch.autograd.grad(penalty, (q, k, qw, kw))
+        results.append((first, second))
+    (first, second), (ref_first, ref_second) = results
+    for g, r in zip(first + second, ref_first + ref_second):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    # the first-order values do not depend on create_graph
+    q, k, qw, kw = (a.detach().requires_grad_() for a in args[:4])
+    out_q, out_k = ops.qk_norm_rope(q, k, qw, kw, *args[4:], EPS, zero_centered, is_neox=is_neox)
+    plain = torch.autograd.grad(out_q.square().sum() + out_k.pow(3).sum(), (q, k, qw, kw))
+    assert all(torch.equal(a, b) for a, b in zip(plain, first))
 
 
 # --------------------------------------------------------------------------------------------------------------
