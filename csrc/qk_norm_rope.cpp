@@ -362,6 +362,12 @@ class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> 
                                                                    const at::Tensor&, const at::Tensor&, double,
                                                                    bool, bool)>();
     auto [q_out, k_out] = op.call(q, k, q_weight, k_weight, cos, sin, eps, zero_centered, is_neox);
+    // An output none of whose inputs requires grad carries none, as transformers' q_norm(q) of a frozen q and
+    // q_norm next to a trainable k does not.
+    torch::autograd::variable_list frozen;
+    if (!q.requires_grad() && !q_weight.requires_grad()) frozen.push_back(q_out);
+    if (!k.requires_grad() && !k_weight.requires_grad()) frozen.push_back(k_out);
+    if (!frozen.empty()) ctx->mark_non_differentiable(frozen);
     // Saves the raw inputs (the op never mutates them); the norm statistics are recomputed in the backward.
     ctx->save_for_backward({q, k, q_weight, k_weight, cos, sin});
     ctx->saved_data["eps"] = eps;

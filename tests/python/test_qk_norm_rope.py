@@ -447,3 +447,24 @@ def test_cuda_forward_min_blocks_knob_validates_and_restores():
         assert knob(0) == 4
     finally:
         knob(before)
+
+
+def test_frozen_operand_output_carries_no_grad(device):
+    """q and q_norm frozen next to a trainable k (or the other way round): the frozen side's output does not require
+    grad, as transformers' q_norm(q) does not; the trainable side's gradients are unchanged by it."""
+    args = make(dtype=torch.float32, batch=1, seq=3, heads=2, kv_heads=1, head_dim=16, device=device)
+
+    def grads(train_q: bool, train_k: bool):
+        q, k, qw, kw = (a.detach().requires_grad_(t) for a, t in zip(args[:4], (train_q, train_k) * 2))
+        out_q, out_k = ops.qk_norm_rope(q, k, qw, kw, *args[4:], EPS)
+        assert out_q.requires_grad == train_q and out_k.requires_grad == train_k
+        (out_q.square().sum() + out_k.square().sum()).backward()
+        return q.grad, k.grad, qw.grad, kw.grad
+
+    both = grads(True, True)
+    only_k = grads(False, True)
+    assert only_k[0] is None and only_k[2] is None
+    assert torch.equal(only_k[1], both[1]) and torch.equal(only_k[3], both[3])
+    only_q = grads(True, False)
+    assert only_q[1] is None and only_q[3] is None
+    assert torch.equal(only_q[0], both[0]) and torch.equal(only_q[2], both[2])
