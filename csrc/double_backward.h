@@ -21,14 +21,14 @@ inline bool building_graph(std::initializer_list<at::Tensor> read) {
   return false;
 }
 
-// `exact`'s values with `reference`'s derivative: exact + (reference - reference.detach()). The added term is +0
-// where the reference is finite (exact's bits are kept; its gradients are +0-normalised already) and is dropped
-// where it is not (inf - inf would be NaN), so the values are the kernel's everywhere.
+// `exact`'s values with `reference`'s derivative: exact - (reference.detach() - reference). The subtracted term is
+// +0 where the reference is finite, and x - (+0) is x for every x, -0 included (x + (+0) would turn -0 into +0); it
+// is dropped where the reference is not finite (inf - inf would be NaN). So the values are the kernel's everywhere.
 inline at::Tensor with_graph_of(const at::Tensor& exact, const at::Tensor& reference) {
   if (!exact.defined() || !reference.defined() || !reference.requires_grad()) return exact;
   const at::Tensor ref = reference.to(exact.scalar_type());
-  const at::Tensor zero = ref - ref.detach();
-  return exact.detach() + at::where(at::isfinite(ref.detach()), zero, at::zeros_like(zero));
+  const at::Tensor zero = ref.detach() - ref;
+  return exact.detach() - at::where(at::isfinite(ref.detach()), zero, at::zeros_like(zero));
 }
 
 // The rotation in ATen ops, as transformers writes it: x * cos + rot(x) * sin on the first R = cos.size(-1)

@@ -400,19 +400,27 @@ class QkNormRopeFunction : public torch::autograd::Function<QkNormRopeFunction> 
           op.call(grads[0].detach(), grads[1].detach(), s[0].detach(), s[1].detach(), s[2].detach(), s[3].detach(),
                   s[4], s[5], eps, zero_centered, is_neox);
     }
-    const at::Tensor ref_q = norm_rope_reference(s[0], s[2], s[4], s[5], eps, zero_centered, is_neox);
-    const at::Tensor ref_k = norm_rope_reference(s[1], s[3], s[4], s[5], eps, zero_centered, is_neox);
-    std::vector<at::Tensor> inputs;
+    // The reference runs on views of the saved inputs, and autograd.grad stops at those views: the inputs' own
+    // tensor hooks (gradient clipping, scaling) run once, in the outer backward, as without create_graph.
+    std::vector<at::Tensor> in(4), inputs;
     std::vector<size_t> slots;
     for (size_t i = 0; i < 4; ++i) {
+      in[i] = s[i].requires_grad() ? s[i].view_as(s[i]) : s[i];
       if (s[i].requires_grad()) {
-        inputs.push_back(s[i]);
+        inputs.push_back(in[i]);
         slots.push_back(i);
       }
     }
-    if (!inputs.empty()) {
-      const auto refs = torch::autograd::grad({ref_q.to(grads[0].scalar_type()), ref_k.to(grads[1].scalar_type())},
-                                              inputs, {grads[0], grads[1]}, /*retain_graph=*/true,
+    // only the sides with something trainable (a frozen q and q_norm give a reference without a graph)
+    std::vector<at::Tensor> outputs, output_grads;
+    for (int side = 0; side < 2; ++side) {
+      if (!(s[side].requires_grad() || s[side + 2].requires_grad())) continue;
+      outputs.push_back(norm_rope_reference(in[side], in[side + 2], s[4], s[5], eps, zero_centered, is_neox)
+                            .to(grads[side].scalar_type()));
+      output_grads.push_back(grads[side]);
+    }
+    if (!inputs.empty() && !outputs.empty()) {
+      const auto refs = torch::autograd::grad(outputs, inputs, output_grads, /*retain_graph=*/true,
                                               /*create_graph=*/true, /*allow_unused=*/true);
       for (size_t j = 0; j < slots.size(); ++j) exact[slots[j]] = with_graph_of(exact[slots[j]], refs[j]);
     }

@@ -29,7 +29,7 @@ void check_grid_tensor(const at::Tensor& grid_thw, const char* what) {
 
 // transformers' window count along an axis of `extent` merged patches: it pads by win - extent % win, so an extent
 // that divides evenly gets a whole empty window more.
-int64_t windows_along(int64_t extent, int64_t win) { return (extent + win - extent % win) / win; }
+int64_t windows_along(int64_t extent, int64_t win) { return extent / win + 1; }  // (e + win - e % win) / win
 
 // t, h, w non-negative and small enough that no sum of tokens overflows (t * h * w and one frame's h * w at most
 // 2^40); h and w multiples of the merge size where the tower's reshape needs it (transformers fails there: a

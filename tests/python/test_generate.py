@@ -225,7 +225,12 @@ def test_gradient_penalty_matches(unpatch_after, count_fused, family):
 
     ref = step()
     family.apply()
-    got = step()
+    vision_calls = []
+    real = ropekit.ops.apply_rope_vision
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ropekit.ops, "apply_rope_vision", lambda *a, **k: vision_calls.append(1) or real(*a, **k))
+        got = step()
     assert count_fused and set(got) == set(ref)
+    assert bool(vision_calls) == family.vl, "the vision tower's rotation ran natively too"
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -7,7 +7,7 @@ import torch
 
 from ropekit import ops
 
-from conftest import requires_cuda
+from conftest import requires_cuda, same_bits
 from test_apply_rope import cos_sin_layout, eager_rope, rel_err
 
 EPS = 1e-6
@@ -260,28 +260,50 @@ def test_cuda_no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
+def _double_backward(fn, args, trainable, zero_centered, is_neox, q_loss, create_graph=True):
+    """First-order gradients of a loss and, under create_graph, second-order ones of a penalty on them, for the
+    inputs marked trainable. q_loss "zero": q's output weighted by 0 (zero gradients, -0 from negative weights)."""
+    inputs = [a.detach().requires_grad_(t) for a, t in zip(args[:4], trainable)]
+    wrt = [x for x in inputs if x.requires_grad]
+    out_q, out_k = fn(*inputs, *args[4:], EPS, zero_centered, is_neox=is_neox)
+    loss = (out_q * 0 if q_loss == "zero" else out_q.square() * 0.5).sum() + out_k.pow(3).sum()
+    first = torch.autograd.grad(loss, wrt, create_graph=create_graph)
+    if not create_graph:
+        return first, ()
+    return first, torch.autograd.grad(sum(g.square().sum() for g in first), wrt)
+
+
 @pytest.mark.parametrize("zero_centered, is_neox, rot_dim", [(False, True, 8), (True, True, 8), (False, False, 4)])
-def test_double_backward(device, zero_centered, is_neox, rot_dim):
-    """create_graph=True (a gradient penalty): the first-order gradients are the kernel's bits, the second-order
-    ones those of transformers' eager steps (all in float64: agreement to rounding)."""
-    args = make(dtype=torch.float64, batch=1, seq=3, heads=2, kv_heads=1, head_dim=8, rot_dim=rot_dim,
-                zero_centered=zero_centered, device=device, is_neox=is_neox)
-    results = []
-    for fn in (ops.qk_norm_rope, ref_qk_norm_rope64):  # transformers' steps in float64 (its norm upcasts to fp32)
-        q, k, qw, kw = (a.detach().requires_grad_() for a in args[:4])
-        out_q, out_k = fn(q, k, qw, kw, *args[4:], EPS, zero_centered, is_neox=is_neox)
-        first = torch.autograd.grad(out_q.square().sum() + out_k.pow(3).sum(), (q, k, qw, kw), create_graph=True)
-        penalty = sum(g.square().sum() for g in first)
-        second = torch.autograd.grad(penalty, (q, k, qw, kw))
-        results.append((first, second))
-    (first, second), (ref_first, ref_second) = results
+@pytest.mark.parametrize("trainable", [(True, True, True, True), (False, True, False, True), (True, True, False, False)],
+                         ids=["all", "k-side", "q-and-k"])
+@pytest.mark.parametrize("q_loss", ["square", "zero"])
+def test_double_backward(device, zero_centered, is_neox, rot_dim, trainable, q_loss):
+    """create_graph=True (a gradient penalty), one side frozen or not: the first-order gradients are the kernel's
+    bits (as without create_graph, -0 included), the second-order ones those of transformers' eager steps (all in
+    float64: agreement to rounding)."""
+    args = list(make(dtype=torch.float64, batch=1, seq=3, heads=2, kv_heads=1, head_dim=8, rot_dim=rot_dim,
+                     zero_centered=zero_centered, device=device, is_neox=is_neox))
+    args[2] = -args[2]  # negative q-norm weights: the backward gives -0 where q's output gradient is 0
+    first, second = _double_backward(ops.qk_norm_rope, args, trainable, zero_centered, is_neox, q_loss)
+    # transformers' steps in float64 (its norm upcasts to fp32)
+    ref_first, ref_second = _double_backward(ref_qk_norm_rope64, args, trainable, zero_centered, is_neox, q_loss)
+    assert first and len(first) == len(ref_first) and len(second) == len(ref_second)
     for g, r in zip(first + second, ref_first + ref_second):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
-    # the first-order values do not depend on create_graph
+    plain, _ = _double_backward(ops.qk_norm_rope, args, trainable, zero_centered, is_neox, q_loss, create_graph=False)
+    assert all(same_bits(a, b) for a, b in zip(plain, first)), "create_graph leaves the values as they were"
+
+
+def test_double_backward_runs_tensor_hooks_once():
+    """The reference graph stops at views of the saved inputs: a hook on q (clipping, scaling) runs once per
+    backward, as without create_graph."""
+    args = make(dtype=torch.float64, batch=1, seq=3, heads=2, kv_heads=1, head_dim=8)
     q, k, qw, kw = (a.detach().requires_grad_() for a in args[:4])
-    out_q, out_k = ops.qk_norm_rope(q, k, qw, kw, *args[4:], EPS, zero_centered, is_neox=is_neox)
-    plain = torch.autograd.grad(out_q.square().sum() + out_k.pow(3).sum(), (q, k, qw, kw))
-    assert all(torch.equal(a, b) for a, b in zip(plain, first))
+    calls = []
+    q.register_hook(lambda g: calls.append(1))
+    out_q, out_k = ops.qk_norm_rope(q, k, qw, kw, *args[4:], EPS)
+    torch.autograd.grad(out_q.square().sum() + out_k.square().sum(), (q, k), create_graph=True)
+    assert len(calls) == 1
 
 
 # --------------------------------------------------------------------------------------------------------------

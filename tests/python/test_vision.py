@@ -736,6 +736,13 @@ class _RebindsGrid(torch.nn.Module):
         return position_ids
 
 
+class _ChangesGridInPlace(torch.nn.Module):
+    def forward(self, hidden_states, grid_thw, **kwargs):
+        grid_thw.clamp_(min=1)
+        position_ids = _helper(grid_thw, 2, kwargs=kwargs)
+        return position_ids
+
+
 class _HelperUnderCondition(torch.nn.Module):
     def forward(self, hidden_states, grid_thw, **kwargs):
         if hidden_states.shape[0]:
@@ -754,6 +761,7 @@ class _HelperInsideAnExpression(torch.nn.Module):
     (_PopsKwargs, "changes kwargs"),
     (_StoresIntoKwargs, "changes kwargs"),
     (_RebindsGrid, "rebinds grid_thw"),
+    (_ChangesGridInPlace, "changes grid_thw"),
     (_HelperUnderCondition, "other than in a plain assignment"),
     (_HelperInsideAnExpression, "other than in a plain assignment"),
 ])
@@ -776,11 +784,25 @@ class _Owner:
         return self.visual(pixel_values, grid_thw=image_grid_thw[:, 1:], **kwargs)
 
 
+class _AliasOwner:
+    """The grid changed through an alias, or in place before being handed over as it is."""
+
+    def get_video_features(self, pixel_values_videos, video_grid_thw=None, **kwargs):
+        grid = video_grid_thw
+        video_grid_thw.mul_(2)
+        return self.visual(pixel_values_videos, grid_thw=grid, **kwargs)
+
+    def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+        image_grid_thw[:, 0] = 1
+        return self.visual(pixel_values, grid_thw=image_grid_thw, **kwargs)
+
+
 def test_vision_inputs_decline_other_grid_code():
     from ropekit.transformers.vision import VisionInputs, VisionInputsUnavailable, _grid_transform
 
-    with pytest.raises(VisionInputsUnavailable, match="may change the grid"):
-        _grid_transform(_Owner, "video")
+    for owner, modality in ((_Owner, "video"), (_AliasOwner, "video"), (_AliasOwner, "image")):
+        with pytest.raises(VisionInputsUnavailable, match="may change the grid"):
+            _grid_transform(owner, modality)
     transform = _grid_transform(_Owner, "image")  # derivable, but not a grid: the dry run finds it
     inputs = object.__new__(VisionInputs)
     with pytest.raises(VisionInputsUnavailable, match="does not give an \\(n, 3\\) grid"):

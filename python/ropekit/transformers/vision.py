@@ -329,10 +329,16 @@ def _passes_kwargs(call: ast.Call, kwargs_name: str) -> bool:
 _MUTATING_METHODS = frozenset(("update", "pop", "popitem", "setdefault", "clear", "__setitem__", "__delitem__"))
 
 
+def _in_place(method: str) -> bool:
+    """A tensor method that writes its tensor (``mul_``, ``copy_``; not ``__len__``)."""
+    return method.endswith("_") and not method.endswith("__")
+
+
 def _require_unchanged(node, names: tuple, where: str) -> None:
     """Raise VisionInputsUnavailable where the function rebinds one of ``names`` (assignment, loop, ``with``,
-    walrus, ``del``, ``global`` / ``nonlocal``), stores into or deletes from it, or calls a mutating dict method on
-    it: the derivation reads the function's steps as running on the values it was given."""
+    walrus, ``del``, ``global`` / ``nonlocal``), stores into or deletes from it, or calls a mutating dict method or
+    an in-place tensor method on it: the derivation reads the function's steps as running on the values it was
+    given."""
     names = set(names)
     for sub in ast.walk(node):
         if isinstance(sub, ast.Name) and sub.id in names and isinstance(sub.ctx, (ast.Store, ast.Del)):
@@ -342,7 +348,8 @@ def _require_unchanged(node, names: tuple, where: str) -> None:
         if isinstance(sub, (ast.Subscript, ast.Attribute)) and isinstance(sub.ctx, (ast.Store, ast.Del)) \
                 and isinstance(sub.value, ast.Name) and sub.value.id in names:
             raise VisionInputsUnavailable(f"{where} changes {sub.value.id}: {ast.unparse(sub)}")
-        if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) and sub.func.attr in _MUTATING_METHODS \
+        if isinstance(sub, ast.Call) and isinstance(sub.func, ast.Attribute) \
+                and (sub.func.attr in _MUTATING_METHODS or _in_place(sub.func.attr)) \
                 and isinstance(sub.func.value, ast.Name) and sub.func.value.id in names:
             raise VisionInputsUnavailable(f"{where} changes {sub.func.value.id}: {ast.unparse(sub)}")
 
@@ -464,26 +471,34 @@ def _grid_transform(model_cls, modality: str, depth: int = 0) -> _GridTransform:
 
 
 def _slice(function, before: list, grid_param: str, grid, where: str) -> _GridTransform:
-    if isinstance(grid, ast.Name) and grid.id == grid_param:
-        return _GridTransform()
     if grid is None:
         raise VisionInputsUnavailable(f"{where} calls self.visual without a grid_thw")
     node = _function_ast(function)
     # the function's own variables: a statement left out that touches one the grid needs (a loop, an in-place
-    # call, an assignment that also rebinds it) could change the grid, so no transform is derived then
+    # call, an alias, an assignment that also rebinds it) could change the grid, so no transform is derived then
     local = {a.arg for a in node.args.args + node.args.kwonlyargs} | \
         {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    needed = {n.id for n in ast.walk(grid) if isinstance(n, ast.Name)}
-    kept = []
-    for stmt in reversed(before):
-        targets = _target_names(stmt.targets[0]) if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 else None
-        mentioned = {n.id for n in ast.walk(stmt) if isinstance(n, ast.Name)}
-        if targets and set(targets) & needed:
-            kept.insert(0, stmt)
-            needed |= {n.id for n in ast.walk(stmt.value) if isinstance(n, ast.Name)}
-        elif mentioned & needed & local:
+
+    def names(tree) -> set:
+        return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+
+    # the plain assignments the grid depends on, to a fixpoint (a later assignment can feed an earlier read)
+    needed, kept = names(grid), set()
+    while True:
+        more = [s for s in before if id(s) not in kept and isinstance(s, ast.Assign) and len(s.targets) == 1
+                and _target_names(s.targets[0]) and set(_target_names(s.targets[0])) & needed]
+        if not more:
+            break
+        for stmt in more:
+            kept.add(id(stmt))
+            needed |= names(stmt.value)
+    for stmt in before:
+        if id(stmt) not in kept and names(stmt) & needed & local:
             raise VisionInputsUnavailable(f"{where}: `{ast.unparse(stmt).splitlines()[0]}` may change the grid it "
                                           "hands its tower")
+    if isinstance(grid, ast.Name) and grid.id == grid_param:
+        return _GridTransform()
+    kept = [s for s in before if id(s) in kept]
     defined = {t for s in kept for t in _target_names(s.targets[0])} | {grid_param}
     free = needed - defined
     if free & local or any(n not in function.__globals__ and not hasattr(builtins, n) for n in free):
