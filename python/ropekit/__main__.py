@@ -60,6 +60,13 @@ def main(argv: list[str]) -> int:
         print(row.line())
     declined = [row for row in rows if not row.patched]
     print(f"\n{len(rows) - len(declined)} patched, {len(declined)} declined")
+    from ropekit.transformers.coverage import NOT_SUPPORTED, mrope_model_types
+
+    others = [t for t in mrope_model_types() if t in NOT_SUPPORTED]
+    if others:
+        print(f"\nmRoPE model types of this release ropekit does not patch ({len(others)}):")
+        for model_type in others:
+            print(f"  {model_type}: {NOT_SUPPORTED[model_type]}")
     return 1 if declined else 0
 
 

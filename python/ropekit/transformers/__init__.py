@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from . import _guard
 from ._patching import import_optional, patch, unpatch_all
 from .attention import derive_attention_forward
+from .coverage import NOT_SUPPORTED
 from .rope_index import MROPE_RULES, make_get_rope_index
 from .rotary import RotaryLayout, make_apply_multimodal_rotary_pos_emb, make_apply_rotary_pos_emb, make_rotary_forward
 from .vision import POSITION_HELPERS, VisionTower, make_apply_rotary_pos_emb_vision, make_position_helper
@@ -517,6 +518,9 @@ def apply_to_model(model, **switches) -> None:
     changes nothing there; any other switch a family does not have is a ``TypeError``."""
     model_type = _model_type(model)
     apply = _MODEL_TYPES.get(model_type)
+    if apply is None and model_type in NOT_SUPPORTED:
+        raise ValueError(f"ropekit.apply_to_model: model_type {model_type!r} is not supported: "
+                         f"{NOT_SUPPORTED[model_type]}")
     if apply is None:
         raise ValueError(
             f"ropekit.apply_to_model: model_type {model_type!r} is not supported; supported: "

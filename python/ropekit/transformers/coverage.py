@@ -1,0 +1,65 @@
+"""Which of the installed transformers' model types have an mRoPE position index, and what ropekit does with each.
+
+``mrope_model_types()`` reads the installed modeling modules (as text, nothing imported): a model type counts when its
+module defines ``get_rope_index`` or reads ``mrope_section`` in code (a comment does not count). Each such type is
+either patched (``apply_to_model`` takes it) or listed in ``NOT_SUPPORTED`` with the reason, the table the README
+prints; a release that adds another fails ropekit's completeness test until it is placed in one or the other.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+_NOT_YET = "not ported yet (issue 17); transformers' own code runs"
+
+# model type -> why ropekit does not patch it (README: "mRoPE model types ropekit does not patch")
+NOT_SUPPORTED: dict[str, str] = {
+    "qwen2_5_omni": "Omni thinker index: audio spans with 1-D positions, time scaled by position_id_per_seconds, "
+                    f"audio interleaved with video per 2 s chunk (use_audio_in_video); {_NOT_YET}",
+    "qwen3_omni_moe": "Omni thinker index: float32 (fractional) positions, audio interleaved with video per token; "
+                      f"{_NOT_YET}",
+    "cohere_compass": f"Qwen3-VL's index; its text rotary pre-rotates the h/w sections in (i + 1) % 3 order; {_NOT_YET}",
+    "cosmos3_omni": f"the index of Qwen3-VL / GLM-4V, its own text rotary layout; {_NOT_YET}",
+    "cosmos3_edge": f"the index of Qwen3-VL / GLM-4V (with a .clone()), its own text rotary layout; {_NOT_YET}",
+    "glm_ocr": f"GLM-4V's index, its own modeling classes; {_NOT_YET}",
+    "paddleocr_vl": f"Qwen2-VL's index, its own modeling classes; {_NOT_YET}",
+    "ernie4_5_vl_moe": f"Qwen2-VL's index plus a temporal_merge_size for videos and its own h/w/t split; {_NOT_YET}",
+    "hunyuan_vl": f"three or more position axes (len(mrope_section), 'xdrope'); {_NOT_YET}",
+    "hy_v4_vl": f"a newline token ends every row of a frame; each frame starts a block of max(h, w) positions; "
+                f"{_NOT_YET}",
+    "glm_image": f"images_per_sample and the grids of the images to generate; {_NOT_YET}",
+    "minicpmv4_7": f"'canvas M-RoPE' positions from target_sizes; {_NOT_YET}",
+}
+
+
+def _uses_mrope(tree: ast.AST) -> bool:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "get_rope_index":
+            return True
+        if isinstance(node, ast.Attribute) and node.attr == "mrope_section":
+            return True
+        if isinstance(node, ast.Name) and node.id == "mrope_section":
+            return True
+        if isinstance(node, ast.Constant) and node.value == "mrope_section":
+            return True
+    return False
+
+
+def mrope_model_types() -> list[str]:
+    """The installed transformers' model types (their ``transformers/models/<type>`` folder names) whose modeling
+    module has an mRoPE position index or rotary, sorted."""
+    import transformers.models
+
+    found = []
+    for path in sorted(pathlib.Path(transformers.models.__file__).parent.glob("*/modeling_*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if "get_rope_index" not in text and "mrope_section" not in text:
+            continue
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        if _uses_mrope(tree):
+            found.append(path.parent.name)
+    return sorted(set(found))
