@@ -77,9 +77,14 @@ def _kernel_device_types() -> frozenset:
 
 def kernel_devices(*tensors: Any) -> bool:
     """Whether every tensor (``None`` skipped) lives on a device ropekit's ops have kernels for; on any other (a
-    CPU-only build's CUDA tensors, MPS, XPU) a patch hands the call to transformers' code."""
+    CPU-only build's CUDA tensors, MPS, XPU) a patch hands the call to transformers' code. Runs on every patched
+    call: the common cases are tested with tensor flags (well under a microsecond), not ``.device``."""
     types_ = _kernel_device_types()
-    return all(t is None or t.device.type in types_ for t in tensors)
+    for t in tensors:
+        if t is not None and ("cpu" if t.is_cpu else "cuda" if t.is_cuda else "meta" if t.is_meta
+                              else t.device.type) not in types_:
+            return False
+    return True
 
 
 def global_module_hooks() -> bool:
