@@ -7,7 +7,6 @@ then behaves as the original instead of running ropekit after ``unpatch()``.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import types
 import weakref
@@ -67,19 +66,23 @@ def plain_tensors(*tensors: Any) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel_device_types() -> frozenset:
     """The device types this build of ropekit has kernels for: CPU, meta (the fake kernels), CUDA where built."""
-    from .. import has_cuda_kernels
+    from .. import ops  # noqa: F401 - the kernels are registered when ropekit.ops has loaded the extension
 
-    return frozenset(("cpu", "meta") + (("cuda",) if has_cuda_kernels() else ()))
+    cuda = torch._C._dispatch_has_kernel_for_dispatch_key("ropekit::apply_rope", "CUDA")  # ropekit.has_cuda_kernels
+    return frozenset(("cpu", "meta") + (("cuda",) if cuda else ()))
+
+
+# read once (the build's kernels do not change), so that torch.compile sees a constant where a patch checks it
+KERNEL_DEVICE_TYPES = _kernel_device_types()
 
 
 def kernel_devices(*tensors: Any) -> bool:
     """Whether every tensor (``None`` skipped) lives on a device ropekit's ops have kernels for; on any other (a
     CPU-only build's CUDA tensors, MPS, XPU) a patch hands the call to transformers' code. Runs on every patched
     call: the common cases are tested with tensor flags (well under a microsecond), not ``.device``."""
-    types_ = _kernel_device_types()
+    types_ = KERNEL_DEVICE_TYPES
     for t in tensors:
         if t is not None and ("cpu" if t.is_cpu else "cuda" if t.is_cuda else "meta" if t.is_meta
                               else t.device.type) not in types_:
