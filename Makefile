@@ -60,13 +60,17 @@ $(TFNEW)/.ready: | $(VENV)/.ready
 build: venv
 	$(PY) setup.py --quiet build_ext --inplace
 
+# ninja 1.13 reads make's jobserver from MAKEFLAGS, whose pipe a recipe of `make -j` does not inherit ("Could not
+# initialize jobserver"): the builds that run inside `make test`'s suites get their own job count instead
+NO_JOBSERVER := MAKEFLAGS=
+
 # `make test` builds once, then runs the suites with BUILT empty: no suite rebuilds the extension while another
 # imports it
 BUILT ?= build
 
 cmake-build: venv gtest-deps
 	cmake -S . -B $(CMAKE_BUILD) -G Ninja -DPython3_EXECUTABLE=$(PY) > /dev/null
-	cmake --build $(CMAKE_BUILD)
+	$(NO_JOBSERVER) cmake --build $(CMAKE_BUILD)
 
 test-python: $(BUILT)
 	$(PY) -m pytest tests/python -q
@@ -88,9 +92,9 @@ SANITIZER_ENV = ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0:abort_on_er
 test-sanitize: venv gtest-deps
 	cmake -S . -B $(ASAN_BUILD)/cmake -G Ninja -DPython3_EXECUTABLE=$(PY) -DROPEKIT_SANITIZE=ON \
 	  -DCMAKE_BUILD_TYPE=RelWithDebInfo > /dev/null
-	cmake --build $(ASAN_BUILD)/cmake
+	$(NO_JOBSERVER) cmake --build $(ASAN_BUILD)/cmake
 	$(SANITIZER_ENV) ctest --test-dir $(ASAN_BUILD)/cmake --output-on-failure
-	ROPEKIT_SANITIZE=1 $(PY) setup.py --quiet build_ext --build-lib $(ASAN_BUILD)/lib --build-temp $(ASAN_BUILD)/temp
+	$(NO_JOBSERVER) ROPEKIT_SANITIZE=1 $(PY) setup.py --quiet build_ext --build-lib $(ASAN_BUILD)/lib --build-temp $(ASAN_BUILD)/temp
 	rm -rf $(ASAN_BUILD)/python && mkdir -p $(ASAN_BUILD)/python
 	cp -r python/ropekit $(ASAN_BUILD)/python/ && rm -f $(ASAN_BUILD)/python/ropekit/*.so
 	cp $(ASAN_BUILD)/lib/ropekit/_C*.so $(ASAN_BUILD)/python/ropekit/
