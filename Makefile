@@ -108,10 +108,15 @@ test-sanitize: venv gtest-deps
 # The five suites run two at a time: most of a pytest run keeps one core busy, so on CI's two cores this halves the
 # wall time, not the work. Each suite's output is printed whole when it ends (--output-sync); the first failure fails
 # the run once the suites in flight end. The build and the transformers folders come first, so no suite ever sees
-# the extension being replaced. SUITE_JOBS=1 runs them one after another.
+# the extension being replaced. SUITE_JOBS=1 runs them one after another. Each suite's torch uses one intra-op
+# thread (SUITE_THREADS): two suites of two OpenMP threads each on two cores ran 5x slower than one alone
+# (test_families.py: 151 s for two against 29 s for one; 28 s for two with one thread each). The tests that
+# exercise the multi-threaded kernels set their thread count themselves (test_cpu_isa).
 SUITE_JOBS ?= 2
+SUITE_THREADS ?= 1
 test: build tf457 tfnew
-	$(MAKE) --no-print-directory -j$(SUITE_JOBS) --output-sync=target BUILT= test-python test-tfnew test-tf457 \
+	OMP_NUM_THREADS=$(SUITE_THREADS) $(MAKE) --no-print-directory -j$(SUITE_JOBS) --output-sync=target BUILT= \
+	  test-python test-tfnew test-tf457 \
 	  test-sanitize test-cpp
 
 # RECORD=1: append the demo's tables to benchmarks/RESULTS.md (otherwise the checkout is left as it was)
