@@ -23,11 +23,15 @@ at::Tensor canonical(const at::Tensor& x, int64_t unsqueeze_dim) {
   return unsqueeze_dim == 1 ? x.transpose(1, 2) : x;
 }
 
-RopeOperand make_operand(const at::Tensor& x, int64_t unsqueeze_dim, at::ScalarType out_dtype) {
+RopeOperand make_operand(const at::Tensor& x, int64_t unsqueeze_dim, at::ScalarType out_dtype, bool contiguous_out) {
   // A strided head_dim would defeat vector loads; copy once in that rare case (never more than once).
   const at::Tensor in = x.stride(-1) == 1 ? x : x.contiguous();
-  // empty_like keeps a transposed (B,H,S,D) view's (B,S,H,D) storage order, like eager's elementwise ops do.
-  const at::Tensor out = at::empty_like(in, in.options().dtype(out_dtype));
+  // Forward: empty_like keeps a transposed (B,H,S,D) view's (B,S,H,D) storage order, like eager's elementwise ops
+  // do. Backward (contiguous_out): autograd's gradient of transformers' rotation is contiguous whatever the incoming
+  // gradient's order (its first contribution comes from the slice backward of rotate_half, a new_zeros buffer the
+  // others are added into), and reductions downstream (a norm weight's gradient) sum in the order of that layout.
+  const at::Tensor out = contiguous_out ? at::empty(in.sizes(), in.options().dtype(out_dtype))
+                                        : at::empty_like(in, in.options().dtype(out_dtype));
   return rope_operand(in, out, canonical(in, unsqueeze_dim), canonical(out, unsqueeze_dim));
 }
 
@@ -56,7 +60,7 @@ at::ScalarType apply_rope_out_dtype(at::ScalarType x_dtype, at::ScalarType cos_d
 }
 
 RopeArgs prepare_apply_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-                            int64_t unsqueeze_dim, at::ScalarType out_dtype, bool is_neox) {
+                            int64_t unsqueeze_dim, at::ScalarType out_dtype, bool is_neox, bool contiguous_out) {
   TORCH_CHECK(q.dim() == 4, "q: expected a 4-D tensor (batch, heads, seq, head_dim) or (batch, seq, heads, "
               "head_dim), got shape ", q.sizes());
   TORCH_CHECK(k.dim() == 4, "k: expected a 4-D tensor like q, got shape ", k.sizes());
@@ -103,8 +107,8 @@ RopeArgs prepare_apply_rope(const at::Tensor& q, const at::Tensor& k, const at::
   }
   a.cos_stride_b = cos.size(0) == 1 ? 0 : a.cos.stride(0);
   a.cos_stride_s = a.cos.stride(1);
-  a.q = make_operand(q, unsqueeze_dim, out_dtype);
-  a.k = make_operand(k, unsqueeze_dim, out_dtype);
+  a.q = make_operand(q, unsqueeze_dim, out_dtype, contiguous_out);
+  a.k = make_operand(k, unsqueeze_dim, out_dtype, contiguous_out);
   return a;
 }
 
@@ -120,7 +124,7 @@ RopeArgs prepare_apply_rope_backward(const at::Tensor& grad_q, const at::Tensor&
               grad_q.scalar_type(), "), got ", grad_k.scalar_type());
   TORCH_CHECK(cos.scalar_type() == q_dtype || cos.scalar_type() == at::kFloat, "cos: expected dtype ", q_dtype,
               " or float32, got ", cos.scalar_type());
-  return prepare_apply_rope(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox);
+  return prepare_apply_rope(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox, /*contiguous_out=*/true);
 }
 
 RopeArgs prepare_apply_rope_vision(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,

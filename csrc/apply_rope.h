@@ -32,10 +32,12 @@ struct RopeArgs {
   bool is_neox = true;  // rotate_half (Qwen) or GPT-J pairs (GLM-4V); see rope_common.h
 };
 
-// Validates apply_rope's arguments and allocates outputs of `out_dtype` in the layout of the inputs.
+// Validates apply_rope's arguments and allocates outputs of `out_dtype` in the layout of the inputs, or contiguous
+// (`contiguous_out`, the backward: the layout of autograd's gradient of transformers' rotation).
 // `x_q`/`x_k` are q/k for the forward and the output gradients for the backward.
 RopeArgs prepare_apply_rope(const at::Tensor& x_q, const at::Tensor& x_k, const at::Tensor& cos,
-                            const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType out_dtype, bool is_neox);
+                            const at::Tensor& sin, int64_t unsqueeze_dim, at::ScalarType out_dtype, bool is_neox,
+                            bool contiguous_out = false);
 
 // apply_rope_vision's (tokens, heads, head_dim) q/k and (tokens, rotary_dim) cos/sin, as the batch-1 (B, S, H, D)
 // layout of the above; the outputs keep q's dtype.

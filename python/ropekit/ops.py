@@ -385,7 +385,8 @@ def _apply_rope_vision_fake(q, k, cos, sin, is_neox=True):
 
 
 def _apply_rope_backward_fake(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, is_neox=True):
-    return _rope_outputs_like(grad_q, q_dtype), _rope_outputs_like(grad_k, q_dtype)
+    # contiguous, whatever the incoming gradients' layout: the layout of autograd's gradient of transformers' rotation
+    return grad_q.new_empty(grad_q.shape, dtype=q_dtype), grad_k.new_empty(grad_k.shape, dtype=q_dtype)
 
 
 def _rope_index_fake(input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids,

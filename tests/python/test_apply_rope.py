@@ -387,3 +387,55 @@ def test_frozen_operand_output_carries_no_grad(device, vision):
     # cos/sin that require grad: both outputs carry it
     out_q, out_k = fn(q, k, cos.detach().requires_grad_(), sin)
     assert out_q.requires_grad and out_k.requires_grad
+
+
+def _transformers_rotation(name):
+    """transformers' own function (unpatched): Qwen3-VL's apply_rotary_pos_emb (neox), GLM-4V's (GPT-J pairs),
+    Qwen2-VL's apply_rotary_pos_emb_vision."""
+    import importlib
+
+    from ropekit.transformers._patching import original
+
+    module_name, function = {"neox": ("qwen3_vl", "apply_rotary_pos_emb"), "gptj": ("glm4v", "apply_rotary_pos_emb"),
+                             "vision": ("qwen2_vl", "apply_rotary_pos_emb_vision")}[name]
+    module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    return original(module, function)
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("kind", ["neox", "gptj", "vision"])
+def test_gradient_layout_is_autograds(kind):
+    """The backward hands q and k their gradients in the layout autograd gives transformers' rotation (contiguous),
+    whatever the layout of the incoming gradient (here transposed, as a consumer that transposes the rotated q/k
+    makes it): a reduction upstream of the rotation, here the gradient of a per-channel weight as an RMSNorm has,
+    then sums in the same order and gets the same bits."""
+    gen = torch.Generator().manual_seed(11)
+    tokens, heads, head_dim = 37, 4, 16
+    x = torch.randn(2, tokens, heads, head_dim, generator=gen)
+    angles = torch.rand(2, tokens, head_dim // 2, generator=gen, dtype=torch.float64) * 50
+    emb = cos_sin_layout(angles, kind != "gptj")
+    cos, sin = emb.cos().float(), emb.sin().float()
+    # contiguous in the transposed shape: the gradient arriving at the rotation's outputs is not contiguous in theirs
+    probe = torch.randn(2, tokens, heads, head_dim, generator=gen)
+    if kind == "vision":
+        x, cos, sin, probe = x[0], cos[0], sin[0], probe[0].transpose(0, 1).contiguous()
+
+    def run(rotate):
+        weight = torch.linspace(0.5, 1.5, head_dim).requires_grad_()
+        q, k = x * weight, x.flip(-1) * weight
+        q, k = (q, k) if kind == "vision" else (q.transpose(1, 2), k.transpose(1, 2))
+        seen = []
+        q.register_hook(lambda g: seen.append(g.stride()))
+        out_q, out_k = rotate(q, k, cos, sin)
+        # the consumer transposes the rotated tensors: the incoming gradients are not contiguous in their shape
+        ((out_q.transpose(-2, -3) * probe).sum() + (out_k.transpose(-2, -3) * probe.flip(0)).sum()).backward()
+        return weight.grad, seen[0]
+
+    theirs = _transformers_rotation(kind)
+    if kind == "vision":
+        ours = ops.apply_rope_vision
+    else:
+        ours = lambda q, k, cos, sin: ops.apply_rope(q, k, cos, sin, is_neox=kind != "gptj")  # noqa: E731
+    (expected, expected_stride), (got, got_stride) = run(theirs), run(ours)
+    assert got_stride == expected_stride
+    assert same_bits(got, expected)
