@@ -4,7 +4,9 @@ ropekit.rope_index arguments.
 
 Families: Qwen2-VL and Qwen2.5-VL (whole-video grids; Qwen2.5-VL scales temporal positions by tokens_per_second *
 second_per_grid_ts), Qwen3-VL, Qwen3.5 and Qwen4-Exp (videos split into frames separated by timestamps), and the
-GLM-4V family (glm4v, glm4v_moe, glm46v: frames of image tokens inside <|begin_of_video|> ... <|end_of_video|>).
+GLM-4V family (glm4v, glm4v_moe, glm46v: frames of image tokens inside <|begin_of_video|> ... <|end_of_video|>),
+and the 5.x model types that carry one of those indexes in their own classes (paddleocr_vl: Qwen2-VL's; glm_ocr:
+GLM-4V's; cosmos3_omni, cosmos3_edge, cohere_compass: Qwen3-VL's).
 
 Reproduce one case: PYTHONPATH=python python tests/python/family_cases.py --family qwen2_5_vl --seed 12345
 """
@@ -64,6 +66,12 @@ FAMILIES = {
         Family("glm4v", "glm4v", "Glm4vModel", "Glm4vConfig", frames=True, glm=True),
         Family("glm4v_moe", "glm4v_moe", "Glm4vMoeModel", "Glm4vMoeConfig", frames=True, glm=True),
         Family("glm46v", "glm46v", "Glm46VModel", "Glm46VConfig", frames=True, glm=True),
+        # 5.x model types with a known family's get_rope_index in their own modules
+        Family("paddleocr_vl", "paddleocr_vl", "PaddleOCRVLModel", "PaddleOCRVLConfig", frames=False),
+        Family("glm_ocr", "glm_ocr", "GlmOcrModel", "GlmOcrConfig", frames=True, glm=True),
+        Family("cosmos3_omni", "cosmos3_omni", "Cosmos3OmniModel", "Cosmos3OmniConfig", frames=True),
+        Family("cosmos3_edge", "cosmos3_edge", "Cosmos3EdgeModel", "Cosmos3EdgeConfig", frames=True),
+        Family("cohere_compass", "cohere_compass", "CohereCompassModel", "CohereCompassConfig", frames=True),
     )
 }
 

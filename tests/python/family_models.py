@@ -125,6 +125,80 @@ def qwen4_exp_config(**text_overrides):
     return config
 
 
+def paddleocr_vl_config():
+    """PaddleOCR-VL (5.x): Qwen2-VL's text model (head_dim 16, sections [2, 3, 3]) and a one-layer SigLIP tower
+    (patches of 4 pixels, a 4 x 4 learned position grid, interpolated per image)."""
+    from transformers import PaddleOCRVLConfig
+
+    text = dict(TEXT, head_dim=16, **_text_rope([2, 3, 3]))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
+                  image_size=16, spatial_merge_size=2)
+    config = PaddleOCRVLConfig(text_config=text, vision_config=vision, **QWEN_IDS)
+    config._attn_implementation = "eager"
+    return config
+
+
+def glm_ocr_config():
+    """GLM-OCR (5.x): GLM-4V's text model (head_dim 32, partial rotary 0.5: 8 frequencies in sections [2, 3, 3])
+    and a one-block tower with q/k norms."""
+    from transformers import GlmOcrConfig
+
+    text = dict(TEXT, hidden_size=128, intermediate_size=128, **_text_rope([2, 3, 3], partial=0.5))
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=text["hidden_size"],
+                  patch_size=4, image_size=32, spatial_merge_size=2, temporal_patch_size=2)
+    config = GlmOcrConfig(text_config=text, vision_config=vision, **GLM_IDS)
+    config._attn_implementation = "eager"
+    return config
+
+
+def cosmos3_omni_config():
+    """Cosmos3-Omni (5.x): Qwen3-VL's text model (q/k norms, interleaved sections [3, 3, 2]) and tower."""
+    from transformers import Cosmos3OmniConfig
+
+    text = dict(TEXT, head_dim=16, model_type="qwen3_vl_text", **_text_rope([3, 3, 2]))
+    text["rope_parameters"]["mrope_interleaved"] = True
+    vision = dict(model_type="qwen3_vl_vision", depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=TEXT["hidden_size"], patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0])
+    config = Cosmos3OmniConfig(text_config=text, vision_config=vision, **QWEN_IDS)
+    config._attn_implementation = "eager"
+    return config
+
+
+def cosmos3_edge_config():
+    """Cosmos3-Edge (5.x): Qwen3-VL's interleaved text rotary (head_dim 16, sections [3, 3, 2]), no q/k norms, and
+    a one-layer SigLIP2 tower (flat patches of 3 x 4 x 4 values, a 4 x 4 learned position grid)."""
+    from transformers import Cosmos3EdgeConfig
+
+    text = dict(TEXT, head_dim=16, eos_token_id=1, **_text_rope([3, 3, 2]))
+    text["rope_parameters"]["mrope_interleaved"] = True
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
+                  num_patches=16, spatial_merge_size=2)
+    config = Cosmos3EdgeConfig(text_config=text, vision_config=vision, projector_hidden_size=64, **QWEN_IDS)
+    config._attn_implementation = "eager"
+    return config
+
+
+def cohere_compass_config():
+    """Cohere Compass (5.x): a full-attention and a sliding-window layer, each layer type with its own rotary
+    (theta 1e4 and 3e3, sections [3, 3, 2] of 8 frequencies: head_dim 16), and a one-block Qwen3-VL-style tower.
+    The window (256 tokens) spans every test sequence: a 4-D packing mask replaces transformers' window, and the
+    samples of a packed row must see what they see alone."""
+    from transformers import CohereCompassConfig
+
+    def rope(theta):
+        return {"rope_type": "default", "rope_theta": theta, "mrope_section": [3, 3, 2]}
+
+    text = dict(TEXT, eos_token_id=1, layer_types=["full_attention", "sliding_attention"], sliding_window=256,
+                rope_parameters={"full_attention": rope(1e4), "sliding_attention": rope(3e3)})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT["hidden_size"],
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0])
+    config = CohereCompassConfig(text_config=text, vision_config=vision, **QWEN_IDS)
+    config._attn_implementation = "eager"
+    return config
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Families
 
@@ -148,12 +222,17 @@ class Family:
     layout: str  # token layout of the batches: "qwen2" (whole videos), "qwen3" (frames + timestamps), "glm"
     fused: bool = False  # the attention has q/k norms: the fused op runs
     time_scaled: bool = False  # Qwen2.5-VL's second_per_grid_ts
+    # how the tower takes pixels: "patches" (N, C * temporal_patch * P * P), "flat" (N, C * P * P; SigLIP2),
+    # "images" (N, C, P, P; PaddleOCR-VL's SigLIP)
+    pixels: str = "patches"
+    videos: bool = True  # False: the model takes images only (PaddleOCR-VL); batches hold images in their place
+    layer_types: tuple = ()  # a rotary per layer type (Cohere Compass): forward(x, position_ids, layer_type)
 
     def available(self) -> bool:
         return has_module(self.module) and has_module(self.config_module())
 
     def config_module(self) -> str:
-        return {"glm46v": "glm46v", "qwen4_exp": "qwen4_exp"}.get(self.id, self.module)
+        return {"glm46v": "glm46v", "qwen4_exp": "qwen4_exp", "cosmos3_omni": "cosmos3_omni"}.get(self.id, self.module)
 
     def build(self, seed=0, config=None):
         import transformers
@@ -179,6 +258,18 @@ FAMILIES = {
                ropekit.apply_to_glm4v, "glm4v_moe", "Glm4vMoeTextRotaryEmbedding", "glm"),
         Family("glm46v", "Glm46VForConditionalGeneration", lambda: glm4v_config("glm46v"), ropekit.apply_to_glm4v,
                "glm4v", "Glm4vTextRotaryEmbedding", "glm"),
+        Family("paddleocr_vl", "PaddleOCRVLForConditionalGeneration", paddleocr_vl_config,
+               ropekit.apply_to_paddleocr_vl, "paddleocr_vl", "PaddleOCRRotaryEmbedding", "qwen2", pixels="images",
+               videos=False),
+        Family("glm_ocr", "GlmOcrForConditionalGeneration", glm_ocr_config, ropekit.apply_to_glm_ocr, "glm_ocr",
+               "GlmOcrTextRotaryEmbedding", "glm"),
+        Family("cosmos3_omni", "Cosmos3OmniForConditionalGeneration", cosmos3_omni_config, ropekit.apply_to_cosmos3,
+               "qwen3_vl", "Qwen3VLTextRotaryEmbedding", "qwen3", fused=True),
+        Family("cosmos3_edge", "Cosmos3EdgeForConditionalGeneration", cosmos3_edge_config, ropekit.apply_to_cosmos3,
+               "cosmos3_edge", "Cosmos3EdgeTextRotaryEmbedding", "qwen3", pixels="flat"),
+        Family("cohere_compass", "CohereCompassForConditionalGeneration", cohere_compass_config,
+               ropekit.apply_to_cohere_compass, "cohere_compass", "CohereCompassRotaryEmbedding", "qwen3",
+               layer_types=("full_attention", "sliding_attention")),
     )
 }
 
@@ -295,6 +386,16 @@ def _video(family, config, t, h, w, text):
     return ids, types
 
 
+def _pixels(family: Family, config, grid, gen):
+    """Random pixel values for the patches of these grids, in the layout the family's tower takes."""
+    vision, n = config.vision_config, int(grid.prod(-1).sum())
+    if family.pixels == "images":
+        return torch.randn(n, vision.num_channels, vision.patch_size, vision.patch_size, generator=gen)
+    if family.pixels == "flat":
+        return torch.randn(n, vision.num_channels * vision.patch_size**2, generator=gen)
+    return torch.randn(n, vision.in_channels * vision.temporal_patch_size * vision.patch_size**2, generator=gen)
+
+
 def multimodal_inputs(family: Family, config, seed: int = 0, rows=None, seconds=(1.5, 0.5)):
     """A left-padded batch with images and multi-frame videos in the family's layout, with pixel values, grids,
     mm_token_type_ids (5.x) and, for Qwen2.5-VL, second_per_grid_ts (fp32, not 1). ``rows``: per row, a list of
@@ -312,6 +413,8 @@ def multimodal_inputs(family: Family, config, seed: int = 0, rows=None, seconds=
     seqs, kinds, images, videos = [], [], [], []
     for row in rows:
         ids, types = [], []
+        if not family.videos:  # a model that takes no videos: an image of a frame's size in each video's place
+            row = [("image", *item[2:]) if item[0] == "video" else item for item in row]
         for item in row:
             if item[0] == "text":
                 part, part_types = text(item[1]), [0] * item[1]
@@ -333,17 +436,13 @@ def multimodal_inputs(family: Family, config, seed: int = 0, rows=None, seconds=
         input_ids[b, seq - len(ids):] = torch.tensor(ids)
         token_types[b, seq - len(ids):] = torch.tensor(types)
         mask[b, seq - len(ids):] = 1
-    vision = config.vision_config
-    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
     inputs = dict(input_ids=input_ids, attention_mask=mask)
     if images:
         grid = torch.tensor(images)
-        inputs.update(image_grid_thw=grid,
-                      pixel_values=torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=gen))
+        inputs.update(image_grid_thw=grid, pixel_values=_pixels(family, config, grid, gen))
     if videos:
         grid = torch.tensor(videos)
-        inputs.update(video_grid_thw=grid,
-                      pixel_values_videos=torch.randn(int(grid.prod(-1).sum()), patch_dim, generator=gen))
+        inputs.update(video_grid_thw=grid, pixel_values_videos=_pixels(family, config, grid, gen))
         if family.time_scaled:
             inputs["second_per_grid_ts"] = torch.tensor(seconds[: len(videos)], dtype=torch.float32)
     if takes_token_types(family):

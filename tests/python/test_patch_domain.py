@@ -22,14 +22,15 @@ from conftest import tiny_qwen3_config
 
 pytestmark = pytest.mark.transformers
 
-APPLY = {
-    "Qwen3": ropekit.apply_to_qwen3, "Qwen3-VL": ropekit.apply_to_qwen3_vl, "Qwen3.5": ropekit.apply_to_qwen3_5,
-    "Qwen2-VL": ropekit.apply_to_qwen2_vl, "Qwen2.5-VL": ropekit.apply_to_qwen2_5_vl,
-    "Qwen4-Exp": ropekit.apply_to_qwen4_exp, "GLM-4V": ropekit.apply_to_glm4v,
-}
-MODULES = [(family, spec.name) for family, specs in _FAMILIES.items() for spec in specs
-           if import_optional(spec.name) is not None
-           and "apply_rotary_pos_emb" in vars(import_optional(spec.name))]
+APPLY = ropekit.transformers._APPLY
+# each modeling module once, under the first family that patches it (Cosmos3 runs Qwen3-VL's text model)
+MODULES = []
+for _family, _specs in _FAMILIES.items():
+    for _spec in _specs:
+        _module = import_optional(_spec.name)
+        if (_module is not None and "apply_rotary_pos_emb" in vars(_module)
+                and _spec.name not in {name for _, name in MODULES}):
+            MODULES.append((_family, _spec.name))
 
 
 def outcome(fn, *args, **kwargs):

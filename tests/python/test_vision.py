@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import re
@@ -374,11 +375,15 @@ def _tower_families():
         "glm4v_moe": ("Glm4vMoeForConditionalGeneration", lambda: fm.glm4v_config("glm4v_moe"),
                       ropekit.apply_to_glm4v),
         "glm46v": ("Glm46VForConditionalGeneration", lambda: fm.glm4v_config("glm46v"), ropekit.apply_to_glm4v),
+        "glm_ocr": ("GlmOcrForConditionalGeneration", fm.glm_ocr_config, ropekit.apply_to_glm_ocr),
+        "cosmos3_omni": ("Cosmos3OmniForConditionalGeneration", fm.cosmos3_omni_config, ropekit.apply_to_cosmos3),
+        "cohere_compass": ("CohereCompassForConditionalGeneration", fm.cohere_compass_config,
+                           ropekit.apply_to_cohere_compass),
     }
 
 
 TOWERS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "qwen4_exp", "glm4v",
-          "glm4v_moe", "glm46v")
+          "glm4v_moe", "glm46v", "glm_ocr", "cosmos3_omni", "cohere_compass")
 
 
 @functools.lru_cache(maxsize=None)
@@ -490,6 +495,41 @@ def test_tower_random_grids(family, seed, unpatch_after, monkeypatch):
         got = _outputs(tower(pixels, grid_thw=grid))
     assert len(calls) == tower.config.depth, "the patched tower ran the op in every block"
     assert got and len(got) == len(expected)
+    assert all(same_bits(g, e) for e, g in zip(expected, got))
+
+
+@pytest.mark.transformers
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_paddleocr_vl_siglip_tower_bit_identical(dtype, unpatch_after, monkeypatch):
+    """PaddleOCR-VL's SigLIP tower (its own embeddings and attention, transformers' apply_rotary_pos_emb_vision):
+    patched, every layer rotates through ropekit.apply_rope_vision, and the image features and the gradient of every
+    tower parameter and of the pixels are the unpatched bits."""
+    import family_models as fm
+
+    family = fm.FAMILIES["paddleocr_vl"]
+    if not family.available():
+        pytest.skip("PaddleOCR-VL is transformers 5.x only")
+    model = copy.deepcopy(fm.shared_model(family)).to(dtype)  # the shared model's weights stay as they are
+    rows = [[("text", 2), ("image", 4, 6), ("text", 1)], [("text", 1), ("image", 8, 4), ("image", 2, 2)]]
+    batch = fm.multimodal_inputs(family, model.config, seed=7, rows=rows)
+    pixels, grid = batch["pixel_values"].to(dtype), batch["image_grid_thw"]
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        given = pixels.detach().requires_grad_()
+        features = torch.cat(model.model.get_image_features(given, grid, return_dict=True).pooler_output)
+        features.float().mul(torch.linspace(-1, 1, features.numel()).view_as(features)).sum().backward()
+        grads = [given.grad] + [p.grad for p in model.model.visual.parameters() if p.grad is not None]
+        return [features.detach()] + grads
+
+    expected = run()
+    calls = []
+    real = ops.apply_rope_vision
+    monkeypatch.setattr(ops, "apply_rope_vision", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ropekit.apply_to_paddleocr_vl(model)
+    got = run()
+    assert len(calls) == model.config.vision_config.num_hidden_layers
+    assert len(got) == len(expected) > 2
     assert all(same_bits(g, e) for e, g in zip(expected, got))
 
 

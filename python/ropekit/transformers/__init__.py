@@ -1,5 +1,6 @@
 """Monkeypatches that route transformers' RoPE / mRoPE through ropekit's ops, for the Qwen3 families, the mRoPE
-vision-language families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen4-Exp, GLM-4V / GLM-4V-MoE / GLM-4.6V).
+vision-language families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen4-Exp, GLM-4V / GLM-4V-MoE / GLM-4.6V) and the
+5.x model types built on their code (PaddleOCR-VL, GLM-OCR, Cosmos3-Omni / Cosmos3-Edge, Cohere Compass).
 
 Methods and module functions are patched, never classes, so models built before patching pick the change up too
 (and ``from_pretrained``'s buffer re-initialisation keeps working). ``unpatch()`` restores every original object.
@@ -7,6 +8,7 @@ Methods and module functions are patched, never classes, so models built before 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import types
 from dataclasses import dataclass
@@ -16,12 +18,14 @@ from ._patching import import_optional, patch, unpatch_all
 from .attention import derive_attention_forward
 from .coverage import NOT_SUPPORTED
 from .rope_index import MROPE_RULES, make_get_rope_index
-from .rotary import RotaryLayout, make_apply_multimodal_rotary_pos_emb, make_apply_rotary_pos_emb, make_rotary_forward
+from .rotary import (RotaryLayout, make_apply_multimodal_rotary_pos_emb, make_apply_rotary_pos_emb,
+                     make_layered_rotary_forward, make_rotary_forward)
 from .vision import POSITION_HELPERS, VisionTower, make_apply_rotary_pos_emb_vision, make_position_helper
 
 __all__ = [
     "apply_to_qwen3", "apply_to_qwen3_vl", "apply_to_qwen3_5", "apply_to_qwen2_vl", "apply_to_qwen2_5_vl",
-    "apply_to_qwen4_exp", "apply_to_glm4v", "apply_to_model", "unpatch", "support_report", "PatchStatus",
+    "apply_to_qwen4_exp", "apply_to_glm4v", "apply_to_paddleocr_vl", "apply_to_glm_ocr", "apply_to_cosmos3",
+    "apply_to_cohere_compass", "apply_to_model", "unpatch", "support_report", "PatchStatus",
     "RopekitDeclined",
 ]
 RopekitDeclined = _guard.RopekitDeclined
@@ -33,7 +37,9 @@ class _ModelingModule:
 
     name: str  # transformers.models.<family>.modeling_<family>
     rotary: str | None  # text rotary embedding class (None: the module has none of its own, e.g. GLM-4.6V)
-    mrope: str | None = None  # None: 1-D RoPE; "interleaved" (Qwen3-VL) or "sectioned" (Qwen2-VL, GLM-4V) mRoPE
+    # None: 1-D RoPE; "interleaved" (Qwen3-VL) or "sectioned" (Qwen2-VL, GLM-4V) mRoPE; "layered": a rotary per
+    # layer type whose own recomposition_frequencies lays out the axes (Cohere Compass)
+    mrope: str | None = None
     attention: str | None = None  # attention class whose forward runs q_norm / k_norm + RoPE (None: no q/k norms)
     norm: str | None = None  # its q_norm / k_norm class
     zero_centered: bool = False  # Qwen3.5 / Qwen4-Exp's (1 + w) norm
@@ -99,7 +105,38 @@ _FAMILIES = {
         _ModelingModule("transformers.models.glm46v.modeling_glm46v", None, vl_model="Glm46VModel",
                         model_type="glm46v"),
     ),
+    # The families below are transformers 5.x model types whose code is that of a family above (same fingerprints:
+    # the rotary forward, apply_rotary_pos_emb and get_rope_index each match a known function), under their own
+    # modeling modules and classes.
+    "PaddleOCR-VL": (  # Qwen2-VL's text rotary and index; a SigLIP tower calling apply_rotary_pos_emb_vision
+        _ModelingModule("transformers.models.paddleocr_vl.modeling_paddleocr_vl", "PaddleOCRRotaryEmbedding",
+                        "sectioned", vl_model="PaddleOCRVLModel", model_type="paddleocr_vl",
+                        vision=VisionTower("PaddleOCRVisionModel")),
+    ),
+    "GLM-OCR": (  # GLM-4V's text model and index; no q/k norms in the text attention
+        _ModelingModule("transformers.models.glm_ocr.modeling_glm_ocr", "GlmOcrTextRotaryEmbedding", "sectioned",
+                        is_neox=False, partial=True, vl_model="GlmOcrModel", model_type="glm_ocr",
+                        vision=VisionTower("GlmOcrVisionModel")),
+    ),
 }
+_FAMILIES["Cohere-Compass"] = (
+    # a rotary per layer type ("layered": recomposed by its own recomposition_frequencies), Qwen3-VL's
+    # apply_rotary_pos_emb and get_rope_index, no q/k norms, a Qwen3-VL-style tower
+    _ModelingModule("transformers.models.cohere_compass.modeling_cohere_compass", "CohereCompassRotaryEmbedding",
+                    "layered", vl_model="CohereCompassModel", model_type="cohere_compass",
+                    vision=VisionTower("CohereCompassVisionModel")),
+)
+_FAMILIES["Cosmos3"] = (
+    # Cosmos3-Omni builds Qwen3-VL's text model and tower (AutoModel of qwen3_vl_text / qwen3_vl_vision) and has
+    # Qwen3-VL's get_rope_index in its own module
+    dataclasses.replace(_FAMILIES["Qwen3-VL"][0], vl_model=None, model_type=None),
+    _ModelingModule("transformers.models.cosmos3_omni.modeling_cosmos3_omni", None, vl_model="Cosmos3OmniModel",
+                    model_type="cosmos3_omni"),
+    # Cosmos3-Edge: Qwen3-VL's interleaved text rotary, no q/k norms, a SigLIP2 tower without a rotary; its
+    # get_rope_index is Qwen3-VL's with a .clone() of the split video grid
+    _ModelingModule("transformers.models.cosmos3_edge.modeling_cosmos3_edge", "Cosmos3EdgeTextRotaryEmbedding",
+                    "interleaved", vl_model="Cosmos3EdgeModel", model_type="cosmos3_edge"),
+)
 
 
 # family -> the config.model_type values it covers (MoE siblings and the text sub-configs included)
@@ -112,9 +149,13 @@ _FAMILY_MODEL_TYPES = {
     "Qwen4-Exp": ("qwen4_exp", "qwen4_exp_text"),
     # transformers 4.57 spells GLM-4V-MoE's text model type "Glm4vMoe_text"
     "GLM-4V": ("glm4v", "glm4v_text", "glm4v_moe", "glm4v_moe_text", "Glm4vMoe_text", "glm46v"),
+    "PaddleOCR-VL": ("paddleocr_vl", "paddleocr_vl_text"),
+    "GLM-OCR": ("glm_ocr", "glm_ocr_text"),
+    "Cosmos3": ("cosmos3_omni", "cosmos3_edge", "cosmos3_edge_text"),
+    "Cohere-Compass": ("cohere_compass", "cohere_compass_text"),
 }
 # families whose modeling code exists from transformers 5.x on only
-_NEEDS_5 = {"Qwen3.5", "Qwen4-Exp"}
+_NEEDS_5 = {"Qwen3.5", "Qwen4-Exp", "PaddleOCR-VL", "GLM-OCR", "Cosmos3", "Cohere-Compass"}
 # The transformers lines the patches support; within them, each function is checked against known code at patch time.
 _TRANSFORMERS_LINES = "4.57.x and 5.x"
 
@@ -249,8 +290,11 @@ def _plan_rope(plan: _Plan, module, spec: _ModelingModule) -> None:
     per_axis = name == "apply_multimodal_rotary_pos_emb"
     ok, why = _known(module, target, original, rotary_cls)
     if ok:
-        layout = RotaryLayout(spec.mrope, per_axis, spec.is_neox)
-        plan.accept(module, "rope", target, why, rotary_cls, "forward", make_rotary_forward(original, layout))
+        if spec.mrope == "layered":
+            replacement = make_layered_rotary_forward(original)
+        else:
+            replacement = make_rotary_forward(original, RotaryLayout(spec.mrope, per_axis, spec.is_neox))
+        plan.accept(module, "rope", target, why, rotary_cls, "forward", replacement)
     else:
         plan.decline(module, "rope", target, why)
     ok, why = _known(module, name, function)
@@ -499,9 +543,58 @@ def apply_to_glm4v(model=None, *, rope: bool = True, rope_index: bool = True, vi
            vision_positions=vision_positions)
 
 
+def apply_to_paddleocr_vl(model=None, *, rope: bool = True, rope_index: bool = True,
+                          vision_rope: bool = True) -> None:
+    """Route PaddleOCR-VL (``paddleocr_vl``, transformers 5.x) through ropekit. Its text model is Qwen2-VL's
+    (sectioned mRoPE, no q/k norms: nothing to fuse) and its ``get_rope_index`` is Qwen2-VL's (images; whole-video
+    grids), so ``rope`` and ``rope_index`` are :func:`apply_to_qwen2_vl`'s on PaddleOCR-VL's own classes.
+    ``vision_rope``: the SigLIP tower's ``apply_rotary_pos_emb_vision`` as ``ropekit.apply_rope_vision``. The tower
+    computes its positions itself (no position helper to patch). ``model``: as for ``apply_to_qwen3``."""
+    _apply("PaddleOCR-VL", model, rope, rope_index, qk_norm_rope=False, vision_rope=vision_rope)
+
+
+def apply_to_glm_ocr(model=None, *, rope: bool = True, rope_index: bool = True, vision_rope: bool = True) -> None:
+    """Route GLM-OCR (``glm_ocr``, transformers 5.x) through ropekit: its text model and ``get_rope_index`` are
+    GLM-4V's (GPT-J-pair sectioned mRoPE with partial rotary; video frames in ``<|begin_of_video|>`` brackets,
+    marked by ``mm_token_type_ids``), so ``rope`` and ``rope_index`` are :func:`apply_to_glm4v`'s on GLM-OCR's
+    classes; no q/k norms in the text attention, nothing to fuse. ``vision_rope``: the tower's
+    ``apply_rotary_pos_emb_vision`` as ``ropekit.apply_rope_vision``. ``model``: as for ``apply_to_qwen3``."""
+    _apply("GLM-OCR", model, rope, rope_index, qk_norm_rope=False, vision_rope=vision_rope)
+
+
+def apply_to_cosmos3(model=None, *, rope: bool = True, rope_index: bool = True, qk_norm_rope: bool = True,
+                     vision_rope: bool = True, vision_positions: bool = True) -> None:
+    """Route Cosmos3-Omni (``cosmos3_omni``) and Cosmos3-Edge (``cosmos3_edge``), transformers 5.x, through ropekit.
+
+    Cosmos3-Omni runs Qwen3-VL's text model and vision tower: ``rope``, ``qk_norm_rope``, ``vision_rope`` and
+    ``vision_positions`` are :func:`apply_to_qwen3_vl`'s, and ``rope_index`` patches ``Cosmos3OmniModel``'s own
+    ``get_rope_index`` (Qwen3-VL's). Cosmos3-Edge has Qwen3-VL's interleaved-mRoPE text rotary (``rope``), no q/k
+    norms, a SigLIP2 tower without a rotary, and Qwen3-VL's ``get_rope_index`` (videos split into frames;
+    ``rope_index``). ``model``: as for ``apply_to_qwen3``."""
+    _apply("Cosmos3", model, rope, rope_index, qk_norm_rope, vision_rope=vision_rope,
+           vision_positions=vision_positions)
+
+
+def apply_to_cohere_compass(model=None, *, rope: bool = True, rope_index: bool = True,
+                            vision_rope: bool = True, vision_positions: bool = True) -> None:
+    """Route Cohere Compass (``cohere_compass``, transformers 5.x; also its text-only ``cohere_compass_text``)
+    through ropekit.
+
+    ``rope``: its rotary has one inv_freq per layer type (NoPE layer types have none and stay rotation-free); each
+    layer type's cos/sin is gathered from a cached table of its own and laid out by the module's own
+    ``recomposition_frequencies``, which the releases changed (5.16-5.18: sections h, w, t in (i + 1) % 3 order;
+    5.19 on: interleaved): bit for bit either way. The rotation runs as ``ropekit.apply_rope``. No q/k norms in the
+    attention, nothing to fuse. ``rope_index``: ``CohereCompassModel.get_rope_index`` (Qwen3-VL's). ``vision_rope`` /
+    ``vision_positions``: as for :func:`apply_to_qwen3_vl` (its tower is Qwen3-VL's kind). ``model``: as for
+    ``apply_to_qwen3``."""
+    _apply("Cohere-Compass", model, rope, rope_index, qk_norm_rope=False, vision_rope=vision_rope,
+           vision_positions=vision_positions)
+
+
 _APPLY = {"Qwen3": apply_to_qwen3, "Qwen3-VL": apply_to_qwen3_vl, "Qwen3.5": apply_to_qwen3_5,
           "Qwen2-VL": apply_to_qwen2_vl, "Qwen2.5-VL": apply_to_qwen2_5_vl, "Qwen4-Exp": apply_to_qwen4_exp,
-          "GLM-4V": apply_to_glm4v}
+          "GLM-4V": apply_to_glm4v, "PaddleOCR-VL": apply_to_paddleocr_vl, "GLM-OCR": apply_to_glm_ocr,
+          "Cosmos3": apply_to_cosmos3, "Cohere-Compass": apply_to_cohere_compass}
 # config.model_type -> the apply_to_* that covers it
 _MODEL_TYPES = {model_type: _APPLY[family] for family, types_ in _FAMILY_MODEL_TYPES.items() for model_type in types_}
 
@@ -557,4 +650,5 @@ def guarded_names() -> dict[str, list[str]]:
                 entry += [f"{spec.vision.cls}.{name}" for name in POSITION_HELPERS]
                 if spec.vision.rotary is not None:
                     entry.append(f"{spec.vision.rotary}.forward")
-    return names
+    # a module two families patch (Cosmos3 runs Qwen3-VL's text model) is listed once
+    return {tail: list(dict.fromkeys(entry)) for tail, entry in names.items()}

@@ -19,11 +19,6 @@ NOT_SUPPORTED: dict[str, str] = {
                     f"audio interleaved with video per 2 s chunk (use_audio_in_video); {_NOT_YET}",
     "qwen3_omni_moe": "Omni thinker index: float32 (fractional) positions, audio interleaved with video per token; "
                       f"{_NOT_YET}",
-    "cohere_compass": f"Qwen3-VL's index; its text rotary pre-rotates the h/w sections in (i + 1) % 3 order; {_NOT_YET}",
-    "cosmos3_omni": f"the index of Qwen3-VL / GLM-4V, its own text rotary layout; {_NOT_YET}",
-    "cosmos3_edge": f"the index of Qwen3-VL / GLM-4V (with a .clone()), its own text rotary layout; {_NOT_YET}",
-    "glm_ocr": f"GLM-4V's index, its own modeling classes; {_NOT_YET}",
-    "paddleocr_vl": f"Qwen2-VL's index, its own modeling classes; {_NOT_YET}",
     "ernie4_5_vl_moe": f"Qwen2-VL's index plus a temporal_merge_size for videos and its own h/w/t split; {_NOT_YET}",
     "hunyuan_vl": f"three or more position axes (len(mrope_section), 'xdrope'); {_NOT_YET}",
     "hy_v4_vl": f"a newline token ends every row of a frame; each frame starts a block of max(h, w) positions; "

@@ -91,6 +91,12 @@ MROPE_RULES = {
     "glm4v": MRopeRules("glm4v", "Glm4vModel", video_frames=True, glm=True),
     "glm4v_moe": MRopeRules("glm4v_moe", "Glm4vMoeModel", video_frames=True, glm=True),
     "glm46v": MRopeRules("glm46v", "Glm46VModel", video_frames=True, glm=True),
+    # 5.x model types with a known family's get_rope_index in their own modules
+    "paddleocr_vl": MRopeRules("paddleocr_vl", "PaddleOCRVLModel", video_frames=False),
+    "glm_ocr": MRopeRules("glm_ocr", "GlmOcrModel", video_frames=True, glm=True),
+    "cosmos3_omni": MRopeRules("cosmos3_omni", "Cosmos3OmniModel", video_frames=True),
+    "cosmos3_edge": MRopeRules("cosmos3_edge", "Cosmos3EdgeModel", video_frames=True),
+    "cohere_compass": MRopeRules("cohere_compass", "CohereCompassModel", video_frames=True),
 }
 
 

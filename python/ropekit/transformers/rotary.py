@@ -16,6 +16,7 @@ from ..modules import RopeTable
 from ._patching import global_module_hooks, is_live, kernel_devices, module_hooks, plain_tensors
 
 _TABLE_ATTR = "_ropekit_table"
+_LAYER_TABLES_ATTR = "_ropekit_tables"  # layer type -> table, for a rotary per layer type
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -25,13 +26,20 @@ def is_dynamic_rope(module) -> bool:
     return not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope"
 
 
-def table_of(module) -> RopeTable:
-    """The module's lazy table cache, a plain (non-persistent, non-buffer) attribute."""
+def _new_table(module) -> RopeTable:
+    max_positions = getattr(getattr(module, "config", None), "max_position_embeddings", None) or 8192
+    return RopeTable(min(max_positions, 8192), expected_rows=max_positions)
+
+
+def table_of(module, layer_type: str | None = None) -> RopeTable:
+    """The module's lazy table cache, a plain (non-persistent, non-buffer) attribute; ``layer_type``: the table of
+    one layer type's inv_freq, for modules with a rotary per layer type."""
+    if layer_type is not None:
+        tables = module.__dict__.setdefault(_LAYER_TABLES_ATTR, {})
+        return tables.get(layer_type) or tables.setdefault(layer_type, _new_table(module))
     table = module.__dict__.get(_TABLE_ATTR)
     if table is None:
-        max_positions = getattr(getattr(module, "config", None), "max_position_embeddings", None) or 8192
-        table = RopeTable(min(max_positions, 8192), expected_rows=max_positions)
-        module.__dict__[_TABLE_ATTR] = table
+        table = module.__dict__[_TABLE_ATTR] = _new_table(module)
     return table
 
 
@@ -99,6 +107,9 @@ def make_rotary_forward(original, layout: RotaryLayout | bool):
             or x.dtype not in _SUPPORTED_DTYPES
             or position_ids.dtype not in (torch.int64, torch.int32)  # transformers casts any dtype to float
             or position_ids.dim() not in ranks
+            # (4, B, S) and other row counts: what transformers does with them is its own (Cosmos3-Edge's text
+            # model hands its rotary the four rows of packed positions, of which it reads three)
+            or (position_ids.dim() == 3 and position_ids.shape[0] not in (1, 3))
             or inv_freq.requires_grad  # the table ops take no gradient; the original's matmul does
             or is_dynamic_rope(self)
             or torch.compiler.is_compiling()
@@ -121,6 +132,54 @@ def make_rotary_forward(original, layout: RotaryLayout | bool):
             return original(self, x, position_ids)
         return table.cos_sin(inv_freq, self.attention_scaling, position_ids, x.dtype, section,
                              mrope_interleaved=False, is_neox=is_neox)
+
+    forward.__ropekit_original__ = original
+    forward.__ropekit_live__ = False  # set by patch(), cleared by unpatch()
+    return forward
+
+
+def make_layered_rotary_forward(original):
+    """A rotary forward for a module with one rotary per layer type (Cohere Compass: ``forward(x, position_ids,
+    layer_type)`` reading ``{layer_type}_inv_freq``, ``{layer_type}_attention_scaling`` and ``rope_type[layer_type]``
+    on (3, B, S) mRoPE positions): each axis's cos/sin is gathered from that layer type's cached table, and the
+    module's own ``recomposition_frequencies`` (an index copy, part of the checked code) lays the axes out as the
+    installed release does (5.16-5.18: sections h, w, t in (i + 1) % 3 order; 5.19 on: interleaved). The gather
+    gives transformers' fp32 ``cos(position * inv_freq) * attention_scaling`` cast to x's dtype, and copying commutes
+    with the cast: bit for bit the original's result. The original runs where a table cannot serve the call, as in
+    :func:`make_rotary_forward`, and for every position shape but (3, B, S)."""
+
+    @functools.wraps(original)
+    def forward(self, x, position_ids, layer_type=None, *args, **kwargs):
+        rope_types = getattr(self, "rope_type", None)
+        rope_type = rope_types.get(layer_type) if isinstance(rope_types, dict) and isinstance(layer_type, str) else None
+        inv_freq = getattr(self, f"{layer_type}_inv_freq", None) if rope_type is not None else None
+        if (
+            args
+            or kwargs
+            or not forward.__ropekit_live__
+            or not isinstance(rope_type, str)
+            or "dynamic" in rope_type
+            or rope_type == "longrope"
+            or not isinstance(inv_freq, torch.Tensor)
+            or not plain_tensors(x, position_ids, inv_freq)
+            or not kernel_devices(x, position_ids, inv_freq)
+            or x.dtype not in _SUPPORTED_DTYPES
+            or position_ids.dtype not in (torch.int64, torch.int32)
+            or position_ids.dim() != 3
+            or position_ids.shape[0] != 3
+            or inv_freq.requires_grad
+            or torch.compiler.is_compiling()
+        ):
+            return original(self, x, position_ids, layer_type, *args, **kwargs)
+        _, batch, seq = position_ids.shape
+        half = inv_freq.shape[-1]
+        cos, sin = table_of(self, layer_type).cos_sin(inv_freq, getattr(self, f"{layer_type}_attention_scaling"),
+                                                     position_ids.reshape(3 * batch, seq), x.dtype)
+        # each axis's cos/sin of its frequencies, (3, B, S, D / 2), as the original's freqs before recomposing
+        cos, sin = (t[..., :half].reshape(3, batch, seq, half) for t in (cos, sin))
+        sin = self.recomposition_frequencies(sin, layer_type)
+        cos = self.recomposition_frequencies(cos, layer_type)
+        return cos, sin
 
     forward.__ropekit_original__ = original
     forward.__ropekit_live__ = False  # set by patch(), cleared by unpatch()
