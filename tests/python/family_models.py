@@ -181,16 +181,17 @@ def cosmos3_edge_config():
 
 def cohere_compass_config():
     """Cohere Compass (5.x): a full-attention and a sliding-window layer, each layer type with its own rotary
-    (theta 1e4 and 3e3, sections [3, 3, 2] of 8 frequencies: head_dim 16), and a one-block Qwen3-VL-style tower.
+    (theta 1e4 and 3e3, sections [3, 3, 2] and [2, 3, 3] of 8 frequencies: head_dim 16), and a one-block
+    Qwen3-VL-style tower.
     The window (256 tokens) spans every test sequence: a 4-D packing mask replaces transformers' window, and the
     samples of a packed row must see what they see alone."""
     from transformers import CohereCompassConfig
 
-    def rope(theta):
-        return {"rope_type": "default", "rope_theta": theta, "mrope_section": [3, 3, 2]}
+    def rope(theta, section):
+        return {"rope_type": "default", "rope_theta": theta, "mrope_section": section}
 
     text = dict(TEXT, eos_token_id=1, layer_types=["full_attention", "sliding_attention"], sliding_window=256,
-                rope_parameters={"full_attention": rope(1e4), "sliding_attention": rope(3e3)})
+                rope_parameters={"full_attention": rope(1e4, [3, 3, 2]), "sliding_attention": rope(3e3, [2, 3, 3])})
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=TEXT["hidden_size"],
                   patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                   deepstack_visual_indexes=[0])

@@ -48,6 +48,7 @@ class _ModelingModule:
     vl_model: str | None = None  # class defining get_rope_index
     model_type: str | None = None  # its config.model_type (its rules in MROPE_RULES)
     vision: VisionTower | None = None  # the vision tower (its module-level apply_rotary_pos_emb_vision, 4.57 helpers)
+    borrowed: bool = False  # another family's module this one runs (Cosmos3-Omni: Qwen3-VL's): not its own presence
 
 
 _FAMILIES = {
@@ -129,7 +130,7 @@ _FAMILIES["Cohere-Compass"] = (
 _FAMILIES["Cosmos3"] = (
     # Cosmos3-Omni builds Qwen3-VL's text model and tower (AutoModel of qwen3_vl_text / qwen3_vl_vision) and has
     # Qwen3-VL's get_rope_index in its own module
-    dataclasses.replace(_FAMILIES["Qwen3-VL"][0], vl_model=None, model_type=None),
+    dataclasses.replace(_FAMILIES["Qwen3-VL"][0], vl_model=None, model_type=None, borrowed=True),
     _ModelingModule("transformers.models.cosmos3_omni.modeling_cosmos3_omni", None, vl_model="Cosmos3OmniModel",
                     model_type="cosmos3_omni"),
     # Cosmos3-Edge: Qwen3-VL's interleaved text rotary, no q/k norms, a SigLIP2 tower without a rotary; its
@@ -154,8 +155,9 @@ _FAMILY_MODEL_TYPES = {
     "Cosmos3": ("cosmos3_omni", "cosmos3_edge", "cosmos3_edge_text"),
     "Cohere-Compass": ("cohere_compass", "cohere_compass_text"),
 }
-# families whose modeling code exists from transformers 5.x on only
-_NEEDS_5 = {"Qwen3.5", "Qwen4-Exp", "PaddleOCR-VL", "GLM-OCR", "Cosmos3", "Cohere-Compass"}
+# families whose modeling code exists in 5.x releases only: the first release that has it
+_NEEDS = {"Qwen3.5": "5.x", "Qwen4-Exp": "5.x", "PaddleOCR-VL": "5.0.0 or later", "GLM-OCR": "5.1.0 or later",
+          "Cosmos3": "5.11.0 or later (Cosmos3-Edge: 5.15.0)", "Cohere-Compass": "5.16.0 or later"}
 # The transformers lines the patches support; within them, each function is checked against known code at patch time.
 _TRANSFORMERS_LINES = "4.57.x and 5.x"
 
@@ -291,7 +293,8 @@ def _plan_rope(plan: _Plan, module, spec: _ModelingModule) -> None:
     ok, why = _known(module, target, original, rotary_cls)
     if ok:
         if spec.mrope == "layered":
-            replacement = make_layered_rotary_forward(original)
+            recompose = getattr(rotary_cls, "recomposition_frequencies", None)  # part of the checked code
+            replacement = make_layered_rotary_forward(original, recompose)
         else:
             replacement = make_rotary_forward(original, RotaryLayout(spec.mrope, per_axis, spec.is_neox))
         plan.accept(module, "rope", target, why, rotary_cls, "forward", replacement)
@@ -395,7 +398,8 @@ def _plan(family: str, rope: bool, rope_index: bool, qk_norm_rope: bool, specs=N
         module = import_optional(spec.name)
         if module is None:
             continue
-        present.append(spec.name)
+        if not spec.borrowed:
+            present.append(spec.name)
         if rope and spec.rotary is not None:
             _plan_rope(plan, module, spec)
         if qk_norm_rope and spec.attention is not None:
@@ -423,7 +427,7 @@ def _apply(family: str, model, rope: bool, rope_index: bool, qk_norm_rope: bool,
         raise RuntimeError(
             f"ropekit: transformers {transformers.__version__} has no {family} modeling module; ropekit supports "
             f"{family} on transformers {_TRANSFORMERS_LINES}"
-            + (f" ({family} needs transformers 5.x)" if family in _NEEDS_5 else "")
+            + (f" ({family} needs transformers {_NEEDS[family]})" if family in _NEEDS else "")
         )
     for owner, name, replacement in plan.patches:
         patch(owner, name, replacement)

@@ -107,8 +107,8 @@ def make_rotary_forward(original, layout: RotaryLayout | bool):
             or x.dtype not in _SUPPORTED_DTYPES
             or position_ids.dtype not in (torch.int64, torch.int32)  # transformers casts any dtype to float
             or position_ids.dim() not in ranks
-            # (4, B, S) and other row counts: what transformers does with them is its own (Cosmos3-Edge's text
-            # model hands its rotary the four rows of packed positions, of which it reads three)
+            # (4, B, S) and other row counts (5.18's Cosmos3-Edge text model hands its rotary all four rows of
+            # packed positions): transformers' code, whose error is then the one raised
             or (position_ids.dim() == 3 and position_ids.shape[0] not in (1, 3))
             or inv_freq.requires_grad  # the table ops take no gradient; the original's matmul does
             or is_dynamic_rope(self)
@@ -138,7 +138,7 @@ def make_rotary_forward(original, layout: RotaryLayout | bool):
     return forward
 
 
-def make_layered_rotary_forward(original):
+def make_layered_rotary_forward(original, recompose):
     """A rotary forward for a module with one rotary per layer type (Cohere Compass: ``forward(x, position_ids,
     layer_type)`` reading ``{layer_type}_inv_freq``, ``{layer_type}_attention_scaling`` and ``rope_type[layer_type]``
     on (3, B, S) mRoPE positions): each axis's cos/sin is gathered from that layer type's cached table, and the
@@ -146,7 +146,8 @@ def make_layered_rotary_forward(original):
     installed release does (5.16-5.18: sections h, w, t in (i + 1) % 3 order; 5.19 on: interleaved). The gather
     gives transformers' fp32 ``cos(position * inv_freq) * attention_scaling`` cast to x's dtype, and copying commutes
     with the cast: bit for bit the original's result. The original runs where a table cannot serve the call, as in
-    :func:`make_rotary_forward`, and for every position shape but (3, B, S)."""
+    :func:`make_rotary_forward`, for every position shape but (3, B, S), and where ``recomposition_frequencies`` is
+    not ``recompose``, the checked class's own (a subclass or an instance that overrides it)."""
 
     @functools.wraps(original)
     def forward(self, x, position_ids, layer_type=None, *args, **kwargs):
@@ -168,6 +169,8 @@ def make_layered_rotary_forward(original):
             or position_ids.dim() != 3
             or position_ids.shape[0] != 3
             or inv_freq.requires_grad
+            or "recomposition_frequencies" in self.__dict__
+            or getattr(type(self), "recomposition_frequencies", None) is not recompose
             or torch.compiler.is_compiling()
         ):
             return original(self, x, position_ids, layer_type, *args, **kwargs)
