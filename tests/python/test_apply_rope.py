@@ -399,6 +399,14 @@ def _transformers_rotation(name):
     module_name, function = {"neox": ("qwen3_vl", "apply_rotary_pos_emb"), "gptj": ("glm4v", "apply_rotary_pos_emb"),
                              "vision": ("qwen2_vl", "apply_rotary_pos_emb_vision")}[name]
     module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    if name == "gptj" and not hasattr(module, function):  # 4.57: only the per-axis mRoPE wrapper; its expression
+        rotate_half_llm = module.rotate_half_llm
+
+        def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+            cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+            return (q * cos) + (rotate_half_llm(q) * sin), (k * cos) + (rotate_half_llm(k) * sin)
+
+        return apply_rotary_pos_emb
     return original(module, function)
 
 
