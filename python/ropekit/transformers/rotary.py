@@ -20,9 +20,10 @@ _LAYER_TABLES_ATTR = "_ropekit_tables"  # layer type -> table, for a rotary per 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def is_dynamic_rope(module) -> bool:
-    """dynamic NTK and longrope change inv_freq with max(position_ids): no static table can serve them."""
-    rope_type = getattr(module, "rope_type", "default")
+def is_dynamic_rope(module, rope_type=None) -> bool:
+    """dynamic NTK and longrope change inv_freq with max(position_ids): no static table can serve them. ``rope_type``:
+    one layer type's (a rotary per layer type), else the module's."""
+    rope_type = getattr(module, "rope_type", "default") if rope_type is None else rope_type
     return not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope"
 
 
@@ -159,8 +160,7 @@ def make_layered_rotary_forward(original, recompose):
             or kwargs
             or not forward.__ropekit_live__
             or not isinstance(rope_type, str)
-            or "dynamic" in rope_type
-            or rope_type == "longrope"
+            or is_dynamic_rope(self, rope_type)
             or not isinstance(inv_freq, torch.Tensor)
             or not plain_tensors(x, position_ids, inv_freq)
             or not kernel_devices(x, position_ids, inv_freq)
