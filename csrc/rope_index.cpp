@@ -404,7 +404,7 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
                                const std::optional<at::Tensor>& second_per_grid_ts,
                                const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id,
                                int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
-                               bool strict) {
+                               bool strict, int64_t temporal_merge_size) {
   RopeIndexArgs a;
   if (convention == "token_types") {
     a.convention = kTokenTypes;
@@ -432,6 +432,14 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
   a.tokens_per_second = tokens_per_second;
   check_grid(a.image_grid_thw, "image_grid_thw", input_ids);
   check_grid(a.video_grid_thw, "video_grid_thw", input_ids);
+  TORCH_CHECK_VALUE(temporal_merge_size >= 1, "temporal_merge_size: expected >= 1, got ", temporal_merge_size);
+  if (temporal_merge_size != 1 && a.video_grid_thw.defined()) {
+    // A resampler merging temporal_merge_size frames (ERNIE-4.5-VL): every algorithm walks (t // merge, h, w), as
+    // transformers' grid_thw[0].item() // temp_merge_size (floor). One tensor op on the grid's device: no sync.
+    at::Tensor merged = a.video_grid_thw.to(at::kLong, /*non_blocking=*/false, /*copy=*/true);
+    merged.select(1, 0).div_(temporal_merge_size, "floor");
+    a.video_grid_thw = merged;
+  }
   check_per_token(a.attention_mask, "attention_mask", input_ids, /*allow_float=*/!packed);
   check_per_token(a.mm_token_type_ids, "mm_token_type_ids", input_ids, /*allow_float=*/false);
   TORCH_CHECK_VALUE(!a.mm_token_type_ids.defined() || a.mm_token_type_ids.scalar_type() != at::kBool,
@@ -812,11 +820,12 @@ std::tuple<at::Tensor, at::Tensor> rope_index(
     int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool on_host,
     bool video_frames, const std::optional<at::Tensor>& second_per_grid_ts,
     const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id, int64_t video_end_token_id,
-    bool packed, const std::optional<at::Tensor>& cu_seqlens, bool strict) {
+    bool packed, const std::optional<at::Tensor>& cu_seqlens, bool strict, int64_t temporal_merge_size) {
   const RopeIndexArgs a = check_rope_index(
       input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, spatial_merge_size, image_token_id,
       video_token_id, vision_start_token_id, std::string_view(convention.data(), convention.size()), video_frames,
-      second_per_grid_ts, tokens_per_second, video_start_token_id, video_end_token_id, packed, cu_seqlens, strict);
+      second_per_grid_ts, tokens_per_second, video_start_token_id, video_end_token_id, packed, cu_seqlens, strict,
+      temporal_merge_size);
   if (on_host) return rope_index_host(a);
   // The device path is the fused algorithm (as a kernel on CUDA, serially on the CPU): its domain is every input the
   // host loop takes. The ATen composition stays the test reference, and serves other devices (its domain excludes
@@ -989,11 +998,12 @@ std::tuple<at::Tensor, at::Tensor> rope_index_algorithm_op(
     int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool video_frames,
     const std::optional<at::Tensor>& second_per_grid_ts, const std::optional<c10::Scalar>& tokens_per_second,
     int64_t video_start_token_id, int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
-    bool strict, c10::string_view algorithm) {
+    bool strict, int64_t temporal_merge_size, c10::string_view algorithm) {
   const RopeIndexArgs a = check_rope_index(
       input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, spatial_merge_size, image_token_id,
       video_token_id, vision_start_token_id, std::string_view(convention.data(), convention.size()), video_frames,
-      second_per_grid_ts, tokens_per_second, video_start_token_id, video_end_token_id, packed, cu_seqlens, strict);
+      second_per_grid_ts, tokens_per_second, video_start_token_id, video_end_token_id, packed, cu_seqlens, strict,
+      temporal_merge_size);
   const std::string_view which(algorithm.data(), algorithm.size());
   if (which == "host") return rope_index_host(a);
   if (which == "reference") return rope_index_reference(a);

@@ -18,7 +18,7 @@ namespace ropekit {
 struct RopeIndexArgs {
   at::Tensor input_ids;           // (B, S) integer
   at::Tensor image_grid_thw;      // (N_img, 3) integer or undefined
-  at::Tensor video_grid_thw;      // (N_vid, 3) integer or undefined
+  at::Tensor video_grid_thw;      // (N_vid, 3) integer or undefined; t // temporal_merge_size once checked
   at::Tensor attention_mask;      // (B, S) or undefined; segment ids when packed
   at::Tensor mm_token_type_ids;   // (B, S) integer or undefined
   at::Tensor second_per_grid_ts;  // (N_vid,) real or undefined (Qwen2.5-VL)
@@ -45,7 +45,7 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
                                const std::optional<at::Tensor>& second_per_grid_ts,
                                const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id,
                                int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
-                               bool strict);
+                               bool strict, int64_t temporal_merge_size = 1);
 
 // Host algorithm: linear in B*S plus the vision tokens. Inputs on an accelerator are pulled to the host in one
 // transfer (one sync) and the results pushed back with non-blocking copies. No result: ValueError.
@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor> rope_index(
     int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool on_host,
     bool video_frames, const std::optional<at::Tensor>& second_per_grid_ts,
     const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id, int64_t video_end_token_id,
-    bool packed, const std::optional<at::Tensor>& cu_seqlens, bool strict);
+    bool packed, const std::optional<at::Tensor>& cu_seqlens, bool strict, int64_t temporal_merge_size = 1);
 
 // Any of the three algorithms as an op of its own (ropekit::_rope_index_algorithm, algorithm "host", "reference" or
 // "kernel"), so that tests compare them on the same device.
@@ -117,6 +117,6 @@ std::tuple<at::Tensor, at::Tensor> rope_index_algorithm_op(
     int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool video_frames,
     const std::optional<at::Tensor>& second_per_grid_ts, const std::optional<c10::Scalar>& tokens_per_second,
     int64_t video_start_token_id, int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
-    bool strict, c10::string_view algorithm);
+    bool strict, int64_t temporal_merge_size, c10::string_view algorithm);
 
 }  // namespace ropekit

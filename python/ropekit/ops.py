@@ -173,6 +173,7 @@ def rope_index(
     cu_seqlens: torch.Tensor | None = None,
     strict: bool = False,
     on_host: bool = True,
+    temporal_merge_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' ``get_rope_index`` of the mRoPE models: ``(position_ids (3, B, S), deltas (B, 1))``,
     element-wise identical to transformers (values, dtypes and device) wherever transformers returns a result.
@@ -195,6 +196,10 @@ def rope_index(
       ``tokens_per_second`` without it), images unscaled. 4.57: ``(arange(t) * int(second_per_grid_ts[v])) *
       tokens_per_second``, images at temporal position 0.
 
+    - ``temporal_merge_size`` (ERNIE-4.5-VL's vision config value): a video grid ``(t, h, w)`` spans ``t //
+      temporal_merge_size`` temporal positions (its resampler merges that many frames), as transformers'
+      ``get_vision_position_ids(..., temp_merge_size)``; images are not merged. 1 (every other family): no merge.
+
     Grids are consumed in order over the attended vision spans of the whole batch; grids left over are ignored, as
     transformers ignores them. ``strict=True`` instead rejects inconsistent inputs: a span whose length is not
     ``t * (h / m) * (w / m)``, grids left over, ``h`` / ``w`` not positive multiples of the merge size, ``t < 1``,
@@ -216,14 +221,17 @@ def rope_index(
     scan included (image tokens with no ``vision_start`` before them are text, spans that do not match their
     grids). On other devices it is the ATen composition, whose domain excludes those 4.57 mismatched spans.
 
-    Raises ``ValueError`` for malformed arguments: shapes, dtypes, devices, an unknown convention.
+    Raises ``ValueError`` for malformed arguments: shapes, dtypes, devices, an unknown convention, a
+    ``temporal_merge_size`` that is not a positive int.
     """
+    if isinstance(temporal_merge_size, bool) or not isinstance(temporal_merge_size, int):
+        raise ValueError(f"ropekit.rope_index: temporal_merge_size must be a positive int, got {temporal_merge_size!r}")
     return _ops.rope_index(
         input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, int(spatial_merge_size),
         int(image_token_id), int(video_token_id), int(vision_start_token_id), convention, bool(on_host),
         video_frames=bool(video_frames), second_per_grid_ts=second_per_grid_ts, tokens_per_second=tokens_per_second,
         video_start_token_id=int(video_start_token_id), video_end_token_id=int(video_end_token_id),
-        packed=bool(packed), cu_seqlens=cu_seqlens, strict=bool(strict),
+        packed=bool(packed), cu_seqlens=cu_seqlens, strict=bool(strict), temporal_merge_size=temporal_merge_size,
     )
 
 
@@ -392,7 +400,8 @@ def _apply_rope_backward_fake(grad_q, grad_k, cos, sin, unsqueeze_dim, q_dtype, 
 def _rope_index_fake(input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids,
                      spatial_merge_size, image_token_id, video_token_id, vision_start_token_id, convention,
                      on_host=True, *, video_frames=True, second_per_grid_ts=None, tokens_per_second=None,
-                     video_start_token_id=-1, video_end_token_id=-1, packed=False, cu_seqlens=None, strict=False):
+                     video_start_token_id=-1, video_end_token_id=-1, packed=False, cu_seqlens=None, strict=False,
+                     temporal_merge_size=1):
     batch, seq = input_ids.shape
     pos_dtype, delta_dtype = input_ids.dtype, torch.int64
     is_packed = packed or cu_seqlens is not None

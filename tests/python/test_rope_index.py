@@ -445,6 +445,33 @@ def test_a_grid_of_exactly_2_40_tokens_is_not_too_large(convention):
     assert "2^40" not in str(info.value)
 
 
+@pytest.mark.parametrize("on_host", [True, False], ids=["host", "device"])
+def test_temporal_merge_size_divides_video_frames(on_host):
+    """ERNIE-4.5-VL's resampler merges temporal_merge_size frames: a (t, h, w) video takes t // temporal_merge_size
+    temporal positions (floor: 5 // 2 == 2), exactly the result of the grid (t // merge, h, w) without a merge; the
+    caller's grid is not written to; images are not merged. opcheck and the fake kernel take the argument."""
+    ids = torch.tensor([[1, 3, 9, 9, 9, 9, 4] + [8] * 8 + [5]])
+    types = torch.where(ids == 9, 1, torch.where(ids == 8, 2, 0))
+    images = torch.tensor([[1, 4, 4]])
+    common = dict(mm_token_type_ids=types, spatial_merge_size=2, image_token_id=9, video_token_id=8,
+                  video_frames=False, on_host=on_host)
+    for t in (4, 5):
+        videos = torch.tensor([[t, 4, 4]])
+        merged = ropekit.rope_index(ids, images, videos, temporal_merge_size=2, **common)
+        assert videos.tolist() == [[t, 4, 4]]
+        expected = ropekit.rope_index(ids, images, torch.tensor([[2, 4, 4]]), **common)
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(merged, expected))
+    op = torch.ops.ropekit.rope_index.default
+    torch.library.opcheck(op, (ids, images, torch.tensor([[4, 4, 4]]), None, types, 2, 9, 8, -1, "token_types",
+                               on_host), {"video_frames": False, "temporal_merge_size": 2})
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="temporal_merge_size"):
+            ropekit.rope_index(ids, images, torch.tensor([[4, 4, 4]]), temporal_merge_size=bad, **common)
+    with pytest.raises(ValueError, match="temporal_merge_size"):
+        op(ids, images, torch.tensor([[4, 4, 4]]), None, types, 2, 9, 8, -1, "token_types", on_host,
+           temporal_merge_size=0)
+
+
 def test_unknown_convention_raises_value_error():
     case = _base_case()
     with pytest.raises(ValueError, match=r"(?i)convention"):
