@@ -139,26 +139,36 @@ def make_rotary_forward(original, layout: RotaryLayout | bool):
     return forward
 
 
-def make_layered_rotary_forward(original, recompose):
-    """A rotary forward for a module with one rotary per layer type (Cohere Compass: ``forward(x, position_ids,
-    layer_type)`` reading ``{layer_type}_inv_freq``, ``{layer_type}_attention_scaling`` and ``rope_type[layer_type]``
-    on (3, B, S) mRoPE positions): each axis's cos/sin is gathered from that layer type's cached table, and the
-    module's own ``recomposition_frequencies`` (an index copy, part of the checked code) lays the axes out as the
-    installed release does (5.16-5.18: sections h, w, t in (i + 1) % 3 order; 5.19 on: interleaved). The gather
-    gives transformers' fp32 ``cos(position * inv_freq) * attention_scaling`` cast to x's dtype, and copying commutes
-    with the cast: bit for bit the original's result. The original runs where a table cannot serve the call, as in
-    :func:`make_rotary_forward`, for every position shape but (3, B, S), and where ``recomposition_frequencies`` is
-    not ``recompose``, the checked class's own (a subclass or an instance that overrides it)."""
+def make_layered_rotary_forward(original, recompose, layered: bool = True):
+    """A rotary forward for a module whose own ``recomposition_frequencies`` lays the mRoPE axes out, on (3, B, S)
+    positions: each axis's cos/sin is gathered from a cached table and that method (an index copy, part of the
+    checked code) recomposes them as the installed release does.
 
-    @functools.wraps(original)
-    def forward(self, x, position_ids, layer_type=None, *args, **kwargs):
-        rope_types = getattr(self, "rope_type", None)
-        rope_type = rope_types.get(layer_type) if isinstance(rope_types, dict) and isinstance(layer_type, str) else None
-        inv_freq = getattr(self, f"{layer_type}_inv_freq", None) if rope_type is not None else None
+    ``layered=True``: one rotary per layer type (Cohere Compass: ``forward(x, position_ids, layer_type)`` reading
+    ``{layer_type}_inv_freq``, ``{layer_type}_attention_scaling`` and ``rope_type[layer_type]``, one table per layer
+    type, ``recomposition_frequencies(freq, layer_type)``; 5.16-5.18: sections h, w, t in (i + 1) % 3 order, 5.19
+    on: interleaved), cos/sin cast to x's dtype. ``layered=False``: one rotary (ERNIE-4.5-VL: ``forward(x,
+    position_ids)`` reading ``inv_freq`` pre-rotated on the h/w frequencies, ``recomposition_frequencies(freq)``:
+    sections h, w, t in (i + 1) % 3 order, h and w interleaved, GPT-J pairs), cos/sin left in float32 as the original
+    leaves them.
+
+    The gather gives transformers' fp32 ``cos(position * inv_freq) * attention_scaling`` (cast to x's dtype where
+    the original casts), and copying commutes with the cast: bit for bit the original's result. The original runs
+    where a table cannot serve the call, as in :func:`make_rotary_forward`, for every position shape but (3, B, S),
+    and where ``recomposition_frequencies`` is not ``recompose``, the checked class's own (a subclass or an instance
+    that overrides it)."""
+
+    def serve(self, x, position_ids, layer_type):
+        if layered:
+            rope_types = getattr(self, "rope_type", None)
+            rope_type = (rope_types.get(layer_type) if isinstance(rope_types, dict) and isinstance(layer_type, str)
+                         else None)
+            prefix = f"{layer_type}_"
+        else:
+            rope_type, prefix = getattr(self, "rope_type", None), ""
+        inv_freq = getattr(self, f"{prefix}inv_freq", None) if rope_type is not None else None
         if (
-            args
-            or kwargs
-            or not forward.__ropekit_live__
+            not forward.__ropekit_live__
             or not isinstance(rope_type, str)
             or is_dynamic_rope(self, rope_type)
             or not isinstance(inv_freq, torch.Tensor)
@@ -173,26 +183,53 @@ def make_layered_rotary_forward(original, recompose):
             or getattr(type(self), "recomposition_frequencies", None) is not recompose
             or torch.compiler.is_compiling()
         ):
-            return original(self, x, position_ids, layer_type, *args, **kwargs)
+            return None
         _, batch, seq = position_ids.shape
         half = inv_freq.shape[-1]
-        cos, sin = table_of(self, layer_type).cos_sin(inv_freq, getattr(self, f"{layer_type}_attention_scaling"),
-                                                     position_ids.reshape(3 * batch, seq), x.dtype)
+        table = table_of(self, layer_type if layered else None)
+        cos, sin = table.cos_sin(inv_freq, getattr(self, f"{prefix}attention_scaling"),
+                                 position_ids.reshape(3 * batch, seq), x.dtype if layered else torch.float32)
         # each axis's cos/sin of its frequencies, (3, B, S, D / 2), as the original's freqs before recomposing
         cos, sin = (t[..., :half].reshape(3, batch, seq, half) for t in (cos, sin))
-        sin = self.recomposition_frequencies(sin, layer_type)
-        cos = self.recomposition_frequencies(cos, layer_type)
+        extra = (layer_type,) if layered else ()
+        sin = self.recomposition_frequencies(sin, *extra)
+        cos = self.recomposition_frequencies(cos, *extra)
         return cos, sin
+
+    if layered:
+        @functools.wraps(original)
+        def forward(self, x, position_ids, layer_type=None, *args, **kwargs):
+            served = None if args or kwargs else serve(self, x, position_ids, layer_type)
+            return original(self, x, position_ids, layer_type, *args, **kwargs) if served is None else served
+    else:
+        @functools.wraps(original)
+        def forward(self, x, position_ids, *args, **kwargs):
+            served = None if args or kwargs else serve(self, x, position_ids, None)
+            return original(self, x, position_ids, *args, **kwargs) if served is None else served
 
     forward.__ropekit_original__ = original
     forward.__ropekit_live__ = False  # set by patch(), cleared by unpatch()
     return forward
 
 
-def _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, live):
+def _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, live, upcast=False):
     """ops.apply_rope where it computes what ``original(q, k, cos, sin, unsqueeze_dim=...)`` computes (``k`` may be
     None: only q is rotated, as Qwen4-Exp's indexer asks); the original otherwise: its broadcasting takes shapes the
-    op does not (cos/sin of seq 1, a q or k of batch 1 against a batch of cos/sin, an odd rotary dim)."""
+    op does not (cos/sin of seq 1, a q or k of batch 1 against a batch of cos/sin, an odd rotary dim).
+
+    ``upcast``: the original computes ``q.float() * cos + rotate_half(q).float() * sin`` and casts the result back to
+    q's dtype (ERNIE-4.5-VL's text rotation). That is ops.apply_rope on float32 cos/sin (q's exact widening, each
+    product and the sum rounded once in float32, and the same gradient roundings: the q gradient of each product is
+    rounded to q's dtype, then the two are summed) followed by the cast; float64 q, which the original narrows to
+    float32, runs the original."""
+    if upcast:
+        if not (live and isinstance(q, torch.Tensor) and isinstance(cos, torch.Tensor)
+                and isinstance(sin, torch.Tensor) and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and cos.dtype in (torch.float32, torch.bfloat16, torch.float16) and sin.dtype == cos.dtype):
+            return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        dtype = q.dtype
+        out = _rotate(original, q, k, cos.float(), sin.float(), unsqueeze_dim, is_neox, partial, live)
+        return tuple(t.to(dtype) for t in out) if isinstance(out, tuple) else out.to(dtype)
     if not (
         live
         and isinstance(q, torch.Tensor)
@@ -230,11 +267,13 @@ def _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, live):
     return ops.apply_rope(q, k, cos, sin, unsqueeze_dim, is_neox=is_neox)
 
 
-def make_apply_rotary_pos_emb(original, is_neox: bool = True, partial: bool = True, routed=None):
+def make_apply_rotary_pos_emb(original, is_neox: bool = True, partial: bool = True, routed=None,
+                              upcast: bool = False):
     """apply_rotary_pos_emb with the original's exact signature: 4.57 has position_ids as the 5th argument; Qwen4-Exp's
     takes ``k=None`` (its sparse-attention indexer rotates queries alone). ``is_neox=False``: GLM-4V's
     ``rotate_half_llm`` pairs. ``partial=False``: the original rotates the whole head (a narrower cos/sin is its
-    broadcasting error, so the original runs).
+    broadcasting error, so the original runs). ``upcast``: the original rotates in float32 and casts back to q's
+    dtype (ERNIE-4.5-VL, see ``_rotate``).
 
     ``original`` may be the ``kernels`` Hub-kernel module that transformers 5.25 makes of the function
     (``@use_kernel_forward_from_hub``): the signature is the function's inside it, every fallback calls the module
@@ -253,7 +292,7 @@ def make_apply_rotary_pos_emb(original, is_neox: bool = True, partial: bool = Tr
             and not (routed is not None and routed())
             and not (is_module and (global_module_hooks() or module_hooks(original)))
         )
-        return _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, live)
+        return _rotate(original, q, k, cos, sin, unsqueeze_dim, is_neox, partial, live, upcast)
 
     if "position_ids" in params:
 
