@@ -186,7 +186,9 @@ def family_scenarios(device, results):
                Image(32, 28), Text(60), Image(16, 16), Text(700)]
         seconds = torch.tensor([2.0, 0.5], dtype=torch.float32) if family.time_scaled else None
         fc = build_family_case(family, config, [row, row[::-1]], m=MERGE, seed=0, second_per_grid_ts=seconds,
-                               tokens_per_second=2 if family.time_scaled else None)
+                               tokens_per_second=2 if family.time_scaled else None,
+                               temporal_merge_size=config.vision_config.temporal_merge_size
+                               if family.temporal_merge else 1)
         config.vision_config.spatial_merge_size = MERGE
         if family.time_scaled:
             config.vision_config.tokens_per_second = 2

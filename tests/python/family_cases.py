@@ -6,7 +6,8 @@ Families: Qwen2-VL and Qwen2.5-VL (whole-video grids; Qwen2.5-VL scales temporal
 second_per_grid_ts), Qwen3-VL, Qwen3.5 and Qwen4-Exp (videos split into frames separated by timestamps), and the
 GLM-4V family (glm4v, glm4v_moe, glm46v: frames of image tokens inside <|begin_of_video|> ... <|end_of_video|>),
 and the 5.x model types that carry one of those indexes in their own classes (paddleocr_vl: Qwen2-VL's; glm_ocr:
-GLM-4V's; cosmos3_omni, cosmos3_edge, cohere_compass: Qwen3-VL's).
+GLM-4V's; cosmos3_omni, cosmos3_edge, cohere_compass: Qwen3-VL's; ernie4_5_vl_moe: Qwen2-VL's with a temporal merge of
+video frames, in its own <|IMAGE_START|> / <|VIDEO_START|> brackets).
 
 Reproduce one case: PYTHONPATH=python python tests/python/family_cases.py --family qwen2_5_vl --seed 12345
 """
@@ -33,6 +34,7 @@ class Family:
     frames: bool  # videos split into single frames
     time_scaled: bool = False  # Qwen2.5-VL
     glm: bool = False  # GLM token layout; 4.57 classifies video frames by the video brackets
+    temporal_merge: bool = False  # ERNIE-4.5-VL: t // temporal_merge_size positions per video, image/video brackets
 
     def modeling(self):
         try:
@@ -72,6 +74,8 @@ FAMILIES = {
         Family("cosmos3_omni", "cosmos3_omni", "Cosmos3OmniModel", "Cosmos3OmniConfig", frames=True),
         Family("cosmos3_edge", "cosmos3_edge", "Cosmos3EdgeModel", "Cosmos3EdgeConfig", frames=True),
         Family("cohere_compass", "cohere_compass", "CohereCompassModel", "CohereCompassConfig", frames=True),
+        Family("ernie4_5_vl_moe", "ernie4_5_vl_moe", "Ernie4_5_VLMoeModel", "Ernie4_5_VLMoeConfig", frames=False,
+               temporal_merge=True),
     )
 }
 
@@ -93,16 +97,17 @@ class FamilyCase:
     second_per_grid_ts: torch.Tensor | None = None
     tokens_per_second: int | float | None = None
     notes: list[str] = field(default_factory=list)
+    temporal_merge_size: int = 1
 
     def describe(self, with_tensors: bool = False) -> str:
-        extra = f" tokens_per_second={self.tokens_per_second!r}"
+        extra = f" tokens_per_second={self.tokens_per_second!r} temporal_merge_size={self.temporal_merge_size}"
         if self.second_per_grid_ts is not None:
             extra += f" second_per_grid_ts={self.second_per_grid_ts.tolist()} ({self.second_per_grid_ts.dtype})"
         return f"family={self.family.name}{extra}\n{self.case.describe(with_tensors)}"
 
 
 def build_family_case(family: Family, config, rows, *, m=2, pad_side="right", extra_pad=0, mask="auto", rng=None,
-                      seed=None, second_per_grid_ts=None, tokens_per_second=None) -> FamilyCase:
+                      seed=None, second_per_grid_ts=None, tokens_per_second=None, temporal_merge_size=1) -> FamilyCase:
     rng = rng or random.Random(0 if seed is None else seed)
     ids = ids_of(config)
     special = {v for v in ids.values() if v is not None}
@@ -126,13 +131,18 @@ def build_family_case(family: Family, config, rows, *, m=2, pad_side="right", ex
             n = vision_tokens(item.h, item.w, m)
             if isinstance(item, Image):
                 images.append([1, item.h, item.w])
-                if family.glm:
+                if family.temporal_merge:
+                    add([ids["image_start"]] + [ids["image"]] * n + [ids["image_end"]], [0] + [1] * n + [0])
+                elif family.glm:
                     add([ids["image_start"]] + [ids["image"]] * n + [ids["image_end"]], [0] + [1] * n + [0])
                 else:
                     add([ids["vision_start"]] + [ids["image"]] * n + [ids["vision_end"]], [0] + [1] * n + [0])
                 continue
             videos.append([item.t, item.h, item.w])
-            if family.glm:  # <|begin_of_video|> (<|begin_of_image|> frame <|end_of_image|> stamp)* <|end_of_video|>
+            if family.temporal_merge:  # <|VIDEO_START|> (t // merge) * n tokens <|VIDEO_END|>
+                span = item.t // temporal_merge_size * n
+                add([ids["video_start"]] + [ids["video"]] * span + [ids["video_end"]], [0] + [2] * span + [0])
+            elif family.glm:  # <|begin_of_video|> (<|begin_of_image|> frame <|end_of_image|> stamp)* <|end_of_video|>
                 add([ids["video_start"]], [0])
                 for s in item.stamps:
                     add([ids["image_start"]] + [ids["image"]] * n + [ids["image_end"]], [0] + [2] * n + [0])
@@ -159,7 +169,7 @@ def build_family_case(family: Family, config, rows, *, m=2, pad_side="right", ex
         second_per_grid_ts = second_per_grid_ts[: len(videos)]
     elif not videos:
         second_per_grid_ts = None
-    return FamilyCase(family, case, second_per_grid_ts, tokens_per_second)
+    return FamilyCase(family, case, second_per_grid_ts, tokens_per_second, temporal_merge_size=temporal_merge_size)
 
 
 def _accepts_float_tokens_per_second(config) -> bool:
@@ -181,6 +191,7 @@ def random_family_case(family: Family, config, seed: int) -> FamilyCase:
     absent) and tokens_per_second (int, sometimes float)."""
     rng = random.Random(seed)
     m = 2 if rng.random() < 0.85 else rng.choice([1, 3])
+    merge = rng.choice([2, 2, 2, 1, 3]) if family.temporal_merge else 1
     B = rng.randint(1, 4)
     max_len = rng.choice([16, 32, 64, 128, 200])
     rows = []
@@ -196,7 +207,8 @@ def random_family_case(family: Family, config, seed: int) -> FamilyCase:
                 item = Image(h, w)
                 size = vision_tokens(h, w, m) + 2
             else:
-                t = rng.choice([1, 2, 2, 3])
+                # a temporal merge: frame counts around its multiples, odd ones included (t // merge floors them)
+                t = rng.choice([1, 2, 2, 3] if merge == 1 else [merge, 2 * merge, 2 * merge + 1, 3 * merge])
                 item = Video(t, h, w, [rng.randint(1, 3) for _ in range(t)])
                 size = t * (vision_tokens(h, w, m) + 2 + 3) + 2
             if used + size > budget:
@@ -221,7 +233,7 @@ def random_family_case(family: Family, config, seed: int) -> FamilyCase:
     return build_family_case(family, config, rows, m=m, pad_side=rng.choice(["left", "right"]),
                              extra_pad=rng.randint(1, 4) if rng.random() < 0.1 else 0,
                              mask="always" if rng.random() < 0.3 else "auto", rng=rng, seed=seed,
-                             second_per_grid_ts=seconds, tokens_per_second=tps)
+                             second_per_grid_ts=seconds, tokens_per_second=tps, temporal_merge_size=merge)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,6 +272,8 @@ def transformers_outcome(family_case: FamilyCase, model, fn=None):
     config.vision_config.spatial_merge_size = case.spatial_merge_size
     if family.time_scaled:
         config.vision_config.tokens_per_second = family_case.tokens_per_second  # (5.x validates: an int)
+    if family.temporal_merge:
+        config.vision_config.temporal_merge_size = family_case.temporal_merge_size
     kwargs = dict(input_ids=_clone(case.input_ids), image_grid_thw=_clone(case.image_grid_thw),
                   video_grid_thw=_clone(case.video_grid_thw), attention_mask=_clone(case.attention_mask))
     if family.time_scaled:
@@ -291,6 +305,8 @@ def ropekit_kwargs(family_case: FamilyCase, convention: str | None = None) -> di
     if family.time_scaled:
         kwargs.update(tokens_per_second=family_case.tokens_per_second,
                       second_per_grid_ts=family_case.second_per_grid_ts)
+    if family.temporal_merge:
+        kwargs["temporal_merge_size"] = family_case.temporal_merge_size
     return kwargs
 
 

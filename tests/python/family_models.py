@@ -200,6 +200,21 @@ def cohere_compass_config():
     return config
 
 
+def ernie4_5_vl_moe_config():
+    """ERNIE-4.5-VL (5.x): head_dim 16, sections [3, 3, 2] (h/w pre-rotated, GPT-J pairs), a dense and a MoE layer
+    (four experts of which two run, one shared), a one-block tower with its axial rotary, and a resampler that
+    merges 2 x 2 patches and 2 frames."""
+    from transformers import Ernie4_5_VLMoeConfig
+
+    text = dict(TEXT, eos_token_id=1, moe_intermediate_size=[32, 32], moe_k=2, moe_num_experts=4,
+                moe_num_shared_experts=1, **_text_rope([3, 3, 2]))
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, spatial_merge_size=2,
+                  temporal_merge_size=2, rope_parameters={"rope_type": "axial", "rope_theta": 1e4})
+    config = Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision, **GLM_IDS)
+    config._attn_implementation = "eager"
+    return config
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Families
 
@@ -220,7 +235,9 @@ class Family:
     apply: Callable
     module: str  # modeling module of its text model (rotary / apply_rotary_pos_emb)
     rotary: str  # its text rotary class
-    layout: str  # token layout of the batches: "qwen2" (whole videos), "qwen3" (frames + timestamps), "glm"
+    # token layout of the batches: "qwen2" (whole videos), "qwen3" (frames + timestamps), "glm", "ernie" (image and
+    # video brackets, videos whole)
+    layout: str
     fused: bool = False  # the attention has q/k norms: the fused op runs
     time_scaled: bool = False  # Qwen2.5-VL's second_per_grid_ts
     # how the tower takes pixels: "patches" (N, C * temporal_patch * P * P), "flat" (N, C * P * P; SigLIP2),
@@ -228,6 +245,7 @@ class Family:
     pixels: str = "patches"
     videos: bool = True  # False: the model takes images only (PaddleOCR-VL); batches hold images in their place
     layer_types: tuple = ()  # a rotary per layer type (Cohere Compass): forward(x, position_ids, layer_type)
+    temporal_merge: int = 1  # the resampler merges this many frames (ERNIE-4.5-VL): batches' videos have that many more
 
     def available(self) -> bool:
         return has_module(self.module) and has_module(self.config_module())
@@ -271,6 +289,9 @@ FAMILIES = {
         Family("cohere_compass", "CohereCompassForConditionalGeneration", cohere_compass_config,
                ropekit.apply_to_cohere_compass, "cohere_compass", "CohereCompassRotaryEmbedding", "qwen3",
                layer_types=("full_attention", "sliding_attention")),
+        Family("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", ernie4_5_vl_moe_config,
+               ropekit.apply_to_ernie4_5_vl, "ernie4_5_vl_moe", "Ernie4_5_VLMoeTextRotaryEmbedding", "ernie",
+               pixels="flat", temporal_merge=2),
     )
 }
 
@@ -357,7 +378,7 @@ def _tokens(config, t, h, w):
 
 def _image(family, config, h, w):
     n = _tokens(config, 1, h, w)
-    if family.layout == "glm":
+    if family.layout in ("glm", "ernie"):
         return [config.image_start_token_id] + [config.image_token_id] * n + [config.image_end_token_id], \
             [0] + [1] * n + [0]
     return [config.vision_start_token_id] + [config.image_token_id] * n + [config.vision_end_token_id], \
@@ -368,6 +389,10 @@ def _video(family, config, t, h, w, text):
     """A t-frame video in the family's layout (``text(n)`` draws timestamp tokens)."""
     n = _tokens(config, 1, h, w)
     ids, types = [], []
+    if family.layout == "ernie":  # <|VIDEO_START|> (t // temporal merge) * n tokens <|VIDEO_END|>
+        span = t // family.temporal_merge * n
+        return [config.video_start_token_id] + [config.video_token_id] * span + [config.video_end_token_id], \
+            [0] + [2] * span + [0]
     if family.layout == "qwen2":  # one span of t * n tokens
         return [config.vision_start_token_id] + [config.video_token_id] * (t * n) + [config.vision_end_token_id], \
             [0] + [2] * (t * n) + [0]
@@ -393,7 +418,8 @@ def _pixels(family: Family, config, grid, gen):
     if family.pixels == "images":
         return torch.randn(n, vision.num_channels, vision.patch_size, vision.patch_size, generator=gen)
     if family.pixels == "flat":
-        return torch.randn(n, vision.num_channels * vision.patch_size**2, generator=gen)
+        channels = getattr(vision, "num_channels", None) or vision.in_channels
+        return torch.randn(n, channels * vision.patch_size**2, generator=gen)
     return torch.randn(n, vision.in_channels * vision.temporal_patch_size * vision.patch_size**2, generator=gen)
 
 
@@ -423,6 +449,8 @@ def multimodal_inputs(family: Family, config, seed: int = 0, rows=None, seconds=
                 part, part_types = _image(family, config, *item[1:])
                 images.append([1, *item[1:]])
             else:
+                # a resampler that merges frames takes that many more: the same positions as another family's t
+                item = ("video", item[1] * family.temporal_merge, *item[2:])
                 part, part_types = _video(family, config, *item[1:], text)
                 videos.append(list(item[1:]))
             ids += part

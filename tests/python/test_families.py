@@ -190,23 +190,25 @@ def test_rotary_forward_bit_identical(unpatch_after, device, family, dtype):
         assert set(vars(module)["_ropekit_tables"]) == set(family.layer_types)
 
 
-@pytest.mark.parametrize("family", family_params(ids={"cohere_compass"}))
-def test_layered_rotary_runs_transformers_under_another_recomposition(unpatch_after, family):
-    """The per-layer-type rotary lays its axes out with the checked class's recomposition_frequencies; an instance
-    or subclass with another one gets transformers' forward (which calls the override), and no table."""
+@pytest.mark.parametrize("family", family_params(ids={"cohere_compass", "ernie4_5_vl_moe"}))
+def test_recomposing_rotary_runs_transformers_under_another_recomposition(unpatch_after, family):
+    """A rotary whose recomposition_frequencies lays its axes out (Cohere Compass per layer type, ERNIE-4.5-VL) is
+    served with the checked class's method; an instance or subclass with another one gets transformers' forward
+    (which calls the override), and no table."""
     module = rotary_module(family)
     family.apply()
     pos = torch.randint(0, 90, (3, 2, 11), generator=torch.Generator().manual_seed(8))
-    module.recomposition_frequencies = lambda freq, layer_type: torch.cat((freq[1], freq[1]), dim=-1)
-    for layer_type in family.layer_types:
-        ours = module(torch.zeros(1), pos, layer_type)
-        ref = original(type(module), "forward")(module, torch.zeros(1), pos, layer_type)
+    module.recomposition_frequencies = lambda freq, *layer_type: torch.cat((freq[1], freq[1]), dim=-1)
+    for layer_type in rotary_calls(family):
+        ours = module(torch.zeros(1), pos, *layer_type)
+        ref = original(type(module), "forward")(module, torch.zeros(1), pos, *layer_type)
         assert all(torch.equal(a, b) for a, b in zip(ours, ref))
-    assert not vars(module).get("_ropekit_tables")
+    assert not served_from_table(module)
 
 
+# ERNIE-4.5-VL's rotary raises ValueError for any rope type but "default" (transformers' own check): nothing to compare
 @pytest.mark.parametrize("rope_type", ["yarn", "dynamic"])
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", family_params(needs=lambda family: family.id != "ernie4_5_vl_moe"))
 def test_rotary_forward_other_rope_types(unpatch_after, family, rope_type):
     """yarn (static, attention_scaling != 1): served from the table, bit-identical. dynamic NTK (inv_freq depends on
     the largest position): transformers' own forward runs, on both sides of the switch, and no table is built."""
@@ -271,6 +273,61 @@ def test_apply_rotary_pos_emb_bit_identical(unpatch_after, count_apply_rope, dev
 
     for ours, ref, name in zip(run(patched), run(unpatched), ("q", "k", "dq", "dk")):
         assert ours.shape == ref.shape and torch.equal(ours, ref), name
+    assert len(count_apply_rope) == 1
+
+
+@pytest.mark.parametrize("cos_dtype", ["float32", "q"], ids=["fp32_cos", "q_dtype_cos"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("family", family_params(ids={"ernie4_5_vl_moe"}))
+def test_float32_rotation_cast_back(unpatch_after, count_apply_rope, family, dtype, cos_dtype):
+    """ERNIE-4.5-VL rotates ``q.float() * cos + rotate_half(q).float() * sin`` and casts back to q's dtype. Outputs
+    equal transformers' bit for bit for every q dtype, with the rotary's float32 cos/sin and with cos/sin in q's
+    dtype (which the float32 products widen); so do all gradients for float32 q. For bf16 / fp16 q, autograd through
+    transformers' function rounds the q gradient of each product to q's dtype and sums the two in q's dtype;
+    ops.apply_rope sums in float32 and rounds once. There the rule of DESIGN §3 for apply_rope holds: each
+    gradient's relative error against a float64 reference is at most transformers' own."""
+    config = family.config().text_config
+    module = rotary_module(family)
+    family.apply()
+    head_dim = config.hidden_size // config.num_attention_heads
+    pos = torch.randint(0, 90, (3, 2, 17), generator=torch.Generator().manual_seed(2))
+    cos, sin = module(torch.zeros(1), pos)
+    assert cos.dtype == torch.float32  # transformers leaves them in float32; so does the patched forward
+    if cos_dtype == "q":
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    patched, unpatched, _ = _apply_fn(family)
+    q0 = torch.randn(2, 17, 4, head_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
+    k0 = torch.randn(2, 17, 2, head_dim, generator=torch.Generator().manual_seed(4)).to(dtype)
+
+    def rotate_pairs(x):
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+    def float64_rotation(q, k, c, s_):  # the same function without its float32 / q-dtype roundings
+        c, s_ = c.unsqueeze(1), s_.unsqueeze(1)
+        return q * c + rotate_pairs(q) * s_, k * c + rotate_pairs(k) * s_
+
+    def run(fn, wide=False):
+        convert = (lambda t: t.detach().double()) if wide else (lambda t: t.detach().clone())
+        q, k, c, s_ = (convert(t).requires_grad_() for t in (q0, k0, cos, sin))
+        out_q, out_k = fn(q.transpose(1, 2), k.transpose(1, 2), c, s_)
+        loss = (out_q.double() * torch.linspace(-1, 1, out_q.numel(), dtype=torch.float64).view_as(out_q)).sum() + \
+            (out_k.double() * torch.linspace(1, -2, out_k.numel(), dtype=torch.float64).view_as(out_k)).sum()
+        loss.backward()
+        return out_q.detach(), out_k.detach(), q.grad, k.grad, c.grad, s_.grad
+
+    ours, theirs, exact = run(patched), run(unpatched), run(float64_rotation, wide=True)
+    for name, o, t, e in zip(("q", "k", "dq", "dk", "dcos", "dsin"), ours, theirs, exact):
+        assert o.dtype == t.dtype and o.shape == t.shape, name
+        if dtype == torch.float32 or name in ("q", "k"):
+            assert torch.equal(o, t), name
+        else:
+            rel = lambda x: ((x.double() - e).norm() / e.norm()).item()  # noqa: E731
+            assert rel(o) <= rel(t), (name, rel(o), rel(t))
+    assert len(count_apply_rope) == 1
+    # float64 q: transformers narrows it to float32 inside; its own code runs
+    q64 = torch.randn(2, 4, 17, head_dim, dtype=torch.float64)
+    ours, ref = patched(q64, q64, cos, sin), unpatched(q64, q64, cos, sin)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(ours, ref))
     assert len(count_apply_rope) == 1
 
 
@@ -732,7 +789,8 @@ def test_families_of_later_releases_say_which(unpatch_after):
     for apply, family, first in ((ropekit.apply_to_cosmos3, "Cosmos3", r"5\.11\.0"),
                                  (ropekit.apply_to_cohere_compass, "Cohere-Compass", r"5\.16\.0"),
                                  (ropekit.apply_to_paddleocr_vl, "PaddleOCR-VL", r"5\.0\.0"),
-                                 (ropekit.apply_to_glm_ocr, "GLM-OCR", r"5\.1\.0")):
+                                 (ropekit.apply_to_glm_ocr, "GLM-OCR", r"5\.1\.0"),
+                                 (ropekit.apply_to_ernie4_5_vl, "ERNIE-4.5-VL", r"5\.0\.0")):
         with pytest.raises(RuntimeError, match=rf"no {family} modeling module; .*needs transformers {first}"):
             apply()
         assert not _patching._ORIGINALS, f"{family}: nothing was patched"

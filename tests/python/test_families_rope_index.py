@@ -60,7 +60,8 @@ def family_cases(request):
     family = FAMILIES[request.param]
     config = tiny_config(family)
     model = rope_index_model(family, config)
-    kinds = [k for k in WILD_KINDS if not (family.glm and k == "vision_start_end")]
+    # no vision_start token in the GLM and ERNIE layouts
+    kinds = [k for k in WILD_KINDS if not ((family.glm or family.temporal_merge) and k == "vision_start_end")]
     cases = []
     for i in range(N_CASES + N_CASES // 2):
         fc = random_family_case(family, config, seed=0xFA11 * 1000 + i)
@@ -151,8 +152,13 @@ def _samples(family, config, seed, count, m=2, tps=4):
     out = []
     for k in range(count):
         fc = random_family_case(family, config, seed=seed * 100 + k)
+        redraw = 0
+        while fc.temporal_merge_size != (2 if family.temporal_merge else 1):  # rows drawn for this batch's merge
+            redraw += 1
+            fc = random_family_case(family, config, seed=(seed * 100 + k) * 1000 + redraw)
         out.append(build_family_case(family, config, [fc.case.rows[0]], m=m, seed=seed * 100 + k, mask="never",
-                                     second_per_grid_ts=fc.second_per_grid_ts, tokens_per_second=tps))
+                                     second_per_grid_ts=fc.second_per_grid_ts, tokens_per_second=tps,
+                                     temporal_merge_size=2 if family.temporal_merge else 1))
     return out
 
 
@@ -183,6 +189,7 @@ def _packed_case(family, config, rows, S):
     seconds = [smp.second_per_grid_ts for smp in flat if smp.second_per_grid_ts is not None]
     packed.second_per_grid_ts = torch.cat(seconds) if seconds else None
     packed.tokens_per_second = flat[0].tokens_per_second
+    packed.temporal_merge_size = flat[0].temporal_merge_size
     tensors = dict(input_ids=ids, attention_mask=seg, mm_token_type_ids=mm,
                    image_grid_thw=_cat_grids(flat, "image_grid_thw"), video_grid_thw=_cat_grids(flat, "video_grid_thw"))
     packed.case = type(packed.case)(None, [], flat[0].case.spatial_merge_size, flat[0].case.ids, "right", **tensors)

@@ -498,38 +498,55 @@ def test_tower_random_grids(family, seed, unpatch_after, monkeypatch):
     assert all(same_bits(g, e) for e, g in zip(expected, got))
 
 
+# towers reached through their model's get_<modality>_features (not a ``visual`` attribute of Qwen's kind): the
+# family, its tower attribute, the config entry giving its block count, and the modalities it takes
+OWN_TOWERS = {
+    # PaddleOCR-VL's SigLIP tower (its own embeddings and attention); images only
+    "paddleocr_vl": ("visual", "num_hidden_layers", ("image",)),
+    # ERNIE-4.5-VL's tower with its axial rotary, then the resampler merging patches and frames
+    "ernie4_5_vl_moe": ("vision_tower", "depth", ("image", "video")),
+}
+
+
 @pytest.mark.transformers
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_paddleocr_vl_siglip_tower_bit_identical(dtype, unpatch_after, monkeypatch):
-    """PaddleOCR-VL's SigLIP tower (its own embeddings and attention, transformers' apply_rotary_pos_emb_vision):
-    patched, every layer rotates through ropekit.apply_rope_vision, and the image features and the gradient of every
-    tower parameter and of the pixels are the unpatched bits."""
+@pytest.mark.parametrize("family_id", sorted(OWN_TOWERS))
+def test_own_tower_bit_identical(family_id, dtype, unpatch_after, monkeypatch):
+    """PaddleOCR-VL's and ERNIE-4.5-VL's towers (transformers' apply_rotary_pos_emb_vision in their own attention):
+    patched, every block rotates through ropekit.apply_rope_vision, and the image (and video) features and the
+    gradient of every tower parameter and of the pixels are the unpatched bits."""
     import family_models as fm
 
-    family = fm.FAMILIES["paddleocr_vl"]
+    family = fm.FAMILIES[family_id]
     if not family.available():
-        pytest.skip("PaddleOCR-VL is transformers 5.x only")
+        pytest.skip(f"{family_id} is transformers 5.x only")
+    attribute, depth_key, modalities = OWN_TOWERS[family_id]
     model = copy.deepcopy(fm.shared_model(family)).to(dtype)  # the shared model's weights stay as they are
-    rows = [[("text", 2), ("image", 4, 6), ("text", 1)], [("text", 1), ("image", 8, 4), ("image", 2, 2)]]
+    rows = [[("text", 2), ("image", 4, 6), ("text", 1), ("video", 2, 4, 4)],
+            [("text", 1), ("image", 8, 4), ("image", 2, 2)]]
     batch = fm.multimodal_inputs(family, model.config, seed=7, rows=rows)
-    pixels, grid = batch["pixel_values"].to(dtype), batch["image_grid_thw"]
+    tower = getattr(model.model, attribute)
 
     def run():
         model.zero_grad(set_to_none=True)
-        given = pixels.detach().requires_grad_()
-        features = torch.cat(model.model.get_image_features(given, grid, return_dict=True).pooler_output)
-        features.float().mul(torch.linspace(-1, 1, features.numel()).view_as(features)).sum().backward()
-        grads = [given.grad] + [p.grad for p in model.model.visual.parameters() if p.grad is not None]
-        return [features.detach()] + grads
+        out = []
+        for modality in modalities:
+            key = "pixel_values" if modality == "image" else "pixel_values_videos"
+            given = batch[key].to(dtype).requires_grad_()
+            get = getattr(model.model, f"get_{modality}_features")
+            features = torch.cat(get(given, batch[f"{modality}_grid_thw"], return_dict=True).pooler_output)
+            features.float().mul(torch.linspace(-1, 1, features.numel()).view_as(features)).sum().backward()
+            out += [features.detach(), given.grad]
+        return out + [p.grad for p in tower.parameters() if p.grad is not None]
 
     expected = run()
     calls = []
     real = ops.apply_rope_vision
     monkeypatch.setattr(ops, "apply_rope_vision", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ropekit.apply_to_paddleocr_vl(model)
+    family.apply(model)
     got = run()
-    assert len(calls) == model.config.vision_config.num_hidden_layers
-    assert len(got) == len(expected) > 2
+    assert len(calls) == len(modalities) * getattr(model.config.vision_config, depth_key)
+    assert len(got) == len(expected) > 2 * len(modalities)
     assert all(same_bits(g, e) for e, g in zip(expected, got))
 
 

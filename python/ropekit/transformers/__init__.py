@@ -1,6 +1,7 @@
 """Monkeypatches that route transformers' RoPE / mRoPE through ropekit's ops, for the Qwen3 families, the mRoPE
 vision-language families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen4-Exp, GLM-4V / GLM-4V-MoE / GLM-4.6V) and the
-5.x model types built on their code (PaddleOCR-VL, GLM-OCR, Cosmos3-Omni / Cosmos3-Edge, Cohere Compass).
+5.x model types built on their code (PaddleOCR-VL, GLM-OCR, Cosmos3-Omni / Cosmos3-Edge, Cohere Compass,
+ERNIE-4.5-VL).
 
 Methods and module functions are patched, never classes, so models built before patching pick the change up too
 (and ``from_pretrained``'s buffer re-initialisation keeps working). ``unpatch()`` restores every original object.
@@ -25,7 +26,7 @@ from .vision import POSITION_HELPERS, VisionTower, make_apply_rotary_pos_emb_vis
 __all__ = [
     "apply_to_qwen3", "apply_to_qwen3_vl", "apply_to_qwen3_5", "apply_to_qwen2_vl", "apply_to_qwen2_5_vl",
     "apply_to_qwen4_exp", "apply_to_glm4v", "apply_to_paddleocr_vl", "apply_to_glm_ocr", "apply_to_cosmos3",
-    "apply_to_cohere_compass", "apply_to_model", "unpatch", "support_report", "PatchStatus",
+    "apply_to_cohere_compass", "apply_to_ernie4_5_vl", "apply_to_model", "unpatch", "support_report", "PatchStatus",
     "RopekitDeclined",
 ]
 RopekitDeclined = _guard.RopekitDeclined
@@ -38,13 +39,15 @@ class _ModelingModule:
     name: str  # transformers.models.<family>.modeling_<family>
     rotary: str | None  # text rotary embedding class (None: the module has none of its own, e.g. GLM-4.6V)
     # None: 1-D RoPE; "interleaved" (Qwen3-VL) or "sectioned" (Qwen2-VL, GLM-4V) mRoPE; "layered": a rotary per
-    # layer type whose own recomposition_frequencies lays out the axes (Cohere Compass)
+    # layer type whose own recomposition_frequencies lays out the axes (Cohere Compass); "recomposed": one rotary
+    # whose own recomposition_frequencies does (ERNIE-4.5-VL)
     mrope: str | None = None
     attention: str | None = None  # attention class whose forward runs q_norm / k_norm + RoPE (None: no q/k norms)
     norm: str | None = None  # its q_norm / k_norm class
     zero_centered: bool = False  # Qwen3.5 / Qwen4-Exp's (1 + w) norm
     is_neox: bool = True  # False: GLM-4V rotates GPT-J pairs (rotate_half_llm, repeat_interleave(2) cos/sin)
     partial: bool = False  # apply_rotary_pos_emb passes channels past cos.shape[-1] through (partial rotary)
+    upcast: bool = False  # apply_rotary_pos_emb rotates in float32 and casts back to q's dtype (ERNIE-4.5-VL)
     vl_model: str | None = None  # class defining get_rope_index
     model_type: str | None = None  # its config.model_type (its rules in MROPE_RULES)
     vision: VisionTower | None = None  # the vision tower (its module-level apply_rotary_pos_emb_vision, 4.57 helpers)
@@ -127,6 +130,15 @@ _FAMILIES["Cohere-Compass"] = (
                     "layered", vl_model="CohereCompassModel", model_type="cohere_compass",
                     vision=VisionTower("CohereCompassVisionModel")),
 )
+_FAMILIES["ERNIE-4.5-VL"] = (
+    # Qwen2-VL's 5.x index with a temporal merge for videos; a rotary with pre-rotated h/w frequencies laid out by its
+    # own recomposition_frequencies (GPT-J pairs, left in float32); a float32 GPT-J rotation cast back to q's dtype;
+    # no q/k norms; a tower calling apply_rotary_pos_emb_vision
+    _ModelingModule("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe", "Ernie4_5_VLMoeTextRotaryEmbedding",
+                    "recomposed", is_neox=False, upcast=True, vl_model="Ernie4_5_VLMoeModel",
+                    model_type="ernie4_5_vl_moe",
+                    vision=VisionTower("Ernie4_5_VLMoeVisionTransformerPretrainedModel")),
+)
 _FAMILIES["Cosmos3"] = (
     # Cosmos3-Omni builds Qwen3-VL's text model and tower (AutoModel of qwen3_vl_text / qwen3_vl_vision) and has
     # Qwen3-VL's get_rope_index in its own module
@@ -154,10 +166,12 @@ _FAMILY_MODEL_TYPES = {
     "GLM-OCR": ("glm_ocr", "glm_ocr_text"),
     "Cosmos3": ("cosmos3_omni", "cosmos3_edge", "cosmos3_edge_text"),
     "Cohere-Compass": ("cohere_compass", "cohere_compass_text"),
+    "ERNIE-4.5-VL": ("ernie4_5_vl_moe", "ernie4_5_vl_moe_text"),
 }
 # families whose modeling code exists in 5.x releases only: the first release that has it
 _NEEDS = {"Qwen3.5": "5.x", "Qwen4-Exp": "5.x", "PaddleOCR-VL": "5.0.0 or later", "GLM-OCR": "5.1.0 or later",
-          "Cosmos3": "5.11.0 or later (Cosmos3-Edge: 5.15.0)", "Cohere-Compass": "5.16.0 or later"}
+          "Cosmos3": "5.11.0 or later (Cosmos3-Edge: 5.15.0)", "Cohere-Compass": "5.16.0 or later",
+          "ERNIE-4.5-VL": "5.0.0 or later"}
 # The transformers lines the patches support; within them, each function is checked against known code at patch time.
 _TRANSFORMERS_LINES = "4.57.x and 5.x"
 
@@ -292,9 +306,9 @@ def _plan_rope(plan: _Plan, module, spec: _ModelingModule) -> None:
     per_axis = name == "apply_multimodal_rotary_pos_emb"
     ok, why = _known(module, target, original, rotary_cls)
     if ok:
-        if spec.mrope == "layered":
+        if spec.mrope in ("layered", "recomposed"):
             recompose = getattr(rotary_cls, "recomposition_frequencies", None)  # part of the checked code
-            replacement = make_layered_rotary_forward(original, recompose)
+            replacement = make_layered_rotary_forward(original, recompose, layered=spec.mrope == "layered")
         else:
             replacement = make_rotary_forward(original, RotaryLayout(spec.mrope, per_axis, spec.is_neox))
         plan.accept(module, "rope", target, why, rotary_cls, "forward", replacement)
@@ -313,7 +327,8 @@ def _plan_rope(plan: _Plan, module, spec: _ModelingModule) -> None:
         replacement = make_apply_multimodal_rotary_pos_emb(function, spec.is_neox, spec.partial,
                                                            gptj_layout=not spec.is_neox)
     else:
-        replacement = make_apply_rotary_pos_emb(function, spec.is_neox, spec.partial, routed=routed)
+        replacement = make_apply_rotary_pos_emb(function, spec.is_neox, spec.partial, routed=routed,
+                                                upcast=spec.upcast)
     plan.accept(module, "rope", name, why, module, name, replacement)
 
 
@@ -595,10 +610,27 @@ def apply_to_cohere_compass(model=None, *, rope: bool = True, rope_index: bool =
            vision_positions=vision_positions)
 
 
+def apply_to_ernie4_5_vl(model=None, *, rope: bool = True, rope_index: bool = True,
+                         vision_rope: bool = True) -> None:
+    """Route ERNIE-4.5-VL (``ernie4_5_vl_moe``, transformers 5.x; also its text model ``ernie4_5_vl_moe_text``)
+    through ropekit.
+
+    ``rope``: its rotary's inv_freq is pre-rotated on the h/w frequencies and the module's own
+    ``recomposition_frequencies`` lays the axes out (sections h, w, t in (i + 1) % 3 order, h and w interleaved,
+    GPT-J pairs); each axis's cos/sin is gathered from a cached table and recomposed by that method, left in float32
+    as transformers leaves it. Its ``apply_rotary_pos_emb`` rotates GPT-J pairs in float32 and casts back to q's
+    dtype: ``ropekit.apply_rope`` on float32 cos/sin, then the same cast. No q/k norms, nothing to fuse.
+    ``rope_index``: ``Ernie4_5_VLMoeModel.get_rope_index`` (Qwen2-VL's 5.x index; a video's ``t`` divided by
+    ``vision_config.temporal_merge_size``). ``vision_rope``: the tower's ``apply_rotary_pos_emb_vision`` as
+    ``ropekit.apply_rope_vision``; the tower computes its positions itself. ``model``: as for ``apply_to_qwen3``."""
+    _apply("ERNIE-4.5-VL", model, rope, rope_index, qk_norm_rope=False, vision_rope=vision_rope)
+
+
 _APPLY = {"Qwen3": apply_to_qwen3, "Qwen3-VL": apply_to_qwen3_vl, "Qwen3.5": apply_to_qwen3_5,
           "Qwen2-VL": apply_to_qwen2_vl, "Qwen2.5-VL": apply_to_qwen2_5_vl, "Qwen4-Exp": apply_to_qwen4_exp,
           "GLM-4V": apply_to_glm4v, "PaddleOCR-VL": apply_to_paddleocr_vl, "GLM-OCR": apply_to_glm_ocr,
-          "Cosmos3": apply_to_cosmos3, "Cohere-Compass": apply_to_cohere_compass}
+          "Cosmos3": apply_to_cosmos3, "Cohere-Compass": apply_to_cohere_compass,
+          "ERNIE-4.5-VL": apply_to_ernie4_5_vl}
 # config.model_type -> the apply_to_* that covers it
 _MODEL_TYPES = {model_type: _APPLY[family] for family, types_ in _FAMILY_MODEL_TYPES.items() for model_type in types_}
 

@@ -67,6 +67,8 @@ class MRopeRules:
     video_frames: bool  # videos split into single frames (Qwen3-VL, Qwen3.5, Qwen4-Exp, GLM-4V)
     time_scaled: bool = False  # Qwen2.5-VL: temporal positions scaled by tokens_per_second * second_per_grid_ts
     glm: bool = False  # GLM-4V: 4.57 tells video frames by the video_start / video_end brackets
+    # ERNIE-4.5-VL: a video's t is divided by vision_config.temporal_merge_size (its resampler merges frames)
+    temporal_merge: bool = False
 
     def model_class(self):
         """The class defining get_rope_index in the installed transformers (None where it has no such module)."""
@@ -97,6 +99,8 @@ MROPE_RULES = {
     "cosmos3_omni": MRopeRules("cosmos3_omni", "Cosmos3OmniModel", video_frames=True),
     "cosmos3_edge": MRopeRules("cosmos3_edge", "Cosmos3EdgeModel", video_frames=True),
     "cohere_compass": MRopeRules("cohere_compass", "CohereCompassModel", video_frames=True),
+    # Qwen2-VL's 5.x index with the temporal merge of its video resampler
+    "ernie4_5_vl_moe": MRopeRules("ernie4_5_vl_moe", "Ernie4_5_VLMoeModel", video_frames=False, temporal_merge=True),
 }
 
 
@@ -126,6 +130,8 @@ def rope_index_kwargs(config, rules: MRopeRules, convention: str) -> dict:
         kwargs.update(video_start_token_id=token("video_start_token_id"), video_end_token_id=token("video_end_token_id"))
     if rules.time_scaled:
         kwargs["tokens_per_second"] = config.vision_config.tokens_per_second
+    if rules.temporal_merge:
+        kwargs["temporal_merge_size"] = config.vision_config.temporal_merge_size
     return kwargs
 
 
@@ -157,6 +163,9 @@ def make_get_rope_index(original, rules: MRopeRules):
             return original(self, *args, **kwargs)
         device = input_ids.device
         options = rope_index_kwargs(self.config, rules, convention)
+        merge = options.get("temporal_merge_size", 1)
+        if isinstance(merge, bool) or not isinstance(merge, int) or merge < 1:
+            return original(self, *args, **kwargs)  # a merge size ropekit does not take: transformers' arithmetic
         if rules.time_scaled:
             options["second_per_grid_ts"] = _to(seconds, device)
         return ops.rope_index(
