@@ -133,10 +133,10 @@ class HostIndexer {
               GridLists grids, Rules rules)
       : a_(a), att_(att), tok_(tok), cu_(cu), n_cu_(n_cu), r_(rules), g_(grids) {}
 
-  // Fills pos (3, B, S) and deltas (B) as int64.
+  // Fills pos (num_axes, B, S) and deltas (B) as int64.
   void run(int64_t* pos, int64_t* deltas) {
     const int64_t B = a_.input_ids.size(0), S = a_.input_ids.size(1);
-    std::fill(pos, pos + 3 * B * S, a_.token_types() ? 0 : 1);
+    std::fill(pos, pos + a_.num_axes * B * S, a_.token_types() ? 0 : 1);
     std::vector<std::pair<int64_t, int64_t>> segments;  // [begin, end) columns of the row's packed samples
     for (int64_t b = 0; b < B; ++b) {
       if (!a_.is_packed()) {
@@ -157,6 +157,10 @@ class HostIndexer {
       }
     }
     if (r_.strict) check_all_grids_used();
+    if (r_.convention == kXdRope && r_.image_grids) {
+      TORCH_CHECK_VALUE(cursor_.image == g_.n_images, "image_grid_thw: ", g_.n_images, " grids but the input has "
+                        "only ", cursor_.image, " image spans (transformers fails on this input too)");
+    }
   }
 
  private:
@@ -183,7 +187,8 @@ class HostIndexer {
     }
   }
 
-  // Walks the sample sample_ (columns of row b), writes its positions and returns its largest position.
+  // Walks the sample sample_ (columns of row b), writes its positions and returns its largest position. The
+  // num_axes - 3 leading rows (xdrope) hold each token's sample index; the last three the parts' positions.
   int64_t walk(int64_t b, int64_t* pos) {
     const int64_t B = a_.input_ids.size(0), S = a_.input_ids.size(1), L = sample_.size();
     ErrorInfo e;
@@ -193,6 +198,10 @@ class HostIndexer {
     bool ok;
     if (r_.convention == kVisionStart) {
       ok = walk_scan(b, n_parts, total, e);
+    } else if (r_.convention == kXdRope) {
+      sample_runs(b);
+      ok = walk_xd(r_, g_, cursor_, run_start_.data(), run_len_.data(), run_kind_.data(),
+                   static_cast<int64_t>(run_kind_.size()), parts_.data(), n_parts, total, e);
     } else {
       sample_runs(b);
       ok = walk_runs(r_, g_, cursor_, run_start_.data(), run_len_.data(), run_kind_.data(),
@@ -201,7 +210,12 @@ class HostIndexer {
     int64_t top = 0;
     if (ok) ok = finish_sample(r_, g_, parts_.data(), n_parts, total, L, top, e);
     if (!ok) raise(e, b);
-    int64_t* pt = pos + b * S;
+    const int64_t lead_axes = a_.num_axes - 3;
+    for (int64_t axis = 0; axis < lead_axes; ++axis) {
+      for (int64_t i = 0; i < L; ++i) pos[axis * B * S + b * S + sample_[i]] = i;
+    }
+    if (lead_axes > 0 && L - 1 > top) top = L - 1;
+    int64_t* pt = pos + lead_axes * B * S + b * S;
     int64_t* ph = pt + B * S;
     int64_t* pw = ph + B * S;
     int64_t k = 0;
@@ -342,6 +356,9 @@ class HostIndexer {
       case kStrictSpansVsStarts:
         TORCH_CHECK_VALUE(false, "input_ids: ", at, " has ", e.a, " vision spans after vision_start_token_id but ",
                           e.b, " image / video token runs", strict);
+      case kXdSpanLength:
+        TORCH_CHECK_VALUE(false, "image span at ", at, " has ", e.a, " tokens but image grid ", e.grid, " gives ",
+                          e.b, " ((h // m) * (w // m + 1)) or ", e.b + 2, " with its first and last tokens", also);
       default:
         TORCH_CHECK_VALUE(false, "rope_index: no result at ", at, " (error ", e.code, ")");
     }
@@ -376,6 +393,8 @@ Rules rules_of(const RopeIndexArgs& a) {
   r.merge = a.merge;
   r.strict = a.strict;
   r.scale_time = a.tokens_per_second.has_value();
+  r.image_grids = a.image_grid_thw.defined();
+  r.sample_ordinals = a.is_packed();
   if (r.scale_time) {
     if (a.second_per_grid_ts.defined()) {
       r.second_per_grid_count = a.second_per_grid_ts.size(0);
@@ -404,19 +423,25 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
                                const std::optional<at::Tensor>& second_per_grid_ts,
                                const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id,
                                int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
-                               bool strict, int64_t temporal_merge_size) {
+                               bool strict, int64_t temporal_merge_size, int64_t num_axes) {
   RopeIndexArgs a;
   if (convention == "token_types") {
     a.convention = kTokenTypes;
+  } else if (convention == "xdrope") {
+    a.convention = kXdRope;
   } else if (convention == "vision_start") {
     a.convention = kVisionStart;
   } else if (convention == "video_brackets") {
     a.convention = kVideoBrackets;
   } else {
-    TORCH_CHECK_VALUE(false, "convention: expected 'token_types' (transformers 5.x), 'vision_start' (transformers "
-                      "4.57 Qwen2-VL / Qwen2.5-VL / Qwen3-VL) or 'video_brackets' (transformers 4.57 GLM-4V), got '",
-                      convention, "'");
+    TORCH_CHECK_VALUE(false, "convention: expected 'token_types' (transformers 5.x), 'xdrope' (transformers 5.x "
+                      "HunYuan-VL), 'vision_start' (transformers 4.57 Qwen2-VL / Qwen2.5-VL / Qwen3-VL) or "
+                      "'video_brackets' (transformers 4.57 GLM-4V), got '", convention, "'");
   }
+  TORCH_CHECK_VALUE(a.convention == kXdRope ? num_axes >= 3 : num_axes == 3, "num_axes: expected ",
+                    a.convention == kXdRope ? ">= 3 (HunYuan-VL: len(mrope_section))" : "3 (only 'xdrope' has more)",
+                    ", got ", num_axes);
+  a.num_axes = num_axes;
   TORCH_CHECK_VALUE(input_ids.dim() == 2, "input_ids: expected a 2-D (batch, seq) tensor, got shape ",
                     input_ids.sizes());
   TORCH_CHECK_VALUE(at::isIntegralType(input_ids.scalar_type(), /*includeBool=*/false),
@@ -444,8 +469,13 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
   check_per_token(a.mm_token_type_ids, "mm_token_type_ids", input_ids, /*allow_float=*/false);
   TORCH_CHECK_VALUE(!a.mm_token_type_ids.defined() || a.mm_token_type_ids.scalar_type() != at::kBool,
                     "mm_token_type_ids: expected an integer dtype, got Bool");
-  TORCH_CHECK_VALUE(a.convention != kTokenTypes || a.mm_token_type_ids.defined(),
-                    "mm_token_type_ids: required by convention 'token_types' (transformers 5.x)");
+  TORCH_CHECK_VALUE(!a.token_types() || a.mm_token_type_ids.defined(),
+                    "mm_token_type_ids: required by convention '", convention, "' (transformers 5.x)");
+  TORCH_CHECK_VALUE(a.convention != kXdRope || (!tokens_per_second.has_value() && !second_per_grid_ts.has_value()),
+                    "tokens_per_second / second_per_grid_ts: temporal scaling is Qwen2.5-VL's; convention 'xdrope' "
+                    "(HunYuan-VL) has none");
+  TORCH_CHECK_VALUE(a.convention != kXdRope || !a.video_grid_thw.defined(),
+                    "video_grid_thw: convention 'xdrope' (HunYuan-VL) takes images only");
   TORCH_CHECK_VALUE(a.convention != kVideoBrackets || (video_start_token_id >= 0 && video_end_token_id >= 0),
                     "video_start_token_id / video_end_token_id: required by convention 'video_brackets' "
                     "(transformers 4.57 GLM-4V), got ", video_start_token_id, " / ", video_end_token_id);
@@ -532,7 +562,7 @@ std::tuple<at::Tensor, at::Tensor> rope_index_host(const RopeIndexArgs& a) {
     TORCH_CHECK_VALUE(c[n - 1] <= B * S, "cu_seqlens: ends at ", c[n - 1], ", past the ", B * S, " tokens");
   }
   const Rules rules = rules_of(a);
-  at::Tensor pos = at::empty({3, B, S}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor pos = at::empty({a.num_axes, B, S}, at::TensorOptions().dtype(at::kLong));
   at::Tensor deltas = at::empty({B, 1}, at::TensorOptions().dtype(at::kLong));
   GridLists grids;
   grids.images = host[2];
@@ -551,6 +581,7 @@ std::tuple<at::Tensor, at::Tensor> rope_index_host(const RopeIndexArgs& a) {
                       " entries for ", n_videos, " videos (strict=True)");
   }
   if (B == 0 && !a.is_packed()) deltas = deltas.to(at::kFloat);  // torch.tensor([]) of no per-row deltas
+  if (a.convention == kXdRope && deltas.scalar_type() == at::kLong) deltas = deltas.to(a.input_ids.scalar_type());
   return {push_to_device(pos.to(a.input_ids.scalar_type()), device), push_to_device(deltas, device)};
 }
 
@@ -579,6 +610,8 @@ at::Tensor time_positions(const at::Tensor& t, const at::Tensor& pre, const at::
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rope_index_reference(const RopeIndexArgs& a) {
+  TORCH_CHECK_VALUE(a.convention != kXdRope, "rope_index: the ATen reference does not implement convention 'xdrope' "
+                    "(HunYuan-VL); on_host=True, or a CPU or CUDA tensor (the fused algorithm), computes it");
   if (text_only_branch_applies(a)) return text_only_branch(a);
   const int64_t B = a.input_ids.size(0), S = a.input_ids.size(1), m = a.merge;
   const auto L = a.input_ids.options().dtype(at::kLong);
@@ -820,12 +853,13 @@ std::tuple<at::Tensor, at::Tensor> rope_index(
     int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool on_host,
     bool video_frames, const std::optional<at::Tensor>& second_per_grid_ts,
     const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id, int64_t video_end_token_id,
-    bool packed, const std::optional<at::Tensor>& cu_seqlens, bool strict, int64_t temporal_merge_size) {
+    bool packed, const std::optional<at::Tensor>& cu_seqlens, bool strict, int64_t temporal_merge_size,
+    int64_t num_axes) {
   const RopeIndexArgs a = check_rope_index(
       input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, spatial_merge_size, image_token_id,
       video_token_id, vision_start_token_id, std::string_view(convention.data(), convention.size()), video_frames,
       second_per_grid_ts, tokens_per_second, video_start_token_id, video_end_token_id, packed, cu_seqlens, strict,
-      temporal_merge_size);
+      temporal_merge_size, num_axes);
   if (on_host) return rope_index_host(a);
   // The device path is the fused algorithm (as a kernel on CUDA, serially on the CPU): its domain is every input the
   // host loop takes. The ATen composition stays the test reference, and serves other devices (its domain excludes
@@ -875,6 +909,7 @@ const char* error_name(int32_t code) {
     case kStrictSpanLength: return "a span whose length is not t * (h / m) * (w / m) (strict=True)";
     case kStrictNotDivisible: return "a grid with t < 1 or h, w not multiples of the merge size (strict=True)";
     case kStrictSpansVsStarts: return "vision_start pairs that do not match the vision runs (strict=True)";
+    case kXdSpanLength: return "an image span whose length is neither (h // m) * (w // m + 1) nor that + 2";
     default: return "no result";
   }
 }
@@ -887,7 +922,7 @@ std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
   const auto L = a.input_ids.options().dtype(at::kLong);
   if (B == 0 || S == 0) {
     if (B > 0) at::_assert_async(at::zeros({}, L.dtype(at::kBool)), "ropekit.rope_index: rows of no token");
-    return {at::empty({3, B, S}, a.input_ids.options()),
+    return {at::empty({a.num_axes, B, S}, a.input_ids.options()),
             at::empty({B, 1}, L.dtype(a.is_packed() ? at::kLong : at::kFloat))};
   }
   const at::Tensor att = (a.packed ? a.attention_mask : attended(a)).to(at::kLong).contiguous();
@@ -942,6 +977,7 @@ std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
   p.video_start_id = a.video_start_token_id;
   p.video_end_id = a.video_end_token_id;
   p.pad = a.token_types() ? 0 : 1;
+  p.axes = a.num_axes;
   p.delta_vs_attended = a.token_types();
   const at::Tensor scratch = at::empty({10, B * (S + 1)}, L);
   int64_t* base = scratch.data_ptr<int64_t>();
@@ -952,7 +988,7 @@ std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
   p.parts = reinterpret_cast<Part*>(parts.data_ptr());
   const at::Tensor counts = at::empty({B, 2}, L);
   const at::Tensor error = at::empty({B}, L.dtype(at::kInt));
-  at::Tensor pos = at::empty({3, B, S}, L);
+  at::Tensor pos = at::empty({a.num_axes, B, S}, L);
   at::Tensor deltas = at::empty({B, 1}, L);
   p.counts = counts.data_ptr<int64_t>();
   p.error = error.data_ptr<int32_t>();
@@ -977,6 +1013,14 @@ std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
       TORCH_CHECK_VALUE(code == kOk, "ropekit.rope_index (fused algorithm): no result for row ", b, ": ",
                         error_name(code));
     }
+    if (a.convention == kXdRope && a.image_grid_thw.defined()) {
+      const int64_t used = counts.select(1, 0).sum().item<int64_t>();  // the CPU: no device to sync with
+      TORCH_CHECK_VALUE(used == images.size(0), "ropekit.rope_index (fused algorithm): ", images.size(0),
+                        " image grids but the input has only ", used, " image spans");
+    }
+  }
+  if (a.convention == kXdRope && a.image_grid_thw.defined()) {
+    ok.push_back(counts.select(1, 0).sum() == images.size(0));  // HunYuan-VL fails on grids left over
   }
   ok.push_back((error == kOk).all());
   if (a.strict) {
@@ -988,6 +1032,8 @@ std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
                     "ropekit.rope_index: no result for these inputs (transformers fails on them too, e.g. more vision "
                     "spans than grids or span lengths that do not match their grids), or grids left over with "
                     "strict=True; run with on_host=True for a precise error");
+  // HunYuan-VL's deltas are torch.tensor() of its positions' maxima: input_ids' dtype (every other family: int64)
+  if (a.convention == kXdRope) deltas = deltas.to(a.input_ids.scalar_type());
   return {pos.to(a.input_ids.scalar_type()), deltas};
 }
 
@@ -998,12 +1044,12 @@ std::tuple<at::Tensor, at::Tensor> rope_index_algorithm_op(
     int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool video_frames,
     const std::optional<at::Tensor>& second_per_grid_ts, const std::optional<c10::Scalar>& tokens_per_second,
     int64_t video_start_token_id, int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
-    bool strict, int64_t temporal_merge_size, c10::string_view algorithm) {
+    bool strict, int64_t temporal_merge_size, int64_t num_axes, c10::string_view algorithm) {
   const RopeIndexArgs a = check_rope_index(
       input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, spatial_merge_size, image_token_id,
       video_token_id, vision_start_token_id, std::string_view(convention.data(), convention.size()), video_frames,
       second_per_grid_ts, tokens_per_second, video_start_token_id, video_end_token_id, packed, cu_seqlens, strict,
-      temporal_merge_size);
+      temporal_merge_size, num_axes);
   const std::string_view which(algorithm.data(), algorithm.size());
   if (which == "host") return rope_index_host(a);
   if (which == "reference") return rope_index_reference(a);

@@ -33,7 +33,11 @@ struct RopeIndexArgs {
   bool strict = false;       // reject inputs transformers would silently accept (see ops.rope_index)
 
   bool is_packed() const { return packed || cu_seqlens.defined(); }
-  bool token_types() const { return convention == rope_index_detail::kTokenTypes; }
+  int64_t num_axes = 3;       // rows of position_ids: xdrope's leading rows hold every token's sample index
+  // 5.x: modality from mm_token_type_ids (every 5.x family, HunYuan-VL's xdrope included)
+  bool token_types() const {
+    return convention == rope_index_detail::kTokenTypes || convention == rope_index_detail::kXdRope;
+  }
 };
 
 RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<at::Tensor>& image_grid_thw,
@@ -45,7 +49,7 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
                                const std::optional<at::Tensor>& second_per_grid_ts,
                                const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id,
                                int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
-                               bool strict, int64_t temporal_merge_size = 1);
+                               bool strict, int64_t temporal_merge_size = 1, int64_t num_axes = 3);
 
 // Host algorithm: linear in B*S plus the vision tokens. Inputs on an accelerator are pulled to the host in one
 // transfer (one sync) and the results pushed back with non-blocking copies. No result: ValueError.
@@ -106,7 +110,8 @@ std::tuple<at::Tensor, at::Tensor> rope_index(
     int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool on_host,
     bool video_frames, const std::optional<at::Tensor>& second_per_grid_ts,
     const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id, int64_t video_end_token_id,
-    bool packed, const std::optional<at::Tensor>& cu_seqlens, bool strict, int64_t temporal_merge_size = 1);
+    bool packed, const std::optional<at::Tensor>& cu_seqlens, bool strict, int64_t temporal_merge_size = 1,
+    int64_t num_axes = 3);
 
 // Any of the three algorithms as an op of its own (ropekit::_rope_index_algorithm, algorithm "host", "reference" or
 // "kernel"), so that tests compare them on the same device.
@@ -117,6 +122,6 @@ std::tuple<at::Tensor, at::Tensor> rope_index_algorithm_op(
     int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool video_frames,
     const std::optional<at::Tensor>& second_per_grid_ts, const std::optional<c10::Scalar>& tokens_per_second,
     int64_t video_start_token_id, int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
-    bool strict, int64_t temporal_merge_size, c10::string_view algorithm);
+    bool strict, int64_t temporal_merge_size, int64_t num_axes, c10::string_view algorithm);
 
 }  // namespace ropekit

@@ -34,6 +34,7 @@ struct KernelParams {
   GridLists grids;
   int64_t image_id = -1, video_id = -1, vision_start_id = -1, video_start_id = -1, video_end_id = -1;
   int64_t pad = 0;                 // padding slots: 0 (5.x) or 1 (4.57)
+  int64_t axes = 3;                // rows of pos: xdrope's leading axes - 3 rows hold each token's sample index
   bool delta_vs_attended = true;   // 5.x: deltas against the attended tokens; 4.57: against S (unpacked rows)
   // per-row scratch: (B, S + 1) int64 each, and (B, 2S + 1) parts
   int64_t *cols = nullptr, *vals = nullptr, *kinds = nullptr, *run_start = nullptr, *run_len = nullptr,
@@ -41,7 +42,7 @@ struct KernelParams {
           *sample_start = nullptr;
   Part* parts = nullptr;
   int64_t* counts = nullptr;  // (B, 2): images and video entries each row consumes
-  int64_t* pos = nullptr;     // (3, B, S) int64
+  int64_t* pos = nullptr;     // (axes, B, S) int64
   int64_t* deltas = nullptr;  // (B,)
   int32_t* error = nullptr;   // (B,): each row's ErrorCode (0 when it has a result)
 };
@@ -182,7 +183,8 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
       });
   if (!count) {
     for (int64_t s = x.tid(); s < S; s += X::kThreads) {
-      if (att[s] == 0) p.pos[row + s] = p.pos[B * S + row + s] = p.pos[2 * B * S + row + s] = p.pad;
+      if (att[s] != 0) continue;
+      for (int64_t axis = 0; axis < p.axes; ++axis) p.pos[axis * B * S + row + s] = p.pad;
     }
   }
   const int64_t n_samples = compact(
@@ -275,11 +277,14 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
       if (r.convention == kVisionStart) {
         ok = walk_vision_start(r, p.grids, st.cursor, n, p.next_img + row1, p.next_vid + row1, p.run_len_at + row1,
                                st.vision_runs, st.n_img, st.n_vid, parts, st.n_parts, st.total, e);
+      } else if (r.convention == kXdRope) {
+        ok = walk_xd(r, p.grids, st.cursor, run_start, run_len, run_kind, st.n_runs, parts, st.n_parts, st.total, e);
       } else {
         ok = walk_runs(r, p.grids, st.cursor, run_start, run_len, run_kind, st.n_runs, parts, st.n_parts, st.total,
                        e);
       }
       if (ok) ok = finish_sample(r, p.grids, parts, st.n_parts, st.total, n, st.top, e);
+      if (ok && p.axes > 3 && n - 1 > st.top) st.top = n - 1;  // the leading rows' sample indices
       if (!ok) {
         set_error(st, e.code);
       } else if (p.cu != nullptr || p.packed_mask) {
@@ -297,9 +302,11 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
       int64_t pt, ph, pw;
       part_position(r, p.grids, part, key - part.start, pt, ph, pw);
       const int64_t s = cols[lo + i];
-      p.pos[row + s] = pt;
-      p.pos[B * S + row + s] = ph;
-      p.pos[2 * B * S + row + s] = pw;
+      const int64_t lead_axes = p.axes - 3;
+      for (int64_t axis = 0; axis < lead_axes; ++axis) p.pos[axis * B * S + row + s] = i;
+      p.pos[lead_axes * B * S + row + s] = pt;
+      p.pos[(lead_axes + 1) * B * S + row + s] = ph;
+      p.pos[(lead_axes + 2) * B * S + row + s] = pw;
     }
     x.sync();
   }

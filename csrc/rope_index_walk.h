@@ -22,6 +22,7 @@ enum Convention : int32_t {
   kTokenTypes = 0,     // 5.x, every family: runs of mm_token_type_ids; text resumes at cur + max(h, w) // m
   kVisionStart = 1,    // 4.57 Qwen2-VL / Qwen2.5-VL / Qwen3-VL: spans found by vision_start + list.index scans
   kVideoBrackets = 2,  // 4.57 GLM-4V: image tokens between video_start and video_end are video frames
+  kXdRope = 3,         // 5.x HunYuan-VL: every token keeps its index; an image's tokens take (column, row, image)
 };
 
 // tpos(t), the temporal position of frame t of a grid: (t * pre) * interval in the arithmetic of `code`, then
@@ -41,7 +42,9 @@ struct Grid {
 };
 
 // One entry of llm_pos_ids_list. kind 0: `len` text positions cur, cur + 1, ...; kind 1 / 2: the vision grid
-// (t, hg, wg) (hg = h // m, wg = w // m) placed at cur, len = t * hg * wg tokens.
+// (t, hg, wg) (hg = h // m, wg = w // m) placed at cur, len = t * hg * wg tokens. kind 3 (xdrope): an image span of
+// `len` tokens from sample index cur whose grid tokens (hg rows of wg = w // m + 1 columns, from `lead` on) take
+// (column, row, image ordinal t); its other tokens (the lead and the last, when lead is 1) keep cur + offset.
 struct Part {
   int64_t start = 0;  // sample index of its first token (the parts' lengths summed before it)
   int64_t len = 0;
@@ -49,6 +52,7 @@ struct Part {
   int64_t t = 0, hg = 0, wg = 0;
   int64_t h = 0, w = 0;  // the grid's raw h and w (5.x resumes text at cur + max(h, w) // m)
   int64_t video = -1;
+  int64_t lead = 0;  // kind 3: 1 when the span's first and last tokens are outside the grid
   int32_t kind = 0;
 };
 
@@ -69,6 +73,7 @@ enum ErrorCode : int32_t {
   kStrictSpanLength,     // strict: a span's length != t * (h / m) * (w / m)
   kStrictNotDivisible,   // strict: h or w not a positive multiple of m, or t < 1
   kStrictSpansVsStarts,  // strict, 4.57: vision_start pairs do not match the vision token runs
+  kXdSpanLength,         // xdrope: an image span's length is neither its grid's tokens nor those + 2: ValueError
 };
 
 // The most tokens one vision grid may have, and the largest extent t, h // m, w // m: 2^40 (a grid's positions
@@ -92,6 +97,8 @@ struct Rules {
   // second_per_grid_ts entries available (videos past them fail: 5.x next() on the iterator, 4.57 indexing);
   // -1 = unlimited
   int64_t second_per_grid_count = -1;
+  bool image_grids = true;  // xdrope: image_grid_thw was given (without it, image spans keep text positions)
+  bool sample_ordinals = false;  // xdrope, packed: each sample numbers its images from 0, as it would alone
 };
 
 // The grids transformers iterates, read from the raw (N, 3) int64 arrays on either side: images in order; videos
@@ -205,9 +212,19 @@ C10_HOST_DEVICE inline TimeScale scale_of(const Rules& r, const GridLists& g, co
   return s;
 }
 
+// Largest position of a non-empty xdrope image part: its grid's largest column, row or ordinal, and the index of
+// its last token when that one is outside the grid.
+C10_HOST_DEVICE inline int64_t xd_top(const Part& p) {
+  int64_t m = p.hg * p.wg > 0 ? (p.wg - 1 > p.hg - 1 ? p.wg - 1 : p.hg - 1) : 0;
+  if (p.hg * p.wg > 0 && p.t > m) m = p.t;
+  if (p.lead && p.cur + p.len - 1 > m) m = p.cur + p.len - 1;
+  return m;
+}
+
 // Largest position offset of a non-empty part from its cur. tpos is monotone in t.
 C10_HOST_DEVICE inline int64_t part_extent(const Rules& r, const GridLists& g, const Part& p) {
   if (p.kind == 0) return p.len - 1;
+  if (p.kind == 3) return xd_top(p) - p.cur;
   const TimeScale s = scale_of(r, g, p);
   const int64_t t0 = time_position(s, 0), t1 = time_position(s, p.t - 1);
   int64_t m = t0 > t1 ? t0 : t1;
@@ -219,8 +236,15 @@ C10_HOST_DEVICE inline int64_t part_extent(const Rules& r, const GridLists& g, c
 // Positions (t, h, w) of token `o` (0 <= o < len) of part p.
 C10_HOST_DEVICE inline void part_position(const Rules& r, const GridLists& g, const Part& p, int64_t o,
                                           int64_t& pt, int64_t& ph, int64_t& pw) {
-  if (p.kind == 0) {
+  if (p.kind == 0 || (p.kind == 3 && p.lead && (o == 0 || o == p.len - 1))) {
     pt = ph = pw = p.cur + o;
+    return;
+  }
+  if (p.kind == 3) {
+    const int64_t q = o - p.lead;
+    pt = q % p.wg;  // the width axis comes first in HunYuan-VL's (width, height, image) rows
+    ph = q / p.wg;
+    pw = p.t;
     return;
   }
   const int64_t plane = p.hg * p.wg;
@@ -393,6 +417,45 @@ C10_HOST_DEVICE inline bool walk_vision_start(const Rules& r, const GridLists& g
     append(parts, n_parts, total, text);
   }
   if (r.strict && n_img + n_vid != vision_runs) return fail(e, kStrictSpansVsStarts, -1, -1, n_img + n_vid, vision_runs);
+  return true;
+}
+
+// 5.x HunYuan-VL (xdrope): each maximal run of image tokens (mm_token_type_ids 1) takes the next image grid (with
+// no image_grid_thw, none: every token is text); its grid tokens number (h // m) * (w // m + 1) (a newline column
+// per row) and the span holds those or those + 2 (its first and last tokens are then outside the grid); any other
+// length fails as in transformers. Tokens of any other type are text. Every token outside a grid keeps its sample
+// index. Room for `runs` parts.
+C10_HOST_DEVICE inline bool walk_xd(const Rules& r, const GridLists& g, Cursor& c, const int64_t* run_start,
+                                    const int64_t* run_len, const int64_t* run_kind, int64_t runs, Part* parts,
+                                    int64_t& n_parts, int64_t& total, ErrorInfo& e) {
+  const int64_t first_image = r.sample_ordinals ? c.image : 0;  // transformers numbers images over the batch
+  for (int64_t k = 0; k < runs; ++k) {
+    const int64_t len = run_len[k], token = run_start[k];
+    Part p;
+    p.cur = token;  // a sample index: runs tile the sample
+    p.len = len;
+    if (run_kind[k] == 1 && r.image_grids) {
+      if (c.image >= g.n_images) return fail(e, kNoImageGrid, token, c.image, g.n_images);
+      const int64_t index = c.image++;
+      const Grid grid = g.image(index);
+      const int64_t rows = floor_div(grid.h, r.merge), cols = floor_div(grid.w, r.merge) + 1;
+      if (rows < 0 || cols < 0) return fail(e, kNegativeGrid, token, index, 1);  // torch.arange of a negative end
+      if (rows > kMaxGridTokens || cols > kMaxGridTokens || (rows > 0 && cols > kMaxGridTokens / rows)) {
+        return fail(e, kGridTooLarge, token, index, 1);
+      }
+      const int64_t n = rows * cols;
+      if (len == n + 2) {
+        p.lead = 1;
+      } else if (len != n) {
+        return fail(e, kXdSpanLength, token, index, len, n);
+      }
+      p.kind = 3;
+      p.hg = rows;
+      p.wg = cols;
+      p.t = index - first_image;  // the image's ordinal
+    }
+    append(parts, n_parts, total, p);
+  }
   return true;
 }
 

@@ -174,12 +174,14 @@ def rope_index(
     strict: bool = False,
     on_host: bool = True,
     temporal_merge_size: int = 1,
+    num_axes: int = 3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' ``get_rope_index`` of the mRoPE models: ``(position_ids (3, B, S), deltas (B, 1))``,
+    """transformers' ``get_rope_index`` of the mRoPE models: ``(position_ids (num_axes, B, S), deltas (B, 1))``,
     element-wise identical to transformers (values, dtypes and device) wherever transformers returns a result.
 
     Reproduces ``Qwen2VLModel``, ``Qwen2_5_VLModel``, ``Qwen3VLModel``, ``Qwen3_5Model``, ``Qwen4ExpModel``,
-    ``Glm4vModel`` (``glm4v``, ``glm4v_moe``, ``glm46v``) ``.get_rope_index``, chosen by:
+    ``Glm4vModel`` (``glm4v``, ``glm4v_moe``, ``glm46v``), ``HunYuanVLModel`` ``.get_rope_index`` and the 5.x model
+    types that carry one of them, chosen by:
 
     - ``convention``: ``"token_types"`` is transformers 5.x for every family (modality from ``mm_token_type_ids``:
       0 text, 1 image, 2 video; runs of equal type; text resumes at ``cur + max(h, w) // m`` after a grid; padding
@@ -188,6 +190,16 @@ def rope_index(
       ``video_token_id``; text resumes at a grid's largest position + 1; padding slots 1; ``deltas = max + 1 - S``;
       without any grid, the mask-cumsum branch). ``"video_brackets"`` is 4.57 GLM-4V (image tokens between
       ``video_start_token_id`` and ``video_end_token_id`` are video frames; otherwise as ``"vision_start"``).
+      ``"xdrope"`` is 5.x HunYuan-VL (images only, modality from ``mm_token_type_ids``): ``num_axes`` rows
+      (``len(mrope_section)``, at least 3); every attended token takes its index in the row on every axis, except
+      the grid tokens of each image span, whose last three rows are (column, row, image ordinal over the batch). An
+      image's grid has ``(h // m) * (w // m + 1)`` tokens (a newline column per row) and its span that many, or two
+      more (its first and last tokens then keep their indices); another span length, or image grids left over,
+      raise ``ValueError`` as transformers raises; without ``image_grid_thw`` every token is text. Packed samples
+      number their images from 0 each, as each would alone (transformers numbers a batch's images in order and has
+      no packing); grids are still consumed in order. Padding slots 0;
+      ``deltas = max + 1 - attended tokens``. The ATen reference does not implement it (the host loop and the fused
+      algorithm, on the CPU and CUDA, do). ``num_axes`` is 3 for every other convention.
     - ``video_frames``: each video is split into ``t`` single-frame grids (Qwen3-VL, Qwen3.5, Qwen4-Exp, GLM-4V;
       ``repeat_interleave`` by t), or kept whole (Qwen2-VL, Qwen2.5-VL).
     - ``tokens_per_second`` (Qwen2.5-VL's vision config value, int or float as there) with ``second_per_grid_ts``
@@ -232,6 +244,7 @@ def rope_index(
         video_frames=bool(video_frames), second_per_grid_ts=second_per_grid_ts, tokens_per_second=tokens_per_second,
         video_start_token_id=int(video_start_token_id), video_end_token_id=int(video_end_token_id),
         packed=bool(packed), cu_seqlens=cu_seqlens, strict=bool(strict), temporal_merge_size=temporal_merge_size,
+        num_axes=int(num_axes),
     )
 
 
@@ -401,17 +414,21 @@ def _rope_index_fake(input_ids, image_grid_thw, video_grid_thw, attention_mask, 
                      spatial_merge_size, image_token_id, video_token_id, vision_start_token_id, convention,
                      on_host=True, *, video_frames=True, second_per_grid_ts=None, tokens_per_second=None,
                      video_start_token_id=-1, video_end_token_id=-1, packed=False, cu_seqlens=None, strict=False,
-                     temporal_merge_size=1):
+                     temporal_merge_size=1, num_axes=3):
     batch, seq = input_ids.shape
     pos_dtype, delta_dtype = input_ids.dtype, torch.int64
     is_packed = packed or cu_seqlens is not None
-    if convention != "token_types" and image_grid_thw is None and video_grid_thw is None and not is_packed:
+    four_fifty_seven = convention not in ("token_types", "xdrope")
+    if four_fifty_seven and image_grid_thw is None and video_grid_thw is None and not is_packed:
         pos_dtype = torch.int64  # 4.57's text-only branch: cumsum / arange positions
         if attention_mask is None:
             delta_dtype = input_ids.dtype
     elif batch == 0 and not is_packed:
         delta_dtype = torch.float32  # transformers' torch.tensor([]) of no per-row deltas
-    return input_ids.new_empty((3, batch, seq), dtype=pos_dtype), input_ids.new_empty((batch, 1), dtype=delta_dtype)
+    elif convention == "xdrope":
+        delta_dtype = input_ids.dtype  # HunYuan-VL: torch.tensor() of its positions' maxima
+    return (input_ids.new_empty((num_axes, batch, seq), dtype=pos_dtype),
+            input_ids.new_empty((batch, 1), dtype=delta_dtype))
 
 
 def _vision_position_ids_fake(grid_thw, spatial_merge_size, num_tokens=None):

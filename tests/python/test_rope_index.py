@@ -472,6 +472,49 @@ def test_temporal_merge_size_divides_video_frames(on_host):
            temporal_merge_size=0)
 
 
+@pytest.mark.parametrize("on_host", [True, False], ids=["host", "device"])
+def test_xdrope_rows_errors_and_dtypes(on_host):
+    """HunYuan-VL's "xdrope": num_axes rows (the leading ones each token's index), an image's grid tokens (column,
+    row, ordinal over the batch) on the last three, its first and last span tokens left as text; deltas in
+    input_ids' dtype; without image_grid_thw every token is text; grids left over, a span of another length, video
+    grids, temporal scaling, and num_axes below 3 (or above 3 in another convention) raise ValueError."""
+    h, w = 4, 4  # merge 2: 2 rows of 3 columns (a newline column per row) = 6 grid tokens
+    types = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.int32)
+    ids = types * 7 + 3
+    mask = torch.tensor([[1] * 10, [0, 0] + [1] * 8])
+    grids = torch.tensor([[1, h, w], [1, h, w]])
+    common = dict(mm_token_type_ids=types, spatial_merge_size=2, convention="xdrope", on_host=on_host)
+    pos, deltas = ropekit.rope_index(ids, grids, None, mask, num_axes=4, **common)
+    assert pos.shape == (4, 2, 10) and pos.dtype == torch.int32 and deltas.dtype == torch.int32
+    assert pos[0, 0].tolist() == list(range(10))  # the leading row: each token's index
+    assert pos[1, 0].tolist() == [0, 1, 0, 1, 2, 0, 1, 2, 8, 9]  # width: the columns; first/last span tokens: index
+    assert pos[2, 0].tolist() == [0, 1, 0, 0, 0, 1, 1, 1, 8, 9]  # height: the rows
+    assert pos[3, 0].tolist() == [0, 1, 0, 0, 0, 0, 0, 0, 8, 9]  # the image's ordinal: the batch's first
+    # row 1: a bare span (the grid tokens alone), its image the batch's second: ordinal 1; padding 0 on every row
+    assert pos[:, 1, :2].eq(0).all() and pos[0, 1, 2:].tolist() == list(range(8))
+    assert pos[1, 1, 3:9].tolist() == [0, 1, 2, 0, 1, 2] and pos[2, 1, 3:9].tolist() == [0, 0, 0, 1, 1, 1]
+    assert pos[3, 1, 3:9].tolist() == [1] * 6
+    assert deltas.tolist() == [[0], [0]]
+    three, _ = ropekit.rope_index(ids, grids, None, mask, num_axes=3, **common)  # no leading row
+    assert torch.equal(three, pos[1:])
+    text, _ = ropekit.rope_index(ids, None, None, mask, num_axes=4, **common)  # no grids: every token is text
+    assert text[:, 0].tolist() == [list(range(10))] * 4
+    for bad, match in ((dict(image_grid_thw=torch.tensor([[1, h, w]] * 3)), "image spans"),
+                       (dict(image_grid_thw=torch.tensor([[1, h, 8], [1, h, w]])), "span"),
+                       (dict(video_grid_thw=grids), "images only"),
+                       (dict(tokens_per_second=2), "temporal scaling"),
+                       (dict(num_axes=2), "num_axes")):
+        args = dict(image_grid_thw=grids, video_grid_thw=None, num_axes=4)
+        args.update(bad)
+        with pytest.raises(ValueError, match=match):
+            ropekit.rope_index(ids, args.pop("image_grid_thw"), args.pop("video_grid_thw"), mask, **args, **common)
+    with pytest.raises(ValueError, match="num_axes"):
+        ropekit.rope_index(ids, grids, None, mask, mm_token_type_ids=types, spatial_merge_size=2, num_axes=4)
+    with pytest.raises(ValueError, match="does not implement convention 'xdrope'"):
+        torch.ops.ropekit._rope_index_algorithm(ids, grids, None, mask, types, 2, -1, -1, -1, "xdrope", num_axes=4,
+                                                algorithm="reference")
+
+
 def test_unknown_convention_raises_value_error():
     case = _base_case()
     with pytest.raises(ValueError, match=r"(?i)convention"):
