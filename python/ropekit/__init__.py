@@ -5,9 +5,9 @@ from .modules import CachedMRotaryEmbedding, CachedRotaryEmbedding, RopeTable
 from .ops import (apply_rope, apply_rope_vision, mrope_cos_sin, qk_norm_rope, qk_norm_rope_qkv_, rope_cache,
                   rope_cos_sin, rope_index)
 from .transformers import (apply_to_cohere_compass, apply_to_cosmos3, apply_to_ernie4_5_vl, apply_to_glm4v,
-                           apply_to_glm_ocr, apply_to_model, apply_to_paddleocr_vl, apply_to_qwen2_5_vl,
-                           apply_to_qwen2_vl, apply_to_qwen3, apply_to_qwen3_5, apply_to_qwen3_vl, apply_to_qwen4_exp,
-                           unpatch)
+                           apply_to_glm_ocr, apply_to_hunyuan_vl, apply_to_model, apply_to_paddleocr_vl,
+                           apply_to_qwen2_5_vl, apply_to_qwen2_vl, apply_to_qwen3, apply_to_qwen3_5, apply_to_qwen3_vl,
+                           apply_to_qwen4_exp, unpatch)
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "apply_to_cosmos3",
     "apply_to_cohere_compass",
     "apply_to_ernie4_5_vl",
+    "apply_to_hunyuan_vl",
     "apply_to_model",
     "unpatch",
     "has_cuda_kernels",

@@ -67,7 +67,8 @@ def mrope_position_ids(
     ``cu_seqlens``. Positions then restart at 0 in each sample (see ``ropekit.rope_index``).
     ``text_positions=True`` returns ``(4, B, S)``: row 0 the token's index inside its sample (0 for padding), which
     transformers' models split off as text positions (masks, packed-sequence detection), rows 1..3 the mRoPE
-    positions; otherwise ``(3, B, S)``. ``rope_deltas`` is ``(B, 1)``.
+    positions; otherwise ``(3, B, S)``. HunYuan-VL has ``len(mrope_section)`` rows instead of 3 (one more with
+    ``text_positions``), and takes no videos (``video_grid_thw`` is not read). ``rope_deltas`` is ``(B, 1)``.
 
     Raises ``ValueError`` for an unsupported ``model_type`` and wherever ``ropekit.rope_index`` does.
     """
@@ -75,11 +76,14 @@ def mrope_position_ids(
     convention = _convention(rules, config)
     input_ids = batch["input_ids"]
     kwargs = rope_index_kwargs(config, rules, convention)
+    if rules.xdrope and kwargs["num_axes"] is None:
+        raise ValueError("ropekit.data: HunYuan-VL's config.text_config.rope_parameters has no readable mrope_section")
     if rules.time_scaled:
         kwargs["second_per_grid_ts"] = batch.get("second_per_grid_ts")
     position_ids, deltas = ops.rope_index(
-        input_ids, batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch.get("attention_mask"),
-        mm_token_type_ids=batch.get("mm_token_type_ids") if convention == "token_types" else None,
+        input_ids, batch.get("image_grid_thw"), None if rules.xdrope else batch.get("video_grid_thw"),
+        batch.get("attention_mask"),
+        mm_token_type_ids=batch.get("mm_token_type_ids") if convention in ("token_types", "xdrope") else None,
         packed=packed, cu_seqlens=cu_seqlens, **kwargs,
     )
     if not text_positions:

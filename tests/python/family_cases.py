@@ -7,7 +7,8 @@ second_per_grid_ts), Qwen3-VL, Qwen3.5 and Qwen4-Exp (videos split into frames s
 GLM-4V family (glm4v, glm4v_moe, glm46v: frames of image tokens inside <|begin_of_video|> ... <|end_of_video|>),
 and the 5.x model types that carry one of those indexes in their own classes (paddleocr_vl: Qwen2-VL's; glm_ocr:
 GLM-4V's; cosmos3_omni, cosmos3_edge, cohere_compass: Qwen3-VL's; ernie4_5_vl_moe: Qwen2-VL's with a temporal merge of
-video frames, in its own <|IMAGE_START|> / <|VIDEO_START|> brackets).
+video frames, in its own <|IMAGE_START|> / <|VIDEO_START|> brackets); hunyuan_vl: XD-RoPE (images only, 3 to 5
+position rows, an image's span its (h // m) * (w // m + 1) grid tokens and, mostly, a first and last token).
 
 Reproduce one case: PYTHONPATH=python python tests/python/family_cases.py --family qwen2_5_vl --seed 12345
 """
@@ -35,6 +36,7 @@ class Family:
     time_scaled: bool = False  # Qwen2.5-VL
     glm: bool = False  # GLM token layout; 4.57 classifies video frames by the video brackets
     temporal_merge: bool = False  # ERNIE-4.5-VL: t // temporal_merge_size positions per video, image/video brackets
+    xdrope: bool = False  # HunYuan-VL: images only, num_axes rows, spans of the grid's tokens (+ first and last)
 
     def modeling(self):
         try:
@@ -52,7 +54,7 @@ class Family:
         """The convention of the installed transformers: 5.x reads mm_token_type_ids."""
         params = inspect.signature(self.model_class().get_rope_index).parameters
         if "mm_token_type_ids" in params:
-            return "token_types"
+            return "xdrope" if self.xdrope else "token_types"
         return "video_brackets" if self.glm else "vision_start"
 
 
@@ -76,6 +78,7 @@ FAMILIES = {
         Family("cohere_compass", "cohere_compass", "CohereCompassModel", "CohereCompassConfig", frames=True),
         Family("ernie4_5_vl_moe", "ernie4_5_vl_moe", "Ernie4_5_VLMoeModel", "Ernie4_5_VLMoeConfig", frames=False,
                temporal_merge=True),
+        Family("hunyuan_vl", "hunyuan_vl", "HunYuanVLModel", "HunYuanVLConfig", frames=False, xdrope=True),
     )
 }
 
@@ -98,16 +101,19 @@ class FamilyCase:
     tokens_per_second: int | float | None = None
     notes: list[str] = field(default_factory=list)
     temporal_merge_size: int = 1
+    num_axes: int = 3  # xdrope: position rows (len(mrope_section))
 
     def describe(self, with_tensors: bool = False) -> str:
-        extra = f" tokens_per_second={self.tokens_per_second!r} temporal_merge_size={self.temporal_merge_size}"
+        extra = (f" tokens_per_second={self.tokens_per_second!r} temporal_merge_size={self.temporal_merge_size}"
+                 f" num_axes={self.num_axes}")
         if self.second_per_grid_ts is not None:
             extra += f" second_per_grid_ts={self.second_per_grid_ts.tolist()} ({self.second_per_grid_ts.dtype})"
         return f"family={self.family.name}{extra}\n{self.case.describe(with_tensors)}"
 
 
 def build_family_case(family: Family, config, rows, *, m=2, pad_side="right", extra_pad=0, mask="auto", rng=None,
-                      seed=None, second_per_grid_ts=None, tokens_per_second=None, temporal_merge_size=1) -> FamilyCase:
+                      seed=None, second_per_grid_ts=None, tokens_per_second=None, temporal_merge_size=1,
+                      num_axes=3) -> FamilyCase:
     rng = rng or random.Random(0 if seed is None else seed)
     ids = ids_of(config)
     special = {v for v in ids.values() if v is not None}
@@ -129,6 +135,16 @@ def build_family_case(family: Family, config, rows, *, m=2, pad_side="right", ex
                 add(*text(item.n))
                 continue
             n = vision_tokens(item.h, item.w, m)
+            if family.xdrope:  # images only (a video's place: an image of its frame size)
+                if typ and typ[-1] == 1:  # two images back to back would be one span: a text token between
+                    add(*text(1))
+                images.append([1, item.h, item.w])
+                n = (item.h // m) * (item.w // m + 1)  # a newline column per row
+                # the processor's span: a first and last token around the grid, all image tokens of type 1;
+                # sometimes the grid's tokens alone (transformers takes both)
+                bare = rng.random() < 0.2
+                add([ids["image"]] * (n + (0 if bare else 2)), [1] * (n + (0 if bare else 2)))
+                continue
             if isinstance(item, Image):
                 images.append([1, item.h, item.w])
                 if family.temporal_merge:
@@ -162,6 +178,8 @@ def build_family_case(family: Family, config, rows, *, m=2, pad_side="right", ex
     padded = bool((am == 0).any())
     attention_mask = am if (padded or mask == "always") else None
     case_ids = dict(ids, pad=151643, vocab=5000)
+    if case_ids["video"] is None:  # HunYuan-VL has no video token; perturbations that make video tokens use this id
+        case_ids["video"] = 151642
     case = Case(seed, rows, m, case_ids, pad_side, input_ids, attention_mask, mm,
                 torch.tensor(images, dtype=torch.int64) if images else None,
                 torch.tensor(videos, dtype=torch.int64) if videos else None)
@@ -169,7 +187,8 @@ def build_family_case(family: Family, config, rows, *, m=2, pad_side="right", ex
         second_per_grid_ts = second_per_grid_ts[: len(videos)]
     elif not videos:
         second_per_grid_ts = None
-    return FamilyCase(family, case, second_per_grid_ts, tokens_per_second, temporal_merge_size=temporal_merge_size)
+    return FamilyCase(family, case, second_per_grid_ts, tokens_per_second, temporal_merge_size=temporal_merge_size,
+                      num_axes=num_axes)
 
 
 def _accepts_float_tokens_per_second(config) -> bool:
@@ -192,6 +211,7 @@ def random_family_case(family: Family, config, seed: int) -> FamilyCase:
     rng = random.Random(seed)
     m = 2 if rng.random() < 0.85 else rng.choice([1, 3])
     merge = rng.choice([2, 2, 2, 1, 3]) if family.temporal_merge else 1
+    axes = rng.choice([4, 4, 3, 5]) if family.xdrope else 3
     B = rng.randint(1, 4)
     max_len = rng.choice([16, 32, 64, 128, 200])
     rows = []
@@ -233,7 +253,8 @@ def random_family_case(family: Family, config, seed: int) -> FamilyCase:
     return build_family_case(family, config, rows, m=m, pad_side=rng.choice(["left", "right"]),
                              extra_pad=rng.randint(1, 4) if rng.random() < 0.1 else 0,
                              mask="always" if rng.random() < 0.3 else "auto", rng=rng, seed=seed,
-                             second_per_grid_ts=seconds, tokens_per_second=tps, temporal_merge_size=merge)
+                             second_per_grid_ts=seconds, tokens_per_second=tps, temporal_merge_size=merge,
+                             num_axes=axes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,11 +295,16 @@ def transformers_outcome(family_case: FamilyCase, model, fn=None):
         config.vision_config.tokens_per_second = family_case.tokens_per_second  # (5.x validates: an int)
     if family.temporal_merge:
         config.vision_config.temporal_merge_size = family_case.temporal_merge_size
+    if family.xdrope:
+        config.text_config.rope_parameters = dict(config.text_config.rope_parameters or {},
+                                                  mrope_section=[1] * family_case.num_axes)
     kwargs = dict(input_ids=_clone(case.input_ids), image_grid_thw=_clone(case.image_grid_thw),
                   video_grid_thw=_clone(case.video_grid_thw), attention_mask=_clone(case.attention_mask))
+    if family.xdrope:  # images only: its get_rope_index has no video_grid_thw (5.18: no **kwargs either)
+        del kwargs["video_grid_thw"]
     if family.time_scaled:
         kwargs["second_per_grid_ts"] = _clone(family_case.second_per_grid_ts)
-    if family.convention() == "token_types":
+    if family.convention() in ("token_types", "xdrope"):
         kwargs["mm_token_type_ids"] = _clone(case.mm_token_type_ids)
     try:
         with torch.no_grad():
@@ -298,7 +324,7 @@ def ropekit_kwargs(family_case: FamilyCase, convention: str | None = None) -> di
         vision_start_token_id=ids["vision_start"] if ids["vision_start"] is not None else -1,
         convention=convention, video_frames=family.frames,
     )
-    if convention == "token_types":
+    if convention in ("token_types", "xdrope"):
         kwargs["mm_token_type_ids"] = case.mm_token_type_ids
     if family.glm:
         kwargs.update(video_start_token_id=ids["video_start"], video_end_token_id=ids["video_end"])
@@ -307,6 +333,8 @@ def ropekit_kwargs(family_case: FamilyCase, convention: str | None = None) -> di
                       second_per_grid_ts=family_case.second_per_grid_ts)
     if family.temporal_merge:
         kwargs["temporal_merge_size"] = family_case.temporal_merge_size
+    if family.xdrope:
+        kwargs.update(num_axes=family_case.num_axes, video_grid_thw=None)  # its get_rope_index takes no videos
     return kwargs
 
 

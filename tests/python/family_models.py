@@ -215,6 +215,21 @@ def ernie4_5_vl_moe_config():
     return config
 
 
+def hunyuan_vl_config():
+    """HunYuan-VL (5.x): XD-RoPE over four axes (head_dim 16: sections [2, 2, 2, 2]), q/k norms after the rotation,
+    and a one-layer tower whose merger adds a newline column per row and a first and last token per image."""
+    from transformers import HunYuanVLConfig
+
+    text = dict(TEXT, head_dim=16, eos_token_id=1, **_text_rope([2, 2, 2, 2]))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
+                  spatial_merge_size=2, out_hidden_size=TEXT["hidden_size"], text_hidden_size=TEXT["hidden_size"],
+                  max_image_size=64, min_image_size=8)
+    config = HunYuanVLConfig(text_config=text, vision_config=vision, image_token_id=250, im_start_id=246,
+                             im_end_id=247, im_newline_id=248)
+    config._attn_implementation = "eager"
+    return config
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Families
 
@@ -236,7 +251,7 @@ class Family:
     module: str  # modeling module of its text model (rotary / apply_rotary_pos_emb)
     rotary: str  # its text rotary class
     # token layout of the batches: "qwen2" (whole videos), "qwen3" (frames + timestamps), "glm", "ernie" (image and
-    # video brackets, videos whole)
+    # video brackets, videos whole), "hunyuan" (images only, spans of the merger's tokens)
     layout: str
     fused: bool = False  # the attention has q/k norms: the fused op runs
     time_scaled: bool = False  # Qwen2.5-VL's second_per_grid_ts
@@ -246,6 +261,7 @@ class Family:
     videos: bool = True  # False: the model takes images only (PaddleOCR-VL); batches hold images in their place
     layer_types: tuple = ()  # a rotary per layer type (Cohere Compass): forward(x, position_ids, layer_type)
     temporal_merge: int = 1  # the resampler merges this many frames (ERNIE-4.5-VL): batches' videos have that many more
+    axes: int = 3  # rows of its mRoPE positions (HunYuan-VL: len(mrope_section))
 
     def available(self) -> bool:
         return has_module(self.module) and has_module(self.config_module())
@@ -292,6 +308,8 @@ FAMILIES = {
         Family("ernie4_5_vl_moe", "Ernie4_5_VLMoeForConditionalGeneration", ernie4_5_vl_moe_config,
                ropekit.apply_to_ernie4_5_vl, "ernie4_5_vl_moe", "Ernie4_5_VLMoeTextRotaryEmbedding", "ernie",
                pixels="flat", temporal_merge=2),
+        Family("hunyuan_vl", "HunYuanVLForConditionalGeneration", hunyuan_vl_config, ropekit.apply_to_hunyuan_vl,
+               "hunyuan_vl", "HunYuanVLRotaryEmbedding", "hunyuan", pixels="flat", videos=False, axes=4),
     )
 }
 
@@ -378,6 +396,9 @@ def _tokens(config, t, h, w):
 
 def _image(family, config, h, w):
     n = _tokens(config, 1, h, w)
+    if family.layout == "hunyuan":  # the merger's tokens: a newline column per row, a first and a last token
+        n = (h // config.vision_config.spatial_merge_size) * (w // config.vision_config.spatial_merge_size + 1) + 2
+        return [config.image_token_id] * n, [1] * n
     if family.layout in ("glm", "ernie"):
         return [config.image_start_token_id] + [config.image_token_id] * n + [config.image_end_token_id], \
             [0] + [1] * n + [0]

@@ -195,11 +195,12 @@ def token_ids(seed, batch=2, seq=12):
     return torch.randint(0, TINY["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def mrope_positions(batch=2, seq=12):
-    """Distinct temporal / height / width rows, as get_rope_index produces around an image."""
-    pos = torch.arange(seq).expand(3, batch, seq).clone()
-    pos[1, :, 3:9] = torch.arange(6) % 3 + 3
-    pos[2, :, 3:9] = torch.arange(6) // 3 + 3
+def mrope_positions(batch=2, seq=12, axes=3):
+    """Distinct rows, as get_rope_index produces around an image: temporal / height / width (HunYuan-VL's ``axes``
+    rows: the leading ones the token index, the last two changed likewise)."""
+    pos = torch.arange(seq).expand(axes, batch, seq).clone()
+    pos[axes - 2, :, 3:9] = torch.arange(6) % 3 + 3
+    pos[axes - 1, :, 3:9] = torch.arange(6) // 3 + 3
     return pos
 
 
@@ -322,7 +323,7 @@ def test_family_text_model(unpatch_after, family):
     batch, seq = (1, 6) if family.id == "qwen4_exp" else (2, 12)
     ids = token_ids(41, batch, seq)
     if seq >= 9:
-        pos = mrope_positions(batch, seq)
+        pos = mrope_positions(batch, seq, family.axes)
     else:  # a 2x2 image at tokens 2..5
         pos = torch.arange(seq).expand(3, batch, seq).clone()
         pos[1, :, 2:6], pos[2, :, 2:6] = torch.tensor([2, 2, 3, 3]), torch.tensor([2, 3, 2, 3])

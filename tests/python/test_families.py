@@ -158,7 +158,7 @@ def test_rotary_forward_bit_identical(unpatch_after, device, family, dtype):
     rotary_cls = type(module)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, dtype=dtype, device=device)
-    positions = [torch.randint(-5, 700, (3, 2, 40), generator=gen).to(device),
+    positions = [torch.randint(-5, 700, (family.axes, 2, 40), generator=gen).to(device),
                  torch.randint(0, 300, (1, 2, 40), generator=gen).to(device)]
     for inv_freq_dtype in (torch.float32, torch.bfloat16):
         if inv_freq_dtype != torch.float32:
@@ -190,14 +190,14 @@ def test_rotary_forward_bit_identical(unpatch_after, device, family, dtype):
         assert set(vars(module)["_ropekit_tables"]) == set(family.layer_types)
 
 
-@pytest.mark.parametrize("family", family_params(ids={"cohere_compass", "ernie4_5_vl_moe"}))
+@pytest.mark.parametrize("family", family_params(ids={"cohere_compass", "ernie4_5_vl_moe", "hunyuan_vl"}))
 def test_recomposing_rotary_runs_transformers_under_another_recomposition(unpatch_after, family):
     """A rotary whose recomposition_frequencies lays its axes out (Cohere Compass per layer type, ERNIE-4.5-VL) is
     served with the checked class's method; an instance or subclass with another one gets transformers' forward
     (which calls the override), and no table."""
     module = rotary_module(family)
     family.apply()
-    pos = torch.randint(0, 90, (3, 2, 11), generator=torch.Generator().manual_seed(8))
+    pos = torch.randint(0, 90, (family.axes, 2, 11), generator=torch.Generator().manual_seed(8))
     module.recomposition_frequencies = lambda freq, *layer_type: torch.cat((freq[1], freq[1]), dim=-1)
     for layer_type in rotary_calls(family):
         ours = module(torch.zeros(1), pos, *layer_type)
@@ -228,7 +228,7 @@ def test_rotary_forward_other_rope_types(unpatch_after, family, rope_type):
     family.apply()
     x = torch.zeros(1)
     for top in (100, 600):  # below and past max_position_embeddings (256): dynamic NTK switches
-        pos = torch.randint(0, top, (3, 2, 30), generator=torch.Generator().manual_seed(top))
+        pos = torch.randint(0, top, (family.axes, 2, 30), generator=torch.Generator().manual_seed(top))
         for layer_type in rotary_calls(family):
             ours, ref = module(x, pos, *layer_type), original(type(module), "forward")(reference, x, pos, *layer_type)
             assert all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(ours, ref)), top
@@ -258,7 +258,7 @@ def test_apply_rotary_pos_emb_bit_identical(unpatch_after, count_apply_rope, dev
     family.apply()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     gen = torch.Generator().manual_seed(2)
-    pos = torch.randint(0, 90, (3, 2, 17), generator=gen).to(device)
+    pos = torch.randint(0, 90, (family.axes, 2, 17), generator=gen).to(device)
     cos, sin = module(torch.zeros(1, device=device), pos, *rotary_calls(family)[0])
     patched, unpatched, extra = _apply_fn(family)
     assert patched is not unpatched
@@ -278,33 +278,38 @@ def test_apply_rotary_pos_emb_bit_identical(unpatch_after, count_apply_rope, dev
 
 @pytest.mark.parametrize("cos_dtype", ["float32", "q"], ids=["fp32_cos", "q_dtype_cos"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("family", family_params(ids={"ernie4_5_vl_moe"}))
+@pytest.mark.parametrize("family", family_params(ids={"ernie4_5_vl_moe", "hunyuan_vl"}))
 def test_float32_rotation_cast_back(unpatch_after, count_apply_rope, family, dtype, cos_dtype):
-    """ERNIE-4.5-VL rotates ``q.float() * cos + rotate_half(q).float() * sin`` and casts back to q's dtype. Outputs
-    equal transformers' bit for bit for every q dtype, with the rotary's float32 cos/sin and with cos/sin in q's
-    dtype (which the float32 products widen); so do all gradients for float32 q. For bf16 / fp16 q, autograd through
-    transformers' function rounds the q gradient of each product to q's dtype and sums the two in q's dtype;
-    ops.apply_rope sums in float32 and rounds once. There the rule of DESIGN §3 for apply_rope holds: each
-    gradient's relative error against a float64 reference is at most transformers' own."""
+    """Rotations computed in float32 and cast back to q's dtype. ERNIE-4.5-VL: ``q.float() * cos +
+    rotate_half(q).float() * sin`` (GPT-J pairs); HunYuan-VL: ``q.float()`` first, then ``q * cos + rotate_half(q) *
+    sin``. Outputs equal transformers' bit for bit for every q dtype, with the rotary's cos/sin in float32 and in q's
+    dtype (which the float32 products widen); so do all gradients for float32 q, and HunYuan-VL's in every dtype
+    (its q gradient is summed in float32 and rounded once, as the op does). For ERNIE-4.5-VL's bf16 / fp16 q,
+    autograd rounds the q gradient of each product to q's dtype and sums the two in q's dtype; ops.apply_rope sums in
+    float32 and rounds once. There the rule of DESIGN §3 for apply_rope holds: each gradient's relative error against
+    a float64 reference is at most transformers' own."""
     config = family.config().text_config
     module = rotary_module(family)
     family.apply()
-    head_dim = config.hidden_size // config.num_attention_heads
-    pos = torch.randint(0, 90, (3, 2, 17), generator=torch.Generator().manual_seed(2))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    pos = torch.randint(0, 90, (family.axes, 2, 17), generator=torch.Generator().manual_seed(2))
     cos, sin = module(torch.zeros(1), pos)
-    assert cos.dtype == torch.float32  # transformers leaves them in float32; so does the patched forward
+    assert cos.dtype == torch.float32  # a float32 x: both rotaries give float32 cos/sin
     if cos_dtype == "q":
         cos, sin = cos.to(dtype), sin.to(dtype)
     patched, unpatched, _ = _apply_fn(family)
     q0 = torch.randn(2, 17, 4, head_dim, generator=torch.Generator().manual_seed(3)).to(dtype)
     k0 = torch.randn(2, 17, 2, head_dim, generator=torch.Generator().manual_seed(4)).to(dtype)
+    gptj = family.id == "ernie4_5_vl_moe"
 
-    def rotate_pairs(x):
-        return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    def rotate(x):
+        if gptj:
+            return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+        return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
 
     def float64_rotation(q, k, c, s_):  # the same function without its float32 / q-dtype roundings
         c, s_ = c.unsqueeze(1), s_.unsqueeze(1)
-        return q * c + rotate_pairs(q) * s_, k * c + rotate_pairs(k) * s_
+        return q * c + rotate(q) * s_, k * c + rotate(k) * s_
 
     def run(fn, wide=False):
         convert = (lambda t: t.detach().double()) if wide else (lambda t: t.detach().clone())
@@ -318,7 +323,7 @@ def test_float32_rotation_cast_back(unpatch_after, count_apply_rope, family, dty
     ours, theirs, exact = run(patched), run(unpatched), run(float64_rotation, wide=True)
     for name, o, t, e in zip(("q", "k", "dq", "dk", "dcos", "dsin"), ours, theirs, exact):
         assert o.dtype == t.dtype and o.shape == t.shape, name
-        if dtype == torch.float32 or name in ("q", "k"):
+        if dtype == torch.float32 or name in ("q", "k") or not gptj:
             assert torch.equal(o, t), name
         else:
             rel = lambda x: ((x.double() - e).norm() / e.norm()).item()  # noqa: E731
@@ -597,7 +602,8 @@ def splits_text_positions(family) -> bool:
     """Whether the family's text model splits a (4, B, S) position tensor into text positions (row 0, for masks and
     packed-sequence detection) and mRoPE positions: every family in 5.x and 4.57's Qwen2-VL / Qwen2.5-VL; not 4.57's
     GLM-4V text models, which hand all rows to the mask code and the rotary embedding, nor Cosmos3-Edge's, which
-    reads row 0 as text positions and hands all four rows to the rotary embedding (it uses the first three)."""
+    reads row 0 as text positions and hands all four rows to the rotary embedding (it uses the first three), nor
+    HunYuan-VL's, which reads row 0 of num_axes + 1 rows as text positions and then refuses them (ValueError)."""
     import inspect as inspect_
 
     text_model = type(language_model(shared_model(family)))
@@ -635,11 +641,14 @@ def test_packed_batch_matches_samples_alone(unpatch_after, count_fused, count_ap
         alone, batch = pack(family, config, packed_samples(family)[next(iter(packed_samples(family)))], seed=20)
         positions, _ = ropekit.data.mrope_position_ids(batch, config, packed=True, text_positions=True)
         inputs = {k: v for k, v in batch.items() if k != "attention_mask"}
+        raised = []
         for patched in (False, True):
             if patched:
                 ropekit.apply_to_model(model)
-            with pytest.raises(RuntimeError), torch.no_grad():
+            with pytest.raises((RuntimeError, ValueError)) as info, torch.no_grad():
                 model(**inputs, position_ids=positions, use_cache=False)
+            raised.append((type(info.value), str(info.value)))
+        assert raised[0] == raised[1], raised  # the patched model raises transformers' own error
         return
     ropekit.apply_to_model(model)
     forwards = 0
@@ -790,7 +799,8 @@ def test_families_of_later_releases_say_which(unpatch_after):
                                  (ropekit.apply_to_cohere_compass, "Cohere-Compass", r"5\.16\.0"),
                                  (ropekit.apply_to_paddleocr_vl, "PaddleOCR-VL", r"5\.0\.0"),
                                  (ropekit.apply_to_glm_ocr, "GLM-OCR", r"5\.1\.0"),
-                                 (ropekit.apply_to_ernie4_5_vl, "ERNIE-4.5-VL", r"5\.0\.0")):
+                                 (ropekit.apply_to_ernie4_5_vl, "ERNIE-4.5-VL", r"5\.0\.0"),
+                                 (ropekit.apply_to_hunyuan_vl, "HunYuan-VL", r"5\.13\.0")):
         with pytest.raises(RuntimeError, match=rf"no {family} modeling module; .*needs transformers {first}"):
             apply()
         assert not _patching._ORIGINALS, f"{family}: nothing was patched"

@@ -1,7 +1,7 @@
 """Monkeypatches that route transformers' RoPE / mRoPE through ropekit's ops, for the Qwen3 families, the mRoPE
 vision-language families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen4-Exp, GLM-4V / GLM-4V-MoE / GLM-4.6V) and the
 5.x model types built on their code (PaddleOCR-VL, GLM-OCR, Cosmos3-Omni / Cosmos3-Edge, Cohere Compass,
-ERNIE-4.5-VL).
+ERNIE-4.5-VL, HunYuan-VL).
 
 Methods and module functions are patched, never classes, so models built before patching pick the change up too
 (and ``from_pretrained``'s buffer re-initialisation keeps working). ``unpatch()`` restores every original object.
@@ -26,7 +26,7 @@ from .vision import POSITION_HELPERS, VisionTower, make_apply_rotary_pos_emb_vis
 __all__ = [
     "apply_to_qwen3", "apply_to_qwen3_vl", "apply_to_qwen3_5", "apply_to_qwen2_vl", "apply_to_qwen2_5_vl",
     "apply_to_qwen4_exp", "apply_to_glm4v", "apply_to_paddleocr_vl", "apply_to_glm_ocr", "apply_to_cosmos3",
-    "apply_to_cohere_compass", "apply_to_ernie4_5_vl", "apply_to_model", "unpatch", "support_report", "PatchStatus",
+    "apply_to_cohere_compass", "apply_to_ernie4_5_vl", "apply_to_hunyuan_vl", "apply_to_model", "unpatch", "support_report", "PatchStatus",
     "RopekitDeclined",
 ]
 RopekitDeclined = _guard.RopekitDeclined
@@ -40,8 +40,9 @@ class _ModelingModule:
     rotary: str | None  # text rotary embedding class (None: the module has none of its own, e.g. GLM-4.6V)
     # None: 1-D RoPE; "interleaved" (Qwen3-VL) or "sectioned" (Qwen2-VL, GLM-4V) mRoPE; "layered": a rotary per
     # layer type whose own recomposition_frequencies lays out the axes (Cohere Compass); "recomposed": one rotary
-    # whose own recomposition_frequencies does (ERNIE-4.5-VL)
+    # whose own recomposition_frequencies does, over len(mrope_section) axes (ERNIE-4.5-VL, HunYuan-VL)
     mrope: str | None = None
+    float32_cos: bool = False  # the rotary returns float32 cos/sin whatever x's dtype (ERNIE-4.5-VL)
     attention: str | None = None  # attention class whose forward runs q_norm / k_norm + RoPE (None: no q/k norms)
     norm: str | None = None  # its q_norm / k_norm class
     zero_centered: bool = False  # Qwen3.5 / Qwen4-Exp's (1 + w) norm
@@ -135,9 +136,16 @@ _FAMILIES["ERNIE-4.5-VL"] = (
     # own recomposition_frequencies (GPT-J pairs, left in float32); a float32 GPT-J rotation cast back to q's dtype;
     # no q/k norms; a tower calling apply_rotary_pos_emb_vision
     _ModelingModule("transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe", "Ernie4_5_VLMoeTextRotaryEmbedding",
-                    "recomposed", is_neox=False, upcast=True, vl_model="Ernie4_5_VLMoeModel",
+                    "recomposed", float32_cos=True, is_neox=False, upcast=True, vl_model="Ernie4_5_VLMoeModel",
                     model_type="ernie4_5_vl_moe",
                     vision=VisionTower("Ernie4_5_VLMoeVisionTransformerPretrainedModel")),
+)
+_FAMILIES["HunYuan-VL"] = (
+    # XD-RoPE: len(mrope_section) >= 3 axes, each a section of cat((f, f)), laid out by the rotary's own
+    # recomposition_frequencies; a float32 rotation (q.float() first) cast back; q/k norms after the rotation (nothing
+    # to fuse); its own get_rope_index (convention "xdrope"); a tower without a rotary
+    _ModelingModule("transformers.models.hunyuan_vl.modeling_hunyuan_vl", "HunYuanVLRotaryEmbedding", "recomposed",
+                    upcast=True, vl_model="HunYuanVLModel", model_type="hunyuan_vl"),
 )
 _FAMILIES["Cosmos3"] = (
     # Cosmos3-Omni builds Qwen3-VL's text model and tower (AutoModel of qwen3_vl_text / qwen3_vl_vision) and has
@@ -167,11 +175,12 @@ _FAMILY_MODEL_TYPES = {
     "Cosmos3": ("cosmos3_omni", "cosmos3_edge", "cosmos3_edge_text"),
     "Cohere-Compass": ("cohere_compass", "cohere_compass_text"),
     "ERNIE-4.5-VL": ("ernie4_5_vl_moe", "ernie4_5_vl_moe_text"),
+    "HunYuan-VL": ("hunyuan_vl", "hunyuan_vl_text"),
 }
 # families whose modeling code exists in 5.x releases only: the first release that has it
 _NEEDS = {"Qwen3.5": "5.x", "Qwen4-Exp": "5.x", "PaddleOCR-VL": "5.0.0 or later", "GLM-OCR": "5.1.0 or later",
           "Cosmos3": "5.11.0 or later (Cosmos3-Edge: 5.15.0)", "Cohere-Compass": "5.16.0 or later",
-          "ERNIE-4.5-VL": "5.0.0 or later"}
+          "ERNIE-4.5-VL": "5.0.0 or later", "HunYuan-VL": "5.13.0 or later"}
 # The transformers lines the patches support; within them, each function is checked against known code at patch time.
 _TRANSFORMERS_LINES = "4.57.x and 5.x"
 
@@ -308,7 +317,8 @@ def _plan_rope(plan: _Plan, module, spec: _ModelingModule) -> None:
     if ok:
         if spec.mrope in ("layered", "recomposed"):
             recompose = getattr(rotary_cls, "recomposition_frequencies", None)  # part of the checked code
-            replacement = make_layered_rotary_forward(original, recompose, layered=spec.mrope == "layered")
+            replacement = make_layered_rotary_forward(original, recompose, layered=spec.mrope == "layered",
+                                                      float32_cos=spec.float32_cos)
         else:
             replacement = make_rotary_forward(original, RotaryLayout(spec.mrope, per_axis, spec.is_neox))
         plan.accept(module, "rope", target, why, rotary_cls, "forward", replacement)
@@ -626,11 +636,24 @@ def apply_to_ernie4_5_vl(model=None, *, rope: bool = True, rope_index: bool = Tr
     _apply("ERNIE-4.5-VL", model, rope, rope_index, qk_norm_rope=False, vision_rope=vision_rope)
 
 
+def apply_to_hunyuan_vl(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
+    """Route HunYuan-VL (``hunyuan_vl``, transformers 5.x; also its text model ``hunyuan_vl_text``) through ropekit.
+
+    ``rope``: XD-RoPE, ``len(mrope_section)`` (at least 3) position axes, each a section of ``cat((f, f))``: each
+    axis's cos/sin is gathered from a cached table and laid out by the module's own ``recomposition_frequencies``
+    (``ntk_alpha`` included: its inv_freq is static); ``apply_rotary_pos_emb`` widens q/k and cos/sin to float32,
+    rotates and casts back: ``ropekit.apply_rope`` on float32 cos/sin, then the same cast (gradients too, bit for
+    bit). Its q/k norms run after the rotation: nothing to fuse. ``rope_index``: ``HunYuanVLModel.get_rope_index``
+    (``ropekit.rope_index`` convention ``"xdrope"``: every token's index on every axis, an image's grid tokens
+    (column, row, image ordinal) on the last three). Its tower has no rotary. ``model``: as for ``apply_to_qwen3``."""
+    _apply("HunYuan-VL", model, rope, rope_index, qk_norm_rope=False)
+
+
 _APPLY = {"Qwen3": apply_to_qwen3, "Qwen3-VL": apply_to_qwen3_vl, "Qwen3.5": apply_to_qwen3_5,
           "Qwen2-VL": apply_to_qwen2_vl, "Qwen2.5-VL": apply_to_qwen2_5_vl, "Qwen4-Exp": apply_to_qwen4_exp,
           "GLM-4V": apply_to_glm4v, "PaddleOCR-VL": apply_to_paddleocr_vl, "GLM-OCR": apply_to_glm_ocr,
           "Cosmos3": apply_to_cosmos3, "Cohere-Compass": apply_to_cohere_compass,
-          "ERNIE-4.5-VL": apply_to_ernie4_5_vl}
+          "ERNIE-4.5-VL": apply_to_ernie4_5_vl, "HunYuan-VL": apply_to_hunyuan_vl}
 # config.model_type -> the apply_to_* that covers it
 _MODEL_TYPES = {model_type: _APPLY[family] for family, types_ in _FAMILY_MODEL_TYPES.items() for model_type in types_}
 

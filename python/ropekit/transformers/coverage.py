@@ -19,7 +19,6 @@ NOT_SUPPORTED: dict[str, str] = {
                     f"audio interleaved with video per 2 s chunk (use_audio_in_video); {_NOT_YET}",
     "qwen3_omni_moe": "Omni thinker index: float32 (fractional) positions, audio interleaved with video per token; "
                       f"{_NOT_YET}",
-    "hunyuan_vl": f"three or more position axes (len(mrope_section), 'xdrope'); {_NOT_YET}",
     "hy_v4_vl": f"a newline token ends every row of a frame; each frame starts a block of max(h, w) positions; "
                 f"{_NOT_YET}",
     "glm_image": f"images_per_sample and the grids of the images to generate; {_NOT_YET}",

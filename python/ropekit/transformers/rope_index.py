@@ -69,6 +69,7 @@ class MRopeRules:
     glm: bool = False  # GLM-4V: 4.57 tells video frames by the video_start / video_end brackets
     # ERNIE-4.5-VL: a video's t is divided by vision_config.temporal_merge_size (its resampler merges frames)
     temporal_merge: bool = False
+    xdrope: bool = False  # HunYuan-VL: convention "xdrope", len(text_config mrope_section) axes, images only
 
     def model_class(self):
         """The class defining get_rope_index in the installed transformers (None where it has no such module)."""
@@ -101,6 +102,7 @@ MROPE_RULES = {
     "cohere_compass": MRopeRules("cohere_compass", "CohereCompassModel", video_frames=True),
     # Qwen2-VL's 5.x index with the temporal merge of its video resampler
     "ernie4_5_vl_moe": MRopeRules("ernie4_5_vl_moe", "Ernie4_5_VLMoeModel", video_frames=False, temporal_merge=True),
+    "hunyuan_vl": MRopeRules("hunyuan_vl", "HunYuanVLModel", video_frames=False, xdrope=True),
 }
 
 
@@ -108,7 +110,7 @@ def convention_of(get_rope_index, rules: MRopeRules) -> str:
     """The convention a get_rope_index implements, from its signature (never a version string): 5.x reads modality
     from mm_token_type_ids; 4.57 scans token ids (after vision_start, or GLM's video brackets)."""
     if "mm_token_type_ids" in inspect.signature(get_rope_index).parameters:
-        return "token_types"
+        return "xdrope" if rules.xdrope else "token_types"
     return "video_brackets" if rules.glm else "vision_start"
 
 
@@ -132,7 +134,19 @@ def rope_index_kwargs(config, rules: MRopeRules, convention: str) -> dict:
         kwargs["tokens_per_second"] = config.vision_config.tokens_per_second
     if rules.temporal_merge:
         kwargs["temporal_merge_size"] = config.vision_config.temporal_merge_size
+    if rules.xdrope:
+        kwargs["num_axes"] = xdrope_axes(config)
     return kwargs
+
+
+def xdrope_axes(config) -> int | None:
+    """HunYuan-VL's number of position rows, ``len(config.text_config.rope_parameters["mrope_section"])`` read as
+    its get_rope_index reads it; None where that read would fail."""
+    try:
+        rope_parameters = config.text_config.rope_parameters or {}
+        return len(rope_parameters.get("mrope_section", []))
+    except Exception:  # noqa: BLE001 - whatever transformers' own read raises, it raises it
+        return None
 
 
 def make_get_rope_index(original, rules: MRopeRules):
@@ -155,7 +169,7 @@ def make_get_rope_index(original, rules: MRopeRules):
         mm_token_type_ids = named.get("mm_token_type_ids")
         seconds = named.get("second_per_grid_ts")
         if (
-            (convention == "token_types" and mm_token_type_ids is None)
+            (convention in ("token_types", "xdrope") and mm_token_type_ids is None)
             or not _in_op_domain(input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids)
             or not (seconds is None or (isinstance(seconds, torch.Tensor) and seconds.dim() == 1
                                         and not seconds.is_complex()))
@@ -166,6 +180,8 @@ def make_get_rope_index(original, rules: MRopeRules):
         merge = options.get("temporal_merge_size", 1)
         if isinstance(merge, bool) or not isinstance(merge, int) or merge < 1:
             return original(self, *args, **kwargs)  # a merge size ropekit does not take: transformers' arithmetic
+        if rules.xdrope and (options["num_axes"] is None or options["num_axes"] < 3):
+            return original(self, *args, **kwargs)  # HunYuan-VL raises its own ValueError
         if rules.time_scaled:
             options["second_per_grid_ts"] = _to(seconds, device)
         return ops.rope_index(

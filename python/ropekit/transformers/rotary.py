@@ -139,7 +139,7 @@ def make_rotary_forward(original, layout: RotaryLayout | bool):
     return forward
 
 
-def make_layered_rotary_forward(original, recompose, layered: bool = True):
+def make_layered_rotary_forward(original, recompose, layered: bool = True, float32_cos: bool = False):
     """A rotary forward for a module whose own ``recomposition_frequencies`` lays the mRoPE axes out, on (3, B, S)
     positions: each axis's cos/sin is gathered from a cached table and that method (an index copy, part of the
     checked code) recomposes them as the installed release does.
@@ -147,16 +147,17 @@ def make_layered_rotary_forward(original, recompose, layered: bool = True):
     ``layered=True``: one rotary per layer type (Cohere Compass: ``forward(x, position_ids, layer_type)`` reading
     ``{layer_type}_inv_freq``, ``{layer_type}_attention_scaling`` and ``rope_type[layer_type]``, one table per layer
     type, ``recomposition_frequencies(freq, layer_type)``; 5.16-5.18: sections h, w, t in (i + 1) % 3 order, 5.19
-    on: interleaved), cos/sin cast to x's dtype. ``layered=False``: one rotary (ERNIE-4.5-VL: ``forward(x,
-    position_ids)`` reading ``inv_freq`` pre-rotated on the h/w frequencies, ``recomposition_frequencies(freq)``:
-    sections h, w, t in (i + 1) % 3 order, h and w interleaved, GPT-J pairs), cos/sin left in float32 as the original
-    leaves them.
+    on: interleaved), on (3, B, S) positions. ``layered=False``: one rotary, ``forward(x, position_ids)`` reading
+    ``inv_freq`` and ``recomposition_frequencies(freq)``, on (len(mrope_section), B, S) positions: ERNIE-4.5-VL
+    (inv_freq pre-rotated on the h/w frequencies; sections h, w, t in (i + 1) % 3 order, h and w interleaved, GPT-J
+    pairs), HunYuan-VL (three or more axes, each a section of ``cat((f, f))``). Cos/sin are cast to x's dtype, or
+    left in float32 where the original leaves them (``float32_cos``: ERNIE-4.5-VL).
 
     The gather gives transformers' fp32 ``cos(position * inv_freq) * attention_scaling`` (cast to x's dtype where
     the original casts), and copying commutes with the cast: bit for bit the original's result. The original runs
-    where a table cannot serve the call, as in :func:`make_rotary_forward`, for every position shape but (3, B, S),
-    and where ``recomposition_frequencies`` is not ``recompose``, the checked class's own (a subclass or an instance
-    that overrides it)."""
+    where a table cannot serve the call, as in :func:`make_rotary_forward`, for every other position shape, and
+    where ``recomposition_frequencies`` is not ``recompose``, the checked class's own (a subclass or an instance that
+    overrides it)."""
 
     def serve(self, x, position_ids, layer_type):
         if layered:
@@ -164,8 +165,11 @@ def make_layered_rotary_forward(original, recompose, layered: bool = True):
             rope_type = (rope_types.get(layer_type) if isinstance(rope_types, dict) and isinstance(layer_type, str)
                          else None)
             prefix = f"{layer_type}_"
+            axes = 3
         else:
             rope_type, prefix = getattr(self, "rope_type", None), ""
+            sections = getattr(self, "mrope_section", None)
+            axes = len(sections) if isinstance(sections, (list, tuple)) else 0
         inv_freq = getattr(self, f"{prefix}inv_freq", None) if rope_type is not None else None
         if (
             not forward.__ropekit_live__
@@ -177,7 +181,8 @@ def make_layered_rotary_forward(original, recompose, layered: bool = True):
             or x.dtype not in _SUPPORTED_DTYPES
             or position_ids.dtype not in (torch.int64, torch.int32)
             or position_ids.dim() != 3
-            or position_ids.shape[0] != 3
+            or position_ids.shape[0] != axes
+            or axes < 3
             or inv_freq.requires_grad
             or "recomposition_frequencies" in self.__dict__
             or getattr(type(self), "recomposition_frequencies", None) is not recompose
@@ -188,9 +193,9 @@ def make_layered_rotary_forward(original, recompose, layered: bool = True):
         half = inv_freq.shape[-1]
         table = table_of(self, layer_type if layered else None)
         cos, sin = table.cos_sin(inv_freq, getattr(self, f"{prefix}attention_scaling"),
-                                 position_ids.reshape(3 * batch, seq), x.dtype if layered else torch.float32)
-        # each axis's cos/sin of its frequencies, (3, B, S, D / 2), as the original's freqs before recomposing
-        cos, sin = (t[..., :half].reshape(3, batch, seq, half) for t in (cos, sin))
+                                 position_ids.reshape(axes * batch, seq), torch.float32 if float32_cos else x.dtype)
+        # each axis's cos/sin of its frequencies, (axes, B, S, D / 2), as the original's freqs before recomposing
+        cos, sin = (t[..., :half].reshape(axes, batch, seq, half) for t in (cos, sin))
         extra = (layer_type,) if layered else ()
         sin = self.recomposition_frequencies(sin, *extra)
         cos = self.recomposition_frequencies(cos, *extra)
