@@ -172,11 +172,10 @@ def qwen3_vl_scenarios(device, rng, results):
 
 
 def family_scenarios(device, results):
-    """Each family's own get_rope_index on one B2 prompt of ~4K tokens in its layout: 4 images and a video each."""
+    """Each family's own get_rope_index on one B2 prompt of ~4K tokens in its layout: 4 images and a video each
+    (HunYuan-VL, images only: an image in the video's place)."""
     from family_cases import (FAMILIES, Image, Text, Video, build_family_case, rope_index_model, ropekit_kwargs,
-                              tiny_config)
-
-    from ropekit.transformers._patching import original
+                              tiny_config, transformers_call)
 
     rows = []
     families = [f for f in FAMILIES.values() if f.available()]
@@ -188,27 +187,19 @@ def family_scenarios(device, results):
         fc = build_family_case(family, config, [row, row[::-1]], m=MERGE, seed=0, second_per_grid_ts=seconds,
                                tokens_per_second=2 if family.time_scaled else None,
                                temporal_merge_size=config.vision_config.temporal_merge_size
-                               if family.temporal_merge else 1)
-        config.vision_config.spatial_merge_size = MERGE
-        if family.time_scaled:
-            config.vision_config.tokens_per_second = 2
+                               if family.temporal_merge else 1, num_axes=4 if family.xdrope else 3)
         model = rope_index_model(family, config)
-        fn = original(family.model_class(), "get_rope_index")
+        fn, hf_kwargs = transformers_call(fc, model, device=device)
         case = fc.case.to(device)
         kwargs = ropekit_kwargs(fc)
         for key in ("image_grid_thw", "video_grid_thw", "attention_mask", "mm_token_type_ids", "second_per_grid_ts"):
             if kwargs.get(key) is not None:
                 kwargs[key] = kwargs[key].to(device)
-        hf_kwargs = dict(input_ids=case.input_ids, image_grid_thw=kwargs["image_grid_thw"],
-                         video_grid_thw=kwargs["video_grid_thw"], attention_mask=kwargs["attention_mask"])
-        if "mm_token_type_ids" in kwargs:
-            hf_kwargs["mm_token_type_ids"] = kwargs["mm_token_type_ids"]
-        if family.time_scaled:
-            hf_kwargs["second_per_grid_ts"] = kwargs["second_per_grid_ts"]
         run_hf = lambda: fn(model, **hf_kwargs)  # noqa: E731
         run_host = lambda: ropekit.rope_index(case.input_ids, **kwargs, on_host=True)  # noqa: E731
         run_dev = lambda: ropekit.rope_index(case.input_ids, **kwargs, on_host=False)  # noqa: E731
-        name = f"{family.name}: B2 S{case.input_ids.shape[1]}, 8 images + 2 videos"
+        vision = "10 images" if family.xdrope else "8 images + 2 videos"
+        name = f"{family.name}: B2 S{case.input_ids.shape[1]}, {vision}"
         time_impls(name, device, run_hf, run_host, run_dev, None, results, rows)
     return rows
 

@@ -193,19 +193,22 @@ class HostIndexer {
     const int64_t B = a_.input_ids.size(0), S = a_.input_ids.size(1), L = sample_.size();
     ErrorInfo e;
     if (L == 0) raise(fail_info(kEmptySample), b);
-    if (static_cast<int64_t>(parts_.size()) < 2 * L + 1) parts_.resize(2 * L + 1);
     int64_t n_parts = 0, total = 0;
     bool ok;
+    // Room for the parts, grown only: each one constructed costs a store per field, so not 2L + 1 of them per row
+    // where a run walk needs one a run.
+    const auto room = [&](int64_t n) {
+      if (static_cast<int64_t>(parts_.size()) < n) parts_.resize(n);
+    };
     if (r_.convention == kVisionStart) {
+      room(2 * L + 1);
       ok = walk_scan(b, n_parts, total, e);
-    } else if (r_.convention == kXdRope) {
-      sample_runs(b);
-      ok = walk_xd(r_, g_, cursor_, run_start_.data(), run_len_.data(), run_kind_.data(),
-                   static_cast<int64_t>(run_kind_.size()), parts_.data(), n_parts, total, e);
     } else {
       sample_runs(b);
-      ok = walk_runs(r_, g_, cursor_, run_start_.data(), run_len_.data(), run_kind_.data(),
-                     static_cast<int64_t>(run_kind_.size()), parts_.data(), n_parts, total, e);
+      room(static_cast<int64_t>(run_kind_.size()));
+      const auto walk_fn = r_.convention == kXdRope ? walk_xd : walk_runs;
+      ok = walk_fn(r_, g_, cursor_, run_start_.data(), run_len_.data(), run_kind_.data(),
+                   static_cast<int64_t>(run_kind_.size()), parts_.data(), n_parts, total, e);
     }
     int64_t top = 0;
     if (ok) ok = finish_sample(r_, g_, parts_.data(), n_parts, total, L, top, e);
@@ -218,12 +221,24 @@ class HostIndexer {
     int64_t* pt = pos + lead_axes * B * S + b * S;
     int64_t* ph = pt + B * S;
     int64_t* pw = ph + B * S;
-    int64_t k = 0;
-    for (int64_t i = 0; i < L; ++i) {
-      const int64_t key = total == 1 ? 0 : i;
-      while (k + 1 < n_parts && parts_[k + 1].start <= key) ++k;
-      const int64_t s = sample_[i];
-      part_position(r_, g_, parts_[k], key - parts_[k].start, pt[s], ph[s], pw[s]);
+    if (total == 1) {  // one position for every token (index_put's broadcast): the non-empty part's first
+      int64_t k = 0;
+      while (k + 1 < n_parts && parts_[k + 1].start <= 0) ++k;
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t s = sample_[i];
+        part_position(r_, g_, parts_[k], 0, pt[s], ph[s], pw[s]);
+      }
+      return top;
+    }
+    // part by part (the parts tile the sample): text runs are plain counts, grids take part_position
+    for (int64_t k = 0; k < n_parts; ++k) {
+      const Part& part = parts_[k];
+      const int64_t* cols = sample_.data() + part.start;
+      if (part.kind == 0) {
+        for (int64_t o = 0; o < part.len; ++o) pt[cols[o]] = ph[cols[o]] = pw[cols[o]] = part.cur + o;
+      } else {
+        for (int64_t o = 0; o < part.len; ++o) part_position(r_, g_, part, o, pt[cols[o]], ph[cols[o]], pw[cols[o]]);
+      }
     }
     return top;
   }

@@ -282,9 +282,10 @@ def _clone(t):
     return None if t is None else t.clone()
 
 
-def transformers_outcome(family_case: FamilyCase, model, fn=None):
-    """(result, None) when the family's own unpatched get_rope_index (or `fn`, called as it) returns, (None, error)
-    when it raises."""
+def transformers_call(family_case: FamilyCase, model, fn=None, device="cpu"):
+    """(fn, kwargs): the family's own unpatched get_rope_index (or `fn`, called as it) and the case's arguments as the
+    model passes them (copies, on `device`), with `model.config` set to the case's merge sizes, tokens_per_second and
+    axes."""
     from ropekit.transformers._patching import original
 
     family, case = family_case.family, family_case.case
@@ -298,14 +299,25 @@ def transformers_outcome(family_case: FamilyCase, model, fn=None):
     if family.xdrope:
         config.text_config.rope_parameters = dict(config.text_config.rope_parameters or {},
                                                   mrope_section=[1] * family_case.num_axes)
-    kwargs = dict(input_ids=_clone(case.input_ids), image_grid_thw=_clone(case.image_grid_thw),
-                  video_grid_thw=_clone(case.video_grid_thw), attention_mask=_clone(case.attention_mask))
+
+    def copy(t):
+        return None if t is None else t.clone().to(device)
+
+    kwargs = dict(input_ids=copy(case.input_ids), image_grid_thw=copy(case.image_grid_thw),
+                  video_grid_thw=copy(case.video_grid_thw), attention_mask=copy(case.attention_mask))
     if family.xdrope:  # images only: its get_rope_index has no video_grid_thw (5.18: no **kwargs either)
         del kwargs["video_grid_thw"]
     if family.time_scaled:
-        kwargs["second_per_grid_ts"] = _clone(family_case.second_per_grid_ts)
+        kwargs["second_per_grid_ts"] = copy(family_case.second_per_grid_ts)
     if family.convention() in ("token_types", "xdrope"):
-        kwargs["mm_token_type_ids"] = _clone(case.mm_token_type_ids)
+        kwargs["mm_token_type_ids"] = copy(case.mm_token_type_ids)
+    return fn, kwargs
+
+
+def transformers_outcome(family_case: FamilyCase, model, fn=None):
+    """(result, None) when the family's own unpatched get_rope_index (or `fn`, called as it) returns, (None, error)
+    when it raises."""
+    fn, kwargs = transformers_call(family_case, model, fn)
     try:
         with torch.no_grad():
             return fn(model, **kwargs), None
