@@ -175,7 +175,9 @@ TORCH_LIBRARY(ropekit, m) {
       "int vision_start_token_id, str convention, bool on_host=True, *, bool video_frames=True, "
       "Tensor? second_per_grid_ts=None, Scalar? tokens_per_second=None, int video_start_token_id=-1, "
       "int video_end_token_id=-1, bool packed=False, Tensor? cu_seqlens=None, bool strict=False, "
-      "int temporal_merge_size=1, int num_axes=3) -> (Tensor position_ids, Tensor deltas)");
+      "int temporal_merge_size=1, int num_axes=3, Tensor? audio_seqlens=None, int audio_token_id=-1, "
+      "int audio_start_token_id=-1, bool use_audio_in_video=False, int tokens_per_chunk=0, int audio_n_window=0) -> "
+      "(Tensor position_ids, Tensor deltas)");
   // For tests: one of rope_index's algorithms by name ("host", "reference": the ATen device algorithm, "kernel":
   // the fused device algorithm, serially on the CPU), on any device, so that they can be compared there.
   m.def(
@@ -184,7 +186,9 @@ TORCH_LIBRARY(ropekit, m) {
       "int video_token_id, int vision_start_token_id, str convention, *, bool video_frames=True, "
       "Tensor? second_per_grid_ts=None, Scalar? tokens_per_second=None, int video_start_token_id=-1, "
       "int video_end_token_id=-1, bool packed=False, Tensor? cu_seqlens=None, bool strict=False, "
-      "int temporal_merge_size=1, int num_axes=3, str algorithm) -> (Tensor position_ids, Tensor deltas)");
+      "int temporal_merge_size=1, int num_axes=3, Tensor? audio_seqlens=None, int audio_token_id=-1, "
+      "int audio_start_token_id=-1, bool use_audio_in_video=False, int tokens_per_chunk=0, int audio_n_window=0, "
+      "str algorithm) -> (Tensor position_ids, Tensor deltas)");
   // The vision towers' position inputs from grid_thw (vision_positions.h); integer results, not differentiable.
   m.def("vision_position_ids(Tensor grid_thw, int spatial_merge_size, int? num_tokens=None) -> Tensor");
   m.def(

@@ -46,6 +46,45 @@ void check_per_token(const at::Tensor& t, const char* name, const at::Tensor& in
 
 bool four_fifty_seven(const RopeIndexArgs& a) { return !a.token_types(); }
 
+void check_omni(RopeIndexArgs& a, const OmniOptions& o, std::string_view convention, bool strict) {
+  const at::Tensor& ids = a.input_ids;
+  TORCH_CHECK_VALUE(a.tokens_per_second.has_value() && a.tokens_per_second->isIntegral(/*includeBool=*/false),
+                    "tokens_per_second: convention '", convention, "' takes the config's position_id_per_seconds "
+                    "here, an int, got ", a.tokens_per_second.has_value() ? "another type" : "none");
+  TORCH_CHECK_VALUE(!a.mm_token_type_ids.defined(), "mm_token_type_ids: convention '", convention, "' scans token "
+                    "ids (as transformers' Omni get_rope_index does) and takes none");
+  TORCH_CHECK_VALUE(!strict, "strict: not available for convention '", convention, "'");
+  TORCH_CHECK_VALUE(o.audio_token_id >= 0 && o.audio_start_token_id >= 0, "audio_token_id / audio_start_token_id: "
+                    "required by convention '", convention, "', got ", o.audio_token_id, " / ",
+                    o.audio_start_token_id);
+  a.audio_seqlens = defined_or_empty(o.audio_seqlens);
+  if (a.audio_seqlens.defined()) {
+    TORCH_CHECK_VALUE(a.audio_seqlens.dim() == 1, "audio_seqlens: expected a 1-D (num_audios,) tensor, got shape ",
+                      a.audio_seqlens.sizes());
+    TORCH_CHECK_VALUE(at::isIntegralType(a.audio_seqlens.scalar_type(), /*includeBool=*/false),
+                      "audio_seqlens: expected an integer dtype, got ", a.audio_seqlens.scalar_type());
+    TORCH_CHECK_VALUE(a.audio_seqlens.device() == ids.device(), "audio_seqlens: expected device ", ids.device(),
+                      " (that of input_ids), got ", a.audio_seqlens.device());
+  }
+  constexpr int64_t kMaxChunk = int64_t(1) << 20;  // keeps chunk * tokens_per_chunk inside int64
+  TORCH_CHECK_VALUE(a.convention != kOmni25 || (o.tokens_per_chunk >= -kMaxChunk && o.tokens_per_chunk <= kMaxChunk),
+                    "tokens_per_chunk: expected |int(position_id_per_seconds * seconds_per_chunk)| <= 2^20, got ",
+                    o.tokens_per_chunk);
+  TORCH_CHECK_VALUE(a.convention != kOmni3 || o.audio_n_window >= 1, "audio_n_window: convention 'qwen3_omni' "
+                    "needs the audio config's n_window (>= 1), got ", o.audio_n_window);
+  TORCH_CHECK_VALUE(a.convention != kOmni3 || a.attention_mask.defined() || a.cu_seqlens.defined(),
+                    "attention_mask: required by convention 'qwen3_omni' (transformers' Qwen3-Omni indexes it "
+                    "unconditionally)");
+  const c10::Scalar pps = *a.tokens_per_second;
+  TORCH_CHECK_VALUE(std::abs(pps.toLong()) <= (int64_t(1) << 20), "tokens_per_second (position_id_per_seconds): "
+                    "expected |value| <= 2^20, got ", pps.toLong());
+  a.audio_token_id = o.audio_token_id;
+  a.audio_start_token_id = o.audio_start_token_id;
+  a.use_audio_in_video = o.use_audio_in_video;
+  a.tokens_per_chunk = o.tokens_per_chunk;
+  a.audio_n_window = o.audio_n_window;
+}
+
 }  // namespace
 
 namespace rope_index_detail {
@@ -65,6 +104,16 @@ at::Tensor attended(const RopeIndexArgs& a) {
 
 std::tuple<at::Tensor, at::Tensor> text_only_branch(const RopeIndexArgs& a) {
   const int64_t B = a.input_ids.size(0), S = a.input_ids.size(1);
+  if (a.omni()) {  // the Omni thinkers without grids: the mask's cumulative sum (long, or float for Qwen3-Omni)
+    TORCH_CHECK_VALUE(a.attention_mask.defined(), "attention_mask: required without image or video grids (the Omni "
+                      "get_rope_index then numbers tokens by the mask; transformers fails without one)");
+    const at::Tensor& mask = a.attention_mask;
+    at::Tensor p = mask.to(a.float_positions() ? at::kFloat : at::kLong).cumsum(-1) - 1;
+    p.masked_fill_(mask == 0, 1);
+    at::Tensor pos = p.unsqueeze(0).expand({3, B, S}).contiguous();
+    at::Tensor deltas = std::get<0>(p.max(-1, /*keepdim=*/true)) + 1 - at::sum(mask, -1, /*keepdim=*/true);
+    return {pos, deltas};
+  }
   if (!a.attention_mask.defined()) {
     at::Tensor pos = at::arange(S, a.input_ids.options().dtype(at::kLong)).view({1, 1, S}).expand({3, B, S});
     return {pos.contiguous(), at::zeros({B, 1}, a.input_ids.options())};
@@ -74,6 +123,12 @@ std::tuple<at::Tensor, at::Tensor> text_only_branch(const RopeIndexArgs& a) {
   at::Tensor pos = p.unsqueeze(0).expand({3, B, S}).contiguous();
   at::Tensor deltas = std::get<0>(p.max(-1, /*keepdim=*/true)) + 1 - S;
   return {pos, deltas};
+}
+
+// The omni conventions' per-video time scale: second_per_grids[v].float(), as a float64's bits.
+at::Tensor omni_time_bits(const RopeIndexArgs& a) {
+  if (!a.second_per_grid_ts.defined()) return at::empty({0}, a.input_ids.options().dtype(at::kLong));
+  return a.second_per_grid_ts.to(at::kFloat).to(at::kDouble).view(at::kLong);
 }
 
 bool text_only_branch_applies(const RopeIndexArgs& a) {
@@ -136,7 +191,7 @@ class HostIndexer {
   // Fills pos (num_axes, B, S) and deltas (B) as int64.
   void run(int64_t* pos, int64_t* deltas) {
     const int64_t B = a_.input_ids.size(0), S = a_.input_ids.size(1);
-    std::fill(pos, pos + a_.num_axes * B * S, a_.token_types() ? 0 : 1);
+    std::fill(pos, pos + a_.num_axes * B * S, a_.token_types() || a_.float_positions() ? 0 : 1);
     std::vector<std::pair<int64_t, int64_t>> segments;  // [begin, end) columns of the row's packed samples
     for (int64_t b = 0; b < B; ++b) {
       if (!a_.is_packed()) {
@@ -144,7 +199,8 @@ class HostIndexer {
         for (int64_t s = 0; s < S; ++s)
           if (att_[b * S + s]) sample_.push_back(s);
         const int64_t top = walk(b, pos);
-        deltas[b] = top + 1 - (a_.token_types() ? static_cast<int64_t>(sample_.size()) : S);
+        deltas[b] = a_.omni() ? omni_delta_
+                              : top + 1 - (a_.token_types() ? static_cast<int64_t>(sample_.size()) : S);
         continue;
       }
       row_segments(b, segments);
@@ -153,7 +209,8 @@ class HostIndexer {
       for (const auto& [begin, end] : segments) {
         sample_.clear();
         for (int64_t s = begin; s < end; ++s) sample_.push_back(s);
-        deltas[b] = walk(b, pos) + 1 - (end - begin);  // the row's delta: its last sample's
+        const int64_t top = walk(b, pos);
+        deltas[b] = a_.omni() ? omni_delta_ : top + 1 - (end - begin);  // the row's delta: its last sample's
       }
     }
     if (r_.strict) check_all_grids_used();
@@ -203,6 +260,19 @@ class HostIndexer {
     if (r_.convention == kVisionStart) {
       room(2 * L + 1);
       ok = walk_scan(b, n_parts, total, e);
+    } else if (a_.omni()) {
+      // parts are constructed (a store per field), so not one per token up front: start from what the spans
+      // usually take and grow where the walk runs out (a clip chunked finely, many frames), walking again
+      const Cursor start = cursor_;
+      int64_t want = std::min<int64_t>(L + 1, 64);
+      while (true) {
+        room(want);
+        ok = walk_omni_sample(b, static_cast<int64_t>(parts_.size()), n_parts, total, e);
+        if (ok || e.code != kNoRoom) break;
+        cursor_ = start;
+        want = std::min<int64_t>(L + 1, 4 * static_cast<int64_t>(parts_.size()));
+        e = ErrorInfo{};
+      }
     } else {
       sample_runs(b);
       room(static_cast<int64_t>(run_kind_.size()));
@@ -211,7 +281,7 @@ class HostIndexer {
                    static_cast<int64_t>(run_kind_.size()), parts_.data(), n_parts, total, e);
     }
     int64_t top = 0;
-    if (ok) ok = finish_sample(r_, g_, parts_.data(), n_parts, total, L, top, e);
+    if (ok && !a_.omni()) ok = finish_sample(r_, g_, parts_.data(), n_parts, total, L, top, e);
     if (!ok) raise(e, b);
     const int64_t lead_axes = a_.num_axes - 3;
     for (int64_t axis = 0; axis < lead_axes; ++axis) {
@@ -226,7 +296,7 @@ class HostIndexer {
       while (k + 1 < n_parts && parts_[k + 1].start <= 0) ++k;
       for (int64_t i = 0; i < L; ++i) {
         const int64_t s = sample_[i];
-        part_position(r_, g_, parts_[k], 0, pt[s], ph[s], pw[s]);
+        any_position(r_, g_, parts_[k], 0, pt[s], ph[s], pw[s]);
       }
       return top;
     }
@@ -234,10 +304,12 @@ class HostIndexer {
     for (int64_t k = 0; k < n_parts; ++k) {
       const Part& part = parts_[k];
       const int64_t* cols = sample_.data() + part.start;
-      if (part.kind == 0) {
+      if (part.kind == 5) {
+        write_omni_grid(part, cols, pt, ph, pw);
+      } else if (part.kind == 0) {
         for (int64_t o = 0; o < part.len; ++o) pt[cols[o]] = ph[cols[o]] = pw[cols[o]] = part.cur + o;
       } else {
-        for (int64_t o = 0; o < part.len; ++o) part_position(r_, g_, part, o, pt[cols[o]], ph[cols[o]], pw[cols[o]]);
+        for (int64_t o = 0; o < part.len; ++o) any_position(r_, g_, part, o, pt[cols[o]], ph[cols[o]], pw[cols[o]]);
       }
     }
     return top;
@@ -272,6 +344,69 @@ class HostIndexer {
       run_kind_.push_back(kind);
       prev = kind;
     }
+  }
+
+  // An omni grid part's positions frame by frame, row by row: omni_position without its divisions per token.
+  void write_omni_grid(const Part& p, const int64_t* cols, int64_t* pt, int64_t* ph, int64_t* pw) const {
+    const bool flt = r_.convention == kOmni3;
+    const float base = omni_float(omni_base(p));
+    const int64_t plane = p.hg * p.wg;
+    int64_t o = 0, f = p.off / plane, hh = (p.off % plane) / p.wg, ww = p.off % p.wg;
+    while (o < p.len) {
+      const int64_t t = flt ? float_bits(f32_add(omni_time_float(r_, g_, p, f), base))
+                            : p.cur + omni_time_int(r_, g_, p, f);
+      for (; hh < p.hg && o < p.len; ++hh, ww = 0) {
+        const int64_t h = flt ? float_bits(f32_add(static_cast<float>(hh), base)) : p.cur + hh;
+        for (; ww < p.wg && o < p.len; ++ww, ++o) {
+          const int64_t c = cols[o];
+          pt[c] = t;
+          ph[c] = h;
+          pw[c] = flt ? float_bits(f32_add(static_cast<float>(ww), base)) : p.cur + ww;
+        }
+      }
+      ++f;
+      hh = 0;
+    }
+  }
+
+  // The Omni thinkers: transformers' token scan (counts, list.index lookups), then walk_omni.
+  bool walk_omni_sample(int64_t b, int64_t room, int64_t& n_parts, int64_t& total, ErrorInfo& e) {
+    const int64_t S = a_.input_ids.size(1), L = sample_.size();
+    const bool q3 = r_.convention == kOmni3;
+    tokens_.resize(L);
+    for (int64_t i = 0; i < L; ++i) tokens_[i] = tok_[b * S + sample_[i]];
+    const int64_t a_id = q3 ? a_.vision_start_token_id : a_.image_token_id;
+    const int64_t c_id = q3 ? a_.audio_start_token_id : a_.audio_token_id;
+    next_img_.assign(L + 1, L);
+    next_vid_.assign(L + 1, L);
+    run_len_at_.assign(L + 1, L);
+    for (int64_t i = L - 1; i >= 0; --i) {
+      const int64_t v = tokens_[i];
+      next_img_[i] = v == a_id ? i : next_img_[i + 1];
+      next_vid_[i] = v == a_.video_token_id ? i : next_vid_[i + 1];
+      run_len_at_[i] = v == c_id ? i : run_len_at_[i + 1];
+    }
+    OmniScan sc;
+    sc.tokens = tokens_.data();
+    sc.next_a = next_img_.data();
+    sc.next_b = next_vid_.data();
+    sc.next_c = run_len_at_.data();
+    sc.image_id = a_.image_token_id;
+    sc.video_id = a_.video_token_id;
+    const int64_t follow = a_.use_audio_in_video ? a_.audio_start_token_id : a_.video_token_id;
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t v = tokens_[i];
+      sc.has_img |= v == a_.image_token_id;
+      sc.has_vid |= v == a_.video_token_id;
+      sc.has_aud |= v == a_.audio_token_id;
+      sc.n_aud += v == a_.audio_start_token_id;
+      if (v == a_.vision_start_token_id) {
+        if (i + 1 >= L) return fail(e, kVisionStartAtEnd, i);
+        sc.n_img += tokens_[i + 1] == a_.image_token_id;
+        sc.n_vid += tokens_[i + 1] == follow;
+      }
+    }
+    return walk_omni(r_, g_, cursor_, sc, L, parts_.data(), room, n_parts, total, omni_delta_, e);
   }
 
   // 4.57 Qwen-VL: vision_start pairs, then the list.index scan.
@@ -356,8 +491,27 @@ class HostIndexer {
         TORCH_CHECK_VALUE(false, "input_ids: vision_start_token_id is the last attended token of ", at,
                           " (transformers 4.57 fails indexing past it)");
       case kNotFound:
+        if (a_.omni()) {
+          const bool q3 = r_.convention == kOmni3;
+          const char* what = e.a == 3 ? (q3 ? "audio_start" : "audio") : e.a == 2 ? "video" : q3 ? "vision_start" : "image";
+          TORCH_CHECK_VALUE(false, "input_ids: no ", what, " token at or after ", at, " though the token counts "
+                            "announce one more span (transformers' list.index fails)");
+        }
         TORCH_CHECK_VALUE(false, "input_ids: no ", kind_name(e.a), " token at or after ", at, " though a ",
                           "vision_start pair announces one (transformers 4.57's list.index fails)");
+      case kNegativeLength:
+        TORCH_CHECK_VALUE(false, "a negative length (", e.a, ") for the text or audio before ", at, ": torch.arange "
+                          "fails in transformers too");
+      case kNoAudio:
+        TORCH_CHECK_VALUE(false, "audio_seqlens: the input has more audio spans than the ", e.a, " lengths given (",
+                          at, ")", also);
+      case kEmptyPiece:
+        TORCH_CHECK_VALUE(false, "an audio or vision span with no positions (length 0) is followed by more tokens at ",
+                          at, "; transformers fails taking the max of its empty positions");
+      case kTimeRange:
+        TORCH_CHECK_VALUE(false, "second_per_grids: video ", e.grid, " has temporal positions (t * second_per_grids "
+                          "* position_id_per_seconds) outside int64, which transformers' .long() cannot represent (",
+                          at, ")");
       case kNoSecondPerGrid:
         TORCH_CHECK_VALUE(false, "second_per_grid_ts: no entry for video ", e.grid, " (", e.a, " given; ", at, ")",
                           also);
@@ -395,7 +549,8 @@ class HostIndexer {
   Cursor cursor_{};
   std::vector<int64_t> sample_;  // the current sample's columns
   std::vector<Part> parts_;
-  std::vector<int64_t> run_start_, run_len_, run_kind_, next_img_, next_vid_, run_len_at_;
+  std::vector<int64_t> run_start_, run_len_, run_kind_, next_img_, next_vid_, run_len_at_, tokens_;
+  int64_t omni_delta_ = 0;  // the omni walk's delta for the sample just walked (int64, or a float32's bits)
 };
 
 }  // namespace
@@ -410,6 +565,15 @@ Rules rules_of(const RopeIndexArgs& a) {
   r.scale_time = a.tokens_per_second.has_value();
   r.image_grids = a.image_grid_thw.defined();
   r.sample_ordinals = a.is_packed();
+  if (a.omni()) {
+    // second_per_grids[v] scales video v's time; videos past its entries (or without it) fail as in transformers
+    r.pps = a.tokens_per_second->toLong();
+    r.tokens_per_chunk = a.tokens_per_chunk;
+    r.n_window = a.audio_n_window;
+    r.audio_in_video = a.use_audio_in_video;
+    r.second_per_grid_count = a.second_per_grid_ts.defined() ? a.second_per_grid_ts.size(0) : 0;
+    return r;
+  }
   if (r.scale_time) {
     if (a.second_per_grid_ts.defined()) {
       r.second_per_grid_count = a.second_per_grid_ts.size(0);
@@ -438,12 +602,17 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
                                const std::optional<at::Tensor>& second_per_grid_ts,
                                const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id,
                                int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
-                               bool strict, int64_t temporal_merge_size, int64_t num_axes) {
+                               bool strict, int64_t temporal_merge_size, int64_t num_axes,
+                               const OmniOptions& omni) {
   RopeIndexArgs a;
   if (convention == "token_types") {
     a.convention = kTokenTypes;
   } else if (convention == "xdrope") {
     a.convention = kXdRope;
+  } else if (convention == "qwen2_5_omni") {
+    a.convention = kOmni25;
+  } else if (convention == "qwen3_omni") {
+    a.convention = kOmni3;
   } else if (convention == "vision_start") {
     a.convention = kVisionStart;
   } else if (convention == "video_brackets") {
@@ -525,14 +694,23 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
     TORCH_CHECK_VALUE(a.cu_seqlens.device() == input_ids.device(), "cu_seqlens: expected device ", input_ids.device(),
                       " (that of input_ids), got ", a.cu_seqlens.device());
   }
+  if (a.omni()) check_omni(a, omni, convention, strict);
   a.merge = spatial_merge_size;
   a.image_token_id = image_token_id;
   a.video_token_id = video_token_id;
   a.vision_start_token_id = vision_start_token_id;
   a.video_start_token_id = video_start_token_id;
   a.video_end_token_id = video_end_token_id;
-  a.video_frames = video_frames;
+  a.video_frames = a.omni() ? false : video_frames;  // Omni videos are whole grids
   a.packed = packed;
+  // Qwen2.5-Omni index_puts its int64 positions into a tensor of input_ids' dtype where a mask selects the tokens,
+  // which torch refuses for any other dtype (without a mask, a slice assignment casts)
+  const bool index_put_fails = a.convention == kOmni25 && input_ids.scalar_type() != at::kLong &&
+                               a.attention_mask.defined() && !a.is_packed() &&
+                               (a.image_grid_thw.defined() || a.video_grid_thw.defined());
+  TORCH_CHECK_VALUE(!index_put_fails, "input_ids: convention 'qwen2_5_omni' with an attention_mask needs int64 "
+                    "input_ids, got ", input_ids.scalar_type(), " (transformers' index_put of its int64 positions "
+                    "fails on this input too)");
   a.strict = strict;
   return a;
 }
@@ -551,14 +729,16 @@ std::tuple<at::Tensor, at::Tensor> rope_index_host(const RopeIndexArgs& a) {
   const at::Tensor tok = a.token_types() ? a.mm_token_type_ids : a.input_ids;
   TimeTensors time;
   at::Tensor time_pre = none, time_interval = none;
-  if (a.tokens_per_second.has_value()) {
+  if (a.tokens_per_second.has_value() && !a.omni()) {
     time = time_tensors(a, n_videos);
     time_pre = time.pre;
     time_interval = time.interval_bits;
   }
   const at::Tensor cu = a.cu_seqlens.defined() ? a.cu_seqlens.to(at::kLong) : none;
+  if (a.omni()) time_interval = omni_time_bits(a);
+  const at::Tensor audio = a.audio_seqlens.defined() ? a.audio_seqlens.to(at::kLong) : none;
   const HostInputs host({att.reshape(-1), tok.reshape(-1), images.reshape(-1), videos.reshape(-1), time_pre,
-                         time_interval, cu, video_frames_end(a, videos)});
+                         time_interval, cu, video_frames_end(a, videos), audio});
 
   if (a.video_frames && a.convention != kVideoBrackets) {
     for (int64_t v = 0; v < n_videos; ++v) {
@@ -589,6 +769,8 @@ std::tuple<at::Tensor, at::Tensor> rope_index_host(const RopeIndexArgs& a) {
   grids.time_pre = host[4];
   grids.time_interval = host[5];
   grids.time_code = time.code;
+  grids.audio_lens = host[8];
+  grids.n_audios = host.size(8);
   HostIndexer indexer(a, host[0], host[1], host[6], host.size(6), grids, rules);
   indexer.run(pos.data_ptr<int64_t>(), deltas.data_ptr<int64_t>());
   if (a.strict && a.second_per_grid_ts.defined()) {
@@ -597,6 +779,11 @@ std::tuple<at::Tensor, at::Tensor> rope_index_host(const RopeIndexArgs& a) {
   }
   if (B == 0 && !a.is_packed()) deltas = deltas.to(at::kFloat);  // torch.tensor([]) of no per-row deltas
   if (a.convention == kXdRope && deltas.scalar_type() == at::kLong) deltas = deltas.to(a.input_ids.scalar_type());
+  if (a.float_positions()) {  // Qwen3-Omni: the buffers hold float32 bits
+    pos = pos.to(at::kInt).view(at::kFloat);
+    if (deltas.scalar_type() == at::kLong) deltas = deltas.to(at::kInt).view(at::kFloat);
+    return {push_to_device(pos, device), push_to_device(deltas, device)};
+  }
   return {push_to_device(pos.to(a.input_ids.scalar_type()), device), push_to_device(deltas, device)};
 }
 
@@ -625,8 +812,9 @@ at::Tensor time_positions(const at::Tensor& t, const at::Tensor& pre, const at::
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rope_index_reference(const RopeIndexArgs& a) {
-  TORCH_CHECK_VALUE(a.convention != kXdRope, "rope_index: the ATen reference does not implement convention 'xdrope' "
-                    "(HunYuan-VL); on_host=True, or a CPU or CUDA tensor (the fused algorithm), computes it");
+  TORCH_CHECK_VALUE(a.convention != kXdRope && !a.omni(), "rope_index: the ATen reference does not implement "
+                    "convention '", a.convention == kXdRope ? "xdrope" : a.convention == kOmni3 ? "qwen3_omni" :
+                    "qwen2_5_omni", "'; on_host=True, or a CPU or CUDA tensor (the fused algorithm), computes it");
   if (text_only_branch_applies(a)) return text_only_branch(a);
   const int64_t B = a.input_ids.size(0), S = a.input_ids.size(1), m = a.merge;
   const auto L = a.input_ids.options().dtype(at::kLong);
@@ -869,12 +1057,15 @@ std::tuple<at::Tensor, at::Tensor> rope_index(
     bool video_frames, const std::optional<at::Tensor>& second_per_grid_ts,
     const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id, int64_t video_end_token_id,
     bool packed, const std::optional<at::Tensor>& cu_seqlens, bool strict, int64_t temporal_merge_size,
-    int64_t num_axes) {
+    int64_t num_axes, const std::optional<at::Tensor>& audio_seqlens, int64_t audio_token_id,
+    int64_t audio_start_token_id, bool use_audio_in_video, int64_t tokens_per_chunk, int64_t audio_n_window) {
   const RopeIndexArgs a = check_rope_index(
       input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, spatial_merge_size, image_token_id,
       video_token_id, vision_start_token_id, std::string_view(convention.data(), convention.size()), video_frames,
       second_per_grid_ts, tokens_per_second, video_start_token_id, video_end_token_id, packed, cu_seqlens, strict,
-      temporal_merge_size, num_axes);
+      temporal_merge_size, num_axes,
+      OmniOptions{audio_seqlens, audio_token_id, audio_start_token_id, use_audio_in_video, tokens_per_chunk,
+                  audio_n_window});
   if (on_host) return rope_index_host(a);
   // The device path is the fused algorithm (as a kernel on CUDA, serially on the CPU): its domain is every input the
   // host loop takes. The ATen composition stays the test reference, and serves other devices (its domain excludes
@@ -925,6 +1116,12 @@ const char* error_name(int32_t code) {
     case kStrictNotDivisible: return "a grid with t < 1 or h, w not multiples of the merge size (strict=True)";
     case kStrictSpansVsStarts: return "vision_start pairs that do not match the vision runs (strict=True)";
     case kXdSpanLength: return "an image span whose length is neither (h // m) * (w // m + 1) nor that + 2";
+    case kNegativeLength: return "a negative text or audio length (omni)";
+    case kNoAudio: return "more audio spans than audio_seqlens entries (omni)";
+    case kEmptyPiece: return "an audio or vision span of no positions followed by more tokens (omni)";
+    case kTimeRange: return "temporal positions outside int64 (Qwen2.5-Omni)";
+    case kOmniCounts:
+      return "spans that differ from what the token scan counts (omni; run with on_host=True, which takes them)";
     default: return "no result";
   }
 }
@@ -937,8 +1134,9 @@ std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
   const auto L = a.input_ids.options().dtype(at::kLong);
   if (B == 0 || S == 0) {
     if (B > 0) at::_assert_async(at::zeros({}, L.dtype(at::kBool)), "ropekit.rope_index: rows of no token");
-    return {at::empty({a.num_axes, B, S}, a.input_ids.options()),
-            at::empty({B, 1}, L.dtype(a.is_packed() ? at::kLong : at::kFloat))};
+    const auto pos_dtype = a.float_positions() ? at::kFloat : a.input_ids.scalar_type();
+    return {at::empty({a.num_axes, B, S}, a.input_ids.options().dtype(pos_dtype)),
+            at::empty({B, 1}, L.dtype(a.is_packed() && !a.float_positions() ? at::kLong : at::kFloat))};
   }
   const at::Tensor att = (a.packed ? a.attention_mask : attended(a)).to(at::kLong).contiguous();
   const at::Tensor tok = (a.token_types() ? a.mm_token_type_ids : a.input_ids).to(at::kLong).contiguous();
@@ -960,7 +1158,10 @@ std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
                  (cu.narrow(0, 1, n - 1) >= cu.narrow(0, 0, n - 1)).all());
   }
   TimeTensors time;
-  if (a.tokens_per_second.has_value()) time = time_tensors(a, n_videos);
+  if (a.tokens_per_second.has_value() && !a.omni()) time = time_tensors(a, n_videos);
+  const at::Tensor omni_time = a.omni() ? omni_time_bits(a).contiguous() : at::Tensor();
+  const at::Tensor audio =
+      a.audio_seqlens.defined() ? a.audio_seqlens.to(at::kLong).contiguous() : at::empty({0}, L);
   if (a.strict && a.second_per_grid_ts.defined()) {
     TORCH_CHECK_VALUE(a.second_per_grid_ts.size(0) == n_videos, "second_per_grid_ts: ", a.second_per_grid_ts.size(0),
                       " entries for ", n_videos, " videos (strict=True)");
@@ -986,12 +1187,17 @@ std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
     p.grids.time_interval = time.interval_bits.data_ptr<int64_t>();
     p.grids.time_code = time.code;
   }
+  if (a.omni()) p.grids.time_interval = omni_time.data_ptr<int64_t>();
+  p.grids.audio_lens = audio.data_ptr<int64_t>();
+  p.grids.n_audios = audio.size(0);
+  p.audio_id = a.audio_token_id;
+  p.audio_start_id = a.audio_start_token_id;
   p.image_id = a.image_token_id;
   p.video_id = a.video_token_id;
   p.vision_start_id = a.vision_start_token_id;
   p.video_start_id = a.video_start_token_id;
   p.video_end_id = a.video_end_token_id;
-  p.pad = a.token_types() ? 0 : 1;
+  p.pad = a.token_types() || a.float_positions() ? 0 : 1;
   p.axes = a.num_axes;
   p.delta_vs_attended = a.token_types();
   const at::Tensor scratch = at::empty({10, B * (S + 1)}, L);
@@ -1001,7 +1207,7 @@ std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
   for (int i = 0; i < 10; ++i) *slots[i] = base + i * B * (S + 1);
   const at::Tensor parts = at::empty({B * (2 * S + 1) * static_cast<int64_t>(sizeof(Part))}, L.dtype(at::kByte));
   p.parts = reinterpret_cast<Part*>(parts.data_ptr());
-  const at::Tensor counts = at::empty({B, 2}, L);
+  const at::Tensor counts = at::empty({B, 3}, L);
   const at::Tensor error = at::empty({B}, L.dtype(at::kInt));
   at::Tensor pos = at::empty({a.num_axes, B, S}, L);
   at::Tensor deltas = at::empty({B, 1}, L);
@@ -1021,8 +1227,9 @@ std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
     TORCH_CHECK(a.input_ids.is_cpu(), "ropekit.rope_index: the fused algorithm runs on CUDA or (serially) the CPU");
     SerialExec x;
     RowState state;
-    for (int64_t b = 0; b < B; ++b) index_row(x, state, p, b, /*count=*/true);
-    for (int64_t b = 0; b < B; ++b) index_row(x, state, p, b, /*count=*/false);
+    const auto row = a.omni() ? &index_row<SerialExec, true> : &index_row<SerialExec, false>;
+    for (int64_t b = 0; b < B; ++b) row(x, state, p, b, /*count=*/true);
+    for (int64_t b = 0; b < B; ++b) row(x, state, p, b, /*count=*/false);
     for (int64_t b = 0; b < B; ++b) {
       const int32_t code = error.data_ptr<int32_t>()[b];
       TORCH_CHECK_VALUE(code == kOk, "ropekit.rope_index (fused algorithm): no result for row ", b, ": ",
@@ -1049,6 +1256,7 @@ std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
                     "strict=True; run with on_host=True for a precise error");
   // HunYuan-VL's deltas are torch.tensor() of its positions' maxima: input_ids' dtype (every other family: int64)
   if (a.convention == kXdRope) deltas = deltas.to(a.input_ids.scalar_type());
+  if (a.float_positions()) return {pos.to(at::kInt).view(at::kFloat), deltas.to(at::kInt).view(at::kFloat)};
   return {pos.to(a.input_ids.scalar_type()), deltas};
 }
 
@@ -1059,12 +1267,16 @@ std::tuple<at::Tensor, at::Tensor> rope_index_algorithm_op(
     int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool video_frames,
     const std::optional<at::Tensor>& second_per_grid_ts, const std::optional<c10::Scalar>& tokens_per_second,
     int64_t video_start_token_id, int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
-    bool strict, int64_t temporal_merge_size, int64_t num_axes, c10::string_view algorithm) {
+    bool strict, int64_t temporal_merge_size, int64_t num_axes, const std::optional<at::Tensor>& audio_seqlens,
+    int64_t audio_token_id, int64_t audio_start_token_id, bool use_audio_in_video, int64_t tokens_per_chunk,
+    int64_t audio_n_window, c10::string_view algorithm) {
   const RopeIndexArgs a = check_rope_index(
       input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, spatial_merge_size, image_token_id,
       video_token_id, vision_start_token_id, std::string_view(convention.data(), convention.size()), video_frames,
       second_per_grid_ts, tokens_per_second, video_start_token_id, video_end_token_id, packed, cu_seqlens, strict,
-      temporal_merge_size, num_axes);
+      temporal_merge_size, num_axes,
+      OmniOptions{audio_seqlens, audio_token_id, audio_start_token_id, use_audio_in_video, tokens_per_chunk,
+                  audio_n_window});
   const std::string_view which(algorithm.data(), algorithm.size());
   if (which == "host") return rope_index_host(a);
   if (which == "reference") return rope_index_reference(a);

@@ -15,6 +15,14 @@
 
 namespace ropekit {
 
+// The omni conventions' extra arguments (see ops.rope_index).
+struct OmniOptions {
+  std::optional<at::Tensor> audio_seqlens;
+  int64_t audio_token_id = -1, audio_start_token_id = -1;
+  bool use_audio_in_video = false;
+  int64_t tokens_per_chunk = 0, audio_n_window = 0;
+};
+
 struct RopeIndexArgs {
   at::Tensor input_ids;           // (B, S) integer
   at::Tensor image_grid_thw;      // (N_img, 3) integer or undefined
@@ -34,6 +42,14 @@ struct RopeIndexArgs {
 
   bool is_packed() const { return packed || cu_seqlens.defined(); }
   int64_t num_axes = 3;       // rows of position_ids: xdrope's leading rows hold every token's sample index
+  // omni conventions (Qwen2.5-Omni, Qwen3-Omni-MoE)
+  at::Tensor audio_seqlens;   // (N_audio,) integer or undefined: each audio's feature length
+  int64_t audio_token_id = -1, audio_start_token_id = -1;
+  bool use_audio_in_video = false;
+  int64_t tokens_per_chunk = 0;  // Qwen2.5-Omni: int(position_id_per_seconds * seconds_per_chunk)
+  int64_t audio_n_window = 0;    // Qwen3-Omni: audio_config.n_window
+  bool omni() const { return rope_index_detail::is_omni(convention); }
+  bool float_positions() const { return convention == rope_index_detail::kOmni3; }
   // 5.x: modality from mm_token_type_ids (every 5.x family, HunYuan-VL's xdrope included)
   bool token_types() const {
     return convention == rope_index_detail::kTokenTypes || convention == rope_index_detail::kXdRope;
@@ -49,7 +65,8 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
                                const std::optional<at::Tensor>& second_per_grid_ts,
                                const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id,
                                int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
-                               bool strict, int64_t temporal_merge_size = 1, int64_t num_axes = 3);
+                               bool strict, int64_t temporal_merge_size = 1, int64_t num_axes = 3,
+                               const OmniOptions& omni = OmniOptions{});
 
 // Host algorithm: linear in B*S plus the vision tokens. Inputs on an accelerator are pulled to the host in one
 // transfer (one sync) and the results pushed back with non-blocking copies. No result: ValueError.
@@ -94,6 +111,9 @@ struct TimeTensors {
 };
 TimeTensors time_tensors(const RopeIndexArgs& a, int64_t n_videos);
 
+// The omni conventions' time scales (GridLists::time_interval): second_per_grids[v].float() as a float64's bits.
+at::Tensor omni_time_bits(const RopeIndexArgs& a);
+
 // frames_end (GridLists) of the (N_vid, 3) int64 video grids: entries per video are 1 (whole videos), or its frames
 // (5.x and 4.57 Qwen-VL: repeat_interleave by t, t = 0 drops it; 4.57 GLM-4V: max(t, 1)), summed inclusively.
 at::Tensor video_frames_end(const RopeIndexArgs& a, const at::Tensor& videos);
@@ -111,7 +131,9 @@ std::tuple<at::Tensor, at::Tensor> rope_index(
     bool video_frames, const std::optional<at::Tensor>& second_per_grid_ts,
     const std::optional<c10::Scalar>& tokens_per_second, int64_t video_start_token_id, int64_t video_end_token_id,
     bool packed, const std::optional<at::Tensor>& cu_seqlens, bool strict, int64_t temporal_merge_size = 1,
-    int64_t num_axes = 3);
+    int64_t num_axes = 3, const std::optional<at::Tensor>& audio_seqlens = std::nullopt, int64_t audio_token_id = -1,
+    int64_t audio_start_token_id = -1, bool use_audio_in_video = false, int64_t tokens_per_chunk = 0,
+    int64_t audio_n_window = 0);
 
 // Any of the three algorithms as an op of its own (ropekit::_rope_index_algorithm, algorithm "host", "reference" or
 // "kernel"), so that tests compare them on the same device.
@@ -122,6 +144,8 @@ std::tuple<at::Tensor, at::Tensor> rope_index_algorithm_op(
     int64_t video_token_id, int64_t vision_start_token_id, c10::string_view convention, bool video_frames,
     const std::optional<at::Tensor>& second_per_grid_ts, const std::optional<c10::Scalar>& tokens_per_second,
     int64_t video_start_token_id, int64_t video_end_token_id, bool packed, const std::optional<at::Tensor>& cu_seqlens,
-    bool strict, int64_t temporal_merge_size, int64_t num_axes, c10::string_view algorithm);
+    bool strict, int64_t temporal_merge_size, int64_t num_axes, const std::optional<at::Tensor>& audio_seqlens,
+    int64_t audio_token_id, int64_t audio_start_token_id, bool use_audio_in_video, int64_t tokens_per_chunk,
+    int64_t audio_n_window, c10::string_view algorithm);
 
 }  // namespace ropekit

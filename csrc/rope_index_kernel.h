@@ -33,6 +33,7 @@ struct KernelParams {
   Rules rules;
   GridLists grids;
   int64_t image_id = -1, video_id = -1, vision_start_id = -1, video_start_id = -1, video_end_id = -1;
+  int64_t audio_id = -1, audio_start_id = -1;  // omni
   int64_t pad = 0;                 // padding slots: 0 (5.x) or 1 (4.57)
   int64_t axes = 3;                // rows of pos: xdrope's leading axes - 3 rows hold each token's sample index
   bool delta_vs_attended = true;   // 5.x: deltas against the attended tokens; 4.57: against S (unpacked rows)
@@ -41,15 +42,16 @@ struct KernelParams {
           *run_kind = nullptr, *next_img = nullptr, *next_vid = nullptr, *run_len_at = nullptr,
           *sample_start = nullptr;
   Part* parts = nullptr;
-  int64_t* counts = nullptr;  // (B, 2): images and video entries each row consumes
+  int64_t* counts = nullptr;  // (B, 3): images, video entries and audios each row consumes
   int64_t* pos = nullptr;     // (axes, B, S) int64
-  int64_t* deltas = nullptr;  // (B,)
+  int64_t* deltas = nullptr;  // (B,): int64, or (Qwen3-Omni) a float32's bits
   int32_t* error = nullptr;   // (B,): each row's ErrorCode (0 when it has a result)
 };
 
 // What a row's threads share (CUDA: __shared__).
 struct RowState {
-  int64_t n_runs, n_img, n_vid, vision_runs;
+  int64_t n_runs, n_img, n_vid, n_aud, vision_runs;
+  bool has_img, has_vid, has_aud;  // omni: the image / video / audio token occurs in the sample
   int64_t n_parts, total, top;
   Cursor cursor;
   int32_t error;
@@ -147,7 +149,9 @@ ROPEKIT_ROW_FN bool in_sorted(const int64_t* cu, int64_t n, int64_t flat) {
 }
 
 // One row b. count: only record what the row consumes (p.counts); otherwise positions, deltas and p.error[b].
-template <class X>
+// Omni: the instantiation for the omni conventions (and only them): the other conventions' kernel then carries none
+// of the omni walk's registers, and the omni one runs with fewer threads and more registers a thread.
+template <class X, bool Omni = false>
 ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t b, bool count) {
   const int64_t S = p.S, B = p.B;
   const int64_t row = b * S, row1 = b * (S + 1);
@@ -166,9 +170,10 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
     st.vision_runs = 0;
     st.cursor = Cursor{};
     if (!count) {
-      for (int64_t r = 0; r < b; ++r) {  // grids the rows before this one consume
-        st.cursor.image += p.counts[2 * r];
-        st.cursor.video += p.counts[2 * r + 1];
+      for (int64_t r = 0; r < b; ++r) {  // grids (and audios) the rows before this one consume
+        st.cursor.image += p.counts[3 * r];
+        st.cursor.video += p.counts[3 * r + 1];
+        st.cursor.audio += p.counts[3 * r + 2];
       }
     }
   }
@@ -204,12 +209,42 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
   x.sync();
 
   const Rules& r = p.rules;
-  int64_t counted_images = 0, counted_videos = 0;  // thread 0
+  int64_t counted_images = 0, counted_videos = 0, counted_audios = 0;  // thread 0
   for (int64_t q = 0; q < n_samples && st.error == kOk; ++q) {
     const int64_t lo = sample_start[q], hi = q + 1 < n_samples ? sample_start[q + 1] : L, n = hi - lo;
     const int64_t* v = vals + lo;
-    // 2. the sample's runs (or the 4.57 scan's lookups)
-    if (r.convention == kVisionStart) {
+    // 2. the sample's runs (or the 4.57 / Omni scans' lookups)
+    if constexpr (Omni) {
+      // next_img / next_vid / run_len_at: the next image / video / audio token (Qwen3-Omni: vision_start, -,
+      // audio_start) at or after each index
+      const bool q3 = r.convention == kOmni3;
+      const int64_t a_id = q3 ? p.vision_start_id : p.image_id, c_id = q3 ? p.audio_start_id : p.audio_id;
+      next_index(x, n, [&](int64_t i) { return v[i] == a_id; }, p.next_img + row1);
+      next_index(x, n, [&](int64_t i) { return v[i] == p.video_id; }, p.next_vid + row1);
+      next_index(x, n, [&](int64_t i) { return v[i] == c_id; }, p.run_len_at + row1);
+      for (int64_t i = x.tid(); i < n; i += X::kThreads) {
+        if (v[i] == p.vision_start_id && i + 1 >= n) set_error(st, kVisionStartAtEnd);
+      }
+      x.sync();
+      const int64_t follow = r.audio_in_video ? p.audio_start_id : p.video_id;
+      const auto after_start = [&](int64_t i, int64_t id) {
+        return v[i] == p.vision_start_id && i + 1 < n && v[i + 1] == id ? 1 : 0;
+      };
+      const int64_t n_img = sum_over(x, n, [&](int64_t i) { return after_start(i, p.image_id); });
+      const int64_t n_vid = sum_over(x, n, [&](int64_t i) { return after_start(i, follow); });
+      const int64_t n_aud = sum_over(x, n, [&](int64_t i) { return v[i] == p.audio_start_id ? 1 : 0; });
+      const int64_t any_img = sum_over(x, n, [&](int64_t i) { return v[i] == p.image_id ? 1 : 0; });
+      const int64_t any_vid = sum_over(x, n, [&](int64_t i) { return v[i] == p.video_id ? 1 : 0; });
+      const int64_t any_aud = sum_over(x, n, [&](int64_t i) { return v[i] == p.audio_id ? 1 : 0; });
+      if (x.tid() == 0) {
+        st.n_img = n_img;
+        st.n_vid = n_vid;
+        st.n_aud = n_aud;
+        st.has_img = any_img > 0;
+        st.has_vid = any_vid > 0;
+        st.has_aud = any_aud > 0;
+      }
+    } else if (r.convention == kVisionStart) {
       next_index(x, n, [&](int64_t i) { return v[i] == p.image_id; }, p.next_img + row1);
       next_index(x, n, [&](int64_t i) { return v[i] == p.video_id; }, p.next_vid + row1);
       for (int64_t i = x.tid(); i < n; i += X::kThreads) {
@@ -265,6 +300,7 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
       if (x.tid() == 0) {
         counted_images += st.n_img;
         counted_videos += st.n_vid;
+        if constexpr (Omni) counted_audios += st.n_aud;
       }
       continue;
     }
@@ -274,7 +310,29 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
       ErrorInfo e;
       st.n_parts = st.total = st.top = 0;
       bool ok;
-      if (r.convention == kVisionStart) {
+      int64_t omni_delta = 0;
+      if constexpr (Omni) {
+        OmniScan sc;
+        sc.tokens = v;
+        sc.next_a = p.next_img + row1;
+        sc.next_b = p.next_vid + row1;
+        sc.next_c = p.run_len_at + row1;
+        sc.image_id = p.image_id;
+        sc.video_id = p.video_id;
+        sc.has_img = st.has_img;
+        sc.has_vid = st.has_vid;
+        sc.has_aud = st.has_aud;
+        sc.n_img = st.n_img;
+        sc.n_vid = st.n_vid;
+        sc.n_aud = st.n_aud;
+        const Cursor before = st.cursor;
+        ok = walk_omni(r, p.grids, st.cursor, sc, n, parts, 2 * S + 1, st.n_parts, st.total, omni_delta, e);
+        // each row's cursor starts where the counts of the rows before it say: they must be what it consumes
+        if (ok && (st.cursor.image - before.image != st.n_img || st.cursor.video - before.video != st.n_vid ||
+                   st.cursor.audio - before.audio != st.n_aud)) {
+          ok = fail(e, kOmniCounts, -1);
+        }
+      } else if (r.convention == kVisionStart) {
         ok = walk_vision_start(r, p.grids, st.cursor, n, p.next_img + row1, p.next_vid + row1, p.run_len_at + row1,
                                st.vision_runs, st.n_img, st.n_vid, parts, st.n_parts, st.total, e);
       } else if (r.convention == kXdRope) {
@@ -283,10 +341,12 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
         ok = walk_runs(r, p.grids, st.cursor, run_start, run_len, run_kind, st.n_runs, parts, st.n_parts, st.total,
                        e);
       }
-      if (ok) ok = finish_sample(r, p.grids, parts, st.n_parts, st.total, n, st.top, e);
+      if (!Omni && ok) ok = finish_sample(r, p.grids, parts, st.n_parts, st.total, n, st.top, e);
       if (ok && p.axes > 3 && n - 1 > st.top) st.top = n - 1;  // the leading rows' sample indices
       if (!ok) {
         set_error(st, e.code);
+      } else if (Omni) {
+        p.deltas[b] = omni_delta;  // against the sample's own length (the row's last sample's, when packed)
       } else if (p.cu != nullptr || p.packed_mask) {
         p.deltas[b] = st.top + 1 - n;  // the row's last sample's
       } else {
@@ -300,7 +360,11 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
       const int64_t key = st.total == 1 ? 0 : i;
       const Part& part = parts[find_part(parts, st.n_parts, key)];
       int64_t pt, ph, pw;
-      part_position(r, p.grids, part, key - part.start, pt, ph, pw);
+      if constexpr (Omni) {
+        omni_position(r, p.grids, part, key - part.start, pt, ph, pw);
+      } else {
+        part_position(r, p.grids, part, key - part.start, pt, ph, pw);
+      }
       const int64_t s = cols[lo + i];
       const int64_t lead_axes = p.axes - 3;
       for (int64_t axis = 0; axis < lead_axes; ++axis) p.pos[axis * B * S + row + s] = i;
@@ -312,8 +376,9 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
   }
   if (x.tid() == 0) {
     if (count) {
-      p.counts[2 * b] = counted_images;
-      p.counts[2 * b + 1] = counted_videos;
+      p.counts[3 * b] = counted_images;
+      p.counts[3 * b + 1] = counted_videos;
+      p.counts[3 * b + 2] = counted_audios;
     }
     p.error[b] = st.error;
   }

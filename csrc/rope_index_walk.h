@@ -23,7 +23,11 @@ enum Convention : int32_t {
   kVisionStart = 1,    // 4.57 Qwen2-VL / Qwen2.5-VL / Qwen3-VL: spans found by vision_start + list.index scans
   kVideoBrackets = 2,  // 4.57 GLM-4V: image tokens between video_start and video_end are video frames
   kXdRope = 3,         // 5.x HunYuan-VL: every token keeps its index; an image's tokens take (column, row, image)
+  kOmni25 = 4,         // Qwen2.5-Omni (4.57 and 5.x): token-id scan with audio; audio in video by chunks
+  kOmni3 = 5,          // Qwen3-Omni-MoE (4.57 and 5.x): as kOmni25 with float32 positions; audio in video by token
 };
+
+C10_HOST_DEVICE inline bool is_omni(int32_t convention) { return convention == kOmni25 || convention == kOmni3; }
 
 // tpos(t), the temporal position of frame t of a grid: (t * pre) * interval in the arithmetic of `code`, then
 // truncated toward zero (torch's .long()).
@@ -54,6 +58,11 @@ struct Part {
   int64_t video = -1;
   int64_t lead = 0;  // kind 3: 1 when the span's first and last tokens are outside the grid
   int32_t kind = 0;
+  // Omni kinds (4: a run of positions base + o; 5: elements [off, off + len) of a vision grid placed at base). The
+  // base is cur, or fcur where it is a float32 (Qwen3-Omni, once a vision piece has made it one).
+  int32_t fbase = 0;
+  float fcur = 0.f;
+  int64_t off = 0;
 };
 
 // Why a sample has no result: a case where transformers itself raises, or (strict) an input ropekit rejects.
@@ -74,6 +83,12 @@ enum ErrorCode : int32_t {
   kStrictNotDivisible,   // strict: h or w not a positive multiple of m, or t < 1
   kStrictSpansVsStarts,  // strict, 4.57: vision_start pairs do not match the vision token runs
   kXdSpanLength,         // xdrope: an image span's length is neither its grid's tokens nor those + 2: ValueError
+  kNegativeLength,       // omni: a negative text or audio length: torch.arange fails
+  kNoAudio,              // omni: an audio span past the last audio_seqlens entry (or none given)
+  kEmptyPiece,           // omni: the max of an empty piece (an audio or grid of no tokens) starts the next piece
+  kTimeRange,            // Qwen2.5-Omni: a temporal position (t * s * position_id_per_seconds) outside int64
+  kOmniCounts,           // omni, fused algorithm: spans consumed differ from the spans the token scan counts
+  kNoRoom,               // omni, internal: the parts outgrew the room given (the host loop grows it and walks again)
 };
 
 // The most tokens one vision grid may have, and the largest extent t, h // m, w // m: 2^40 (a grid's positions
@@ -99,6 +114,11 @@ struct Rules {
   int64_t second_per_grid_count = -1;
   bool image_grids = true;  // xdrope: image_grid_thw was given (without it, image spans keep text positions)
   bool sample_ordinals = false;  // xdrope, packed: each sample numbers its images from 0, as it would alone
+  // omni
+  int64_t pps = 1;               // position_id_per_seconds
+  int64_t tokens_per_chunk = 0;  // Qwen2.5-Omni: int(position_id_per_seconds * seconds_per_chunk)
+  int64_t n_window = 1;          // Qwen3-Omni: audio_config.n_window
+  bool audio_in_video = false;   // use_audio_in_video
 };
 
 // The grids transformers iterates, read from the raw (N, 3) int64 arrays on either side: images in order; videos
@@ -115,6 +135,9 @@ struct GridLists {
   const int64_t* time_pre = nullptr;
   const int64_t* time_interval = nullptr;
   int32_t time_code = kTimeInt;
+  // omni: each audio's feature length (audio_seqlens), consumed in order like the grids
+  const int64_t* audio_lens = nullptr;
+  int64_t n_audios = 0;
 
   C10_HOST_DEVICE int64_t n_entries() const { return n_videos > 0 ? frames_end[n_videos - 1] : 0; }
 
@@ -168,7 +191,7 @@ struct GridLists {
 };
 
 struct Cursor {  // grids are consumed in order across the whole batch; value-initialise (Cursor{}) to start
-  int64_t image, video;  // no member initialisers: it lives in CUDA __shared__ memory
+  int64_t image, video, audio;  // no member initialisers: it lives in CUDA __shared__ memory
 };
 
 C10_HOST_DEVICE inline int64_t floor_div(int64_t a, int64_t b) {
@@ -457,6 +480,498 @@ C10_HOST_DEVICE inline bool walk_xd(const Rules& r, const GridLists& g, Cursor& 
     append(parts, n_parts, total, p);
   }
   return true;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The Omni thinkers' get_rope_index (Qwen2.5-Omni: kOmni25; Qwen3-Omni-MoE, thinker and talker: kOmni3), a
+// transcription of transformers' loop: per span, the 4.57-style list.index scan from st (Qwen2.5-Omni for the first
+// image / video / audio token, Qwen3-Omni for the next vision_start / audio_start), text before it, its bos piece(s),
+// the span, its eos piece(s); st jumps by the lengths transformers adds up. Every piece starts at the largest
+// position of the piece appended last, + 1. Audio spans are 1-D; vision grids (t, h // m, w // m) take temporal
+// positions scaled by position_id_per_seconds (videos also by second_per_grids[v], in float32). With
+// use_audio_in_video a clip's video grid and audio share a start and interleave: Qwen2.5-Omni chunk by chunk of
+// tokens_per_chunk temporal positions (transformers' get_chunked_index), Qwen3-Omni token by token by temporal
+// value, video first on ties. Qwen3-Omni's positions are float32: they stay exact integers until a vision piece
+// makes a start float, and every later step rounds to float32 as torch's arithmetic does (OmniNum).
+
+C10_HOST_DEVICE inline float f32_mul(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);  // never contracted into an FMA: torch rounds the product
+#else
+  return a * b;  // the host build has -ffp-contract=off
+#endif
+}
+
+C10_HOST_DEVICE inline float f32_add(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+C10_HOST_DEVICE inline bool f32_isnan(float x) { return x != x; }
+
+// max as torch's reductions take it: NaN wins.
+C10_HOST_DEVICE inline float f32_max(float a, float b) { return f32_isnan(a) || f32_isnan(b) ? (a + b) : (a > b ? a : b); }
+
+// A float32's bits, sign-extended: how the int64 position buffers carry Qwen3-Omni's float positions.
+C10_HOST_DEVICE inline int64_t float_bits(float x) {
+#ifdef __CUDA_ARCH__
+  return __float_as_int(x);
+#else
+  int32_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  return b;
+#endif
+}
+
+// A value of Qwen3-Omni's loop: a Python int / int64 tensor, or a float32 tensor. Qwen2.5-Omni's are all int64.
+struct OmniNum {
+  bool is_float = false;
+  int64_t i = 0;
+  float f = 0.f;
+};
+
+C10_HOST_DEVICE inline float omni_float(const OmniNum& a) { return a.is_float ? a.f : static_cast<float>(a.i); }
+
+// a + k (k an int: arange(k)[o] + a, st_idx += k, max + 1): exact on ints, one float32 rounding on floats.
+C10_HOST_DEVICE inline OmniNum omni_add(OmniNum a, int64_t k) {
+  if (a.is_float) {
+    a.f = f32_add(static_cast<float>(k), a.f);
+  } else {
+    a.i += k;
+  }
+  return a;
+}
+
+C10_HOST_DEVICE inline OmniNum omni_base(const Part& p) {
+  OmniNum n;
+  n.is_float = p.fbase != 0;
+  n.i = p.cur;
+  n.f = p.fcur;
+  return n;
+}
+
+// Frame f's temporal index as transformers computes it: images arange(t) * 1 * pps (int64); videos arange(t) *
+// second_per_grids[v].float() * pps (float32, two roundings; Qwen2.5-Omni then truncates it with .long()).
+C10_HOST_DEVICE inline float omni_video_time(const Rules& r, const GridLists& g, int64_t video, int64_t f) {
+  const float s = static_cast<float>(GridLists::bits_to_double(g.time_interval[video]));
+  return f32_mul(f32_mul(static_cast<float>(f), s), static_cast<float>(r.pps));
+}
+
+C10_HOST_DEVICE inline int64_t omni_time_int(const Rules& r, const GridLists& g, const Part& p, int64_t f) {
+  return p.video >= 0 ? static_cast<int64_t>(omni_video_time(r, g, p.video, f)) : f * r.pps;
+}
+
+C10_HOST_DEVICE inline float omni_time_float(const Rules& r, const GridLists& g, const Part& p, int64_t f) {
+  return p.video >= 0 ? omni_video_time(r, g, p.video, f) : static_cast<float>(f * r.pps);
+}
+
+// Positions (t, h, w) of token o of an omni part: int64 (kOmni25) or float32 bits (kOmni3).
+C10_HOST_DEVICE inline void omni_position(const Rules& r, const GridLists& g, const Part& p, int64_t o, int64_t& pt,
+                                          int64_t& ph, int64_t& pw) {
+  const bool flt = r.convention == kOmni3;
+  if (p.kind == 4) {
+    const OmniNum v = omni_add(omni_base(p), o);
+    pt = ph = pw = flt ? float_bits(omni_float(v)) : v.i;
+    return;
+  }
+  const int64_t e = p.off + o, plane = p.hg * p.wg;
+  const int64_t f = e / plane, hh = (e % plane) / p.wg, ww = e % p.wg;
+  if (flt) {
+    const float base = omni_float(omni_base(p));
+    pt = float_bits(f32_add(omni_time_float(r, g, p, f), base));
+    ph = float_bits(f32_add(static_cast<float>(hh), base));
+    pw = float_bits(f32_add(static_cast<float>(ww), base));
+  } else {
+    pt = p.cur + omni_time_int(r, g, p, f);
+    ph = p.cur + hh;
+    pw = p.cur + ww;
+  }
+}
+
+// The largest position of a non-empty omni part (torch's .max() of its tensor: a float part's NaN wins). Temporal
+// indices are monotone in the frame, so a slice's extremes sit at its first and last frames.
+C10_HOST_DEVICE inline OmniNum omni_part_max(const Rules& r, const GridLists& g, const Part& p) {
+  if (p.kind == 4) return omni_add(omni_base(p), p.len - 1);
+  const int64_t plane = p.hg * p.wg, a = p.off, b = p.off + p.len - 1;
+  const int64_t f0 = a / plane, f1 = b / plane;
+  int64_t hmax, wmax;
+  if (f0 == f1) {
+    const int64_t r0 = (a % plane) / p.wg, r1 = (b % plane) / p.wg;
+    hmax = r1;
+    wmax = r1 > r0 ? p.wg - 1 : b % p.wg;
+  } else {  // the slice runs to the end of frame f0: its last row, whole
+    hmax = p.hg - 1;
+    wmax = p.wg - 1;
+  }
+  OmniNum m;
+  if (r.convention == kOmni3) {
+    const float base = omni_float(omni_base(p));
+    m.is_float = true;
+    m.f = f32_max(f32_max(f32_add(omni_time_float(r, g, p, f0), base), f32_add(omni_time_float(r, g, p, f1), base)),
+                  f32_max(f32_add(static_cast<float>(hmax), base), f32_add(static_cast<float>(wmax), base)));
+  } else {
+    int64_t x = omni_time_int(r, g, p, f0);
+    const int64_t t1 = omni_time_int(r, g, p, f1);
+    if (t1 > x) x = t1;
+    if (hmax > x) x = hmax;
+    if (wmax > x) x = wmax;
+    m.i = p.cur + x;
+  }
+  return m;
+}
+
+// transformers' get_chunked_index over one clip's temporal indices (value(i) - remove_index): a split before element
+// i whenever its value >= chunk * tokens_per_chunk, chunk advancing by one per split; yields (start, end) in order,
+// the last one always. Elements come in frames of `size` equal values (one value per video frame, one per audio
+// token), so a frame without a split at its first element is skipped whole.
+struct OmniChunker {
+  int64_t len = 0, size = 1, chunk = 1, start = 0, i = 0;
+  int64_t video = -1;  // the clip's video (values: its frames' int64 temporal indices), or -1 (audio: the index)
+  bool done = false;
+
+  C10_HOST_DEVICE bool next(const Rules& r, const GridLists& g, int64_t& a, int64_t& b) {
+    if (done) return false;
+    while (i < len) {
+      const int64_t f = i / size;
+      const int64_t value = video >= 0 ? static_cast<int64_t>(omni_video_time(r, g, video, f)) : f;
+      if (value >= chunk * r.tokens_per_chunk) {
+        a = start;
+        b = i;
+        start = i++;
+        ++chunk;
+        return true;
+      }
+      i = (f + 1) * size;  // value and chunk stay as they are to the frame's end
+    }
+    a = start;
+    b = len;
+    done = true;
+    return true;
+  }
+};
+
+// The token scan of one sample, as transformers counts and searches it. 2.5: next_a / next_b / next_c find the next
+// image / video / audio token at or after an index (L where none); 3: next_a the next vision_start, next_c the next
+// audio_start. Counts: vision_start followed by an image token (n_img), by a video token (n_vid; with
+// use_audio_in_video, by audio_start), and audio_start tokens (n_aud).
+struct OmniScan {
+  const int64_t *tokens = nullptr, *next_a = nullptr, *next_b = nullptr, *next_c = nullptr;
+  int64_t image_id = -1, video_id = -1;
+  bool has_img = false, has_vid = false, has_aud = false;  // the image / video / audio token occurs in the sample
+  int64_t n_img = 0, n_vid = 0, n_aud = 0;
+};
+
+// The walk's state: the parts (non-empty pieces), the piece appended last and the sample's largest position.
+struct OmniState {
+  Part* parts;
+  int64_t room, n_parts, total, L;
+  bool any, last_empty, any_max;
+  OmniNum last, top;
+};
+
+// Appends one of transformers' pieces. Empty pieces take no part but are still the piece appended last.
+C10_HOST_DEVICE inline bool omni_push(const Rules& r, const GridLists& g, OmniState& s, Part p, int64_t token,
+                                      ErrorInfo& e) {
+  s.any = true;
+  s.last_empty = p.len == 0;
+  if (p.len == 0) return true;
+  const int64_t room = s.L > 1 ? s.L : 1;  // the pieces must add up to L (or to 1, broadcast)
+  if (s.total + p.len > room) return fail(e, kLengthMismatch, token, -1, s.total + p.len, s.L);
+  s.last = omni_part_max(r, g, p);
+  if (!s.any_max) {
+    s.top = s.last;
+    s.any_max = true;
+  } else if (r.convention == kOmni3) {
+    s.top.f = f32_max(s.top.f, omni_float(s.last));
+  } else if (s.last.i > s.top.i) {
+    s.top.i = s.last.i;
+  }
+  if (r.convention == kOmni3) {  // the sample's max is taken over llm_positions.float()
+    s.top.f = omni_float(s.top);
+    s.top.is_float = true;
+  }
+  if (s.n_parts == s.room) return fail(e, kNoRoom, token);
+  p.start = s.total;
+  s.total += p.len;
+  s.parts[s.n_parts++] = p;
+  return true;
+}
+
+// st_idx = llm_pos_ids_list[-1].max() + 1 (0 before any piece); false where that piece is empty (max() fails).
+C10_HOST_DEVICE inline bool omni_next_start(const OmniState& s, int64_t token, OmniNum& out, ErrorInfo& e) {
+  out = OmniNum{};
+  if (!s.any) return true;
+  if (s.last_empty) return fail(e, kEmptyPiece, token);
+  out = omni_add(s.last, 1);
+  return true;
+}
+
+C10_HOST_DEVICE inline Part omni_run(const OmniNum& base, int64_t len) {
+  Part p;
+  p.kind = 4;
+  p.len = len;
+  p.cur = base.i;
+  p.fcur = base.f;
+  p.fbase = base.is_float ? 1 : 0;
+  return p;
+}
+
+// list.index(token, st): the first index >= st holding it; false (ValueError) where there is none.
+C10_HOST_DEVICE inline bool omni_find(const int64_t* next, int64_t L, int64_t st, int32_t kind, int64_t& out,
+                                      ErrorInfo& e) {
+  out = st < L ? next[st] : L;
+  if (out >= L) return fail(e, kNotFound, st < L ? st : -1, -1, kind);
+  return true;
+}
+
+// An audio span's token count from its feature length: Qwen2.5-Omni ((n - 1) // 2 + 1 - 2) // 2 + 1; Qwen3-Omni
+// _get_feat_extract_output_lengths(n, n_window).
+C10_HOST_DEVICE inline bool omni_audio_len(const Rules& r, const GridLists& g, Cursor& c, int64_t token, int64_t& n,
+                                           ErrorInfo& e) {
+  if (c.audio >= g.n_audios) return fail(e, kNoAudio, token, c.audio, g.n_audios);
+  const int64_t x = g.audio_lens[c.audio];
+  if (r.convention == kOmni25) {
+    n = floor_div(floor_div(x - 1, 2) + 1 - 2, 2) + 1;
+  } else {
+    const int64_t chunk = r.n_window * 2;
+    const int64_t leave = x - floor_div(x, chunk) * chunk;
+    const int64_t feat = floor_div(leave - 1, 2) + 1;
+    n = floor_div(floor_div(feat - 1, 2) + 1 - 1, 2) + 1 + floor_div(x, chunk) * 13;
+  }
+  if (n < 0) return fail(e, kNegativeLength, token, c.audio, n);
+  return true;
+}
+
+// The next image (kind 1) or video (kind 2) grid into an omni grid part at `base`, and the st advance
+// transformers adds for it: t * h * w // m^2 (not the positions' count where h or w is not a multiple of m).
+C10_HOST_DEVICE inline bool omni_grid(const Rules& r, const GridLists& g, Cursor& c, int32_t kind, int64_t token,
+                                      const OmniNum& base, Part& p, int64_t& advance, ErrorInfo& e) {
+  if (!take_grid(r, g, c, kind, token, p, e)) return false;
+  const int64_t index = kind == 1 ? c.image - 1 : c.video - 1;
+  const int64_t m2 = r.merge * r.merge;
+  if (p.t > 0 && p.h > 0 && p.w > 0 && (p.h > INT64_MAX / p.t || p.w > INT64_MAX / (p.t * p.h))) {
+    return fail(e, kGridTooLarge, token, index, kind);
+  }
+  advance = floor_div(p.t * p.h * p.w, m2);
+  p.kind = 5;
+  p.off = 0;
+  p.cur = base.i;
+  p.fcur = base.f;
+  p.fbase = base.is_float ? 1 : 0;
+  if (r.convention == kOmni25 && p.video >= 0 && p.len > 0) {  // .long() of the float32 product: in range
+    constexpr float kLimit = 4.611686e18f;  // 2^62
+    const float t0 = omni_video_time(r, g, p.video, 0), t1 = omni_video_time(r, g, p.video, p.t - 1);
+    if (!(t0 > -kLimit && t0 < kLimit && t1 > -kLimit && t1 < kLimit)) return fail(e, kTimeRange, token, index, 2);
+  }
+  return true;
+}
+
+// Text before a span (len transformers computed; an arange of it, skipped when 0).
+C10_HOST_DEVICE inline bool omni_text(const Rules& r, const GridLists& g, OmniState& s, int64_t len, int64_t token,
+                                      ErrorInfo& e) {
+  if (len == 0) return true;
+  if (len < 0) return fail(e, kNegativeLength, token, -1, len);
+  OmniNum start;
+  if (!omni_next_start(s, token, start, e)) return false;
+  return omni_push(r, g, s, omni_run(start, len), token, e);
+}
+
+// A bos / eos piece of `count` pieces of `len` tokens, all at one start (Qwen2.5-Omni's audio in video: two pieces
+// of one token at the same position; Qwen3-Omni: one piece of two).
+C10_HOST_DEVICE inline bool omni_marks(const Rules& r, const GridLists& g, OmniState& s, int64_t count, int64_t len,
+                                       int64_t token, ErrorInfo& e) {
+  OmniNum start;
+  if (!omni_next_start(s, token, start, e)) return false;
+  for (int64_t k = 0; k < count; ++k) {
+    if (!omni_push(r, g, s, omni_run(start, len), token, e)) return false;
+  }
+  return true;
+}
+
+C10_HOST_DEVICE inline Part omni_slice(const Part& grid, int64_t a, int64_t b) {
+  Part p = grid;
+  p.off = a;
+  p.len = b - a;
+  return p;
+}
+
+// Qwen2.5-Omni's audio in video: video chunk j, then audio chunk j, for every j.
+C10_HOST_DEVICE inline bool omni_chunks(const Rules& r, const GridLists& g, OmniState& s, const Part& video,
+                                        const OmniNum& base, int64_t audio_len, int64_t token, ErrorInfo& e) {
+  OmniChunker vc, ac;
+  vc.len = video.len;
+  vc.size = video.hg * video.wg;
+  vc.video = video.video;
+  ac.len = audio_len;
+  while (!vc.done || !ac.done) {
+    int64_t a, b;
+    if (vc.next(r, g, a, b) && !omni_push(r, g, s, omni_slice(video, a, b), token, e)) return false;
+    if (ac.next(r, g, a, b) && !omni_push(r, g, s, omni_run(omni_add(base, a), b - a), token, e)) return false;
+  }
+  return true;
+}
+
+// Qwen3-Omni's audio in video: transformers' merge, one token per piece, video first while its temporal position
+// <= the audio token's. A frame's positions share one temporal value, so a frame goes whole; then the remainder.
+C10_HOST_DEVICE inline bool omni_merge(const Rules& r, const GridLists& g, OmniState& s, const Part& video,
+                                       const OmniNum& base, int64_t audio_len, int64_t token, ErrorInfo& e) {
+  const int64_t plane = video.hg * video.wg, nv = video.len;
+  const float fbase = omni_float(base);
+  int64_t vi = 0, ai = 0;
+  while (vi < nv && ai < audio_len) {
+    const int64_t f = vi / plane;
+    const float v = f32_add(omni_time_float(r, g, video, f), fbase);
+    if (v <= omni_float(omni_add(base, ai))) {
+      const int64_t end = (f + 1) * plane;
+      if (!omni_push(r, g, s, omni_slice(video, vi, end), token, e)) return false;
+      s.last = omni_part_max(r, g, omni_slice(video, end - 1, end));  // the piece appended last: one token
+      vi = end;
+    } else {
+      const int64_t a0 = ai;
+      while (ai < audio_len && !(v <= omni_float(omni_add(base, ai)))) ++ai;
+      if (!omni_push(r, g, s, omni_run(omni_add(base, a0), ai - a0), token, e)) return false;
+      s.last = omni_add(base, ai - 1);
+    }
+  }
+  if (vi < nv && !omni_push(r, g, s, omni_slice(video, vi, nv), token, e)) return false;
+  if (ai < audio_len && !omni_push(r, g, s, omni_run(omni_add(base, ai), audio_len - ai), token, e)) return false;
+  return true;
+}
+
+// One sample, into at most `room` parts (max(L, 1) always suffice: the parts are non-empty and fit the L tokens;
+// with less, kNoRoom where they do not fit). delta: the sample's largest position + 1 - L (int64, or the float32's
+// bits).
+C10_HOST_DEVICE inline bool walk_omni(const Rules& r, const GridLists& g, Cursor& c, const OmniScan& sc, int64_t L,
+                                      Part* parts, int64_t room, int64_t& n_parts, int64_t& total, int64_t& delta,
+                                      ErrorInfo& e) {
+  OmniState s;
+  s.parts = parts;
+  s.room = room;
+  s.n_parts = 0;
+  s.total = 0;
+  s.L = L;
+  s.any = s.last_empty = s.any_max = false;
+  const bool q3 = r.convention == kOmni3, aiv = r.audio_in_video;
+  const int64_t spans = aiv ? sc.n_img + sc.n_aud : sc.n_img + sc.n_vid + sc.n_aud;
+  int64_t remain_img = sc.n_img, remain_vid = sc.n_vid, remain_aud = sc.n_aud, st = 0;
+  for (int64_t k = 0; k < spans; ++k) {
+    OmniNum start;
+    if (!omni_next_start(s, st, start, e)) return false;
+    if (!q3) {  // Qwen2.5-Omni: the first image / video / audio token from st
+      int64_t ed_img = L + 1, ed_vid = L + 1, ed_aud = L + 1;
+      if (sc.has_img && remain_img > 0 && !omni_find(sc.next_a, L, st, 1, ed_img, e)) return false;
+      if (sc.has_vid && remain_vid > 0 && !omni_find(sc.next_b, L, st, 2, ed_vid, e)) return false;
+      if (sc.has_aud && remain_aud > 0 && !omni_find(sc.next_c, L, st, 3, ed_aud, e)) return false;
+      const int64_t ed = ed_img < ed_vid ? (ed_img < ed_aud ? ed_img : ed_aud) : (ed_vid < ed_aud ? ed_vid : ed_aud);
+      // transformers' branch order: audio, image, video, audio in video
+      const bool with_audio = ed == ed_aud || (ed != ed_img && aiv);
+      const bool with_video = ed != ed_aud && ed != ed_img;
+      const int64_t marks = with_audio && with_video ? 2 : 1;  // bos / eos pieces of one token each
+      const int64_t text_len = ed - st - marks;
+      if (!omni_text(r, g, s, text_len, ed, e)) return false;
+      if (!omni_marks(r, g, s, marks, 1, ed, e)) return false;
+      if (!omni_next_start(s, ed, start, e)) return false;
+      int64_t audio_len = 0, advance = 0;
+      if (with_audio && !omni_audio_len(r, g, c, ed, audio_len, e)) return false;
+      if (with_audio && !with_video) {
+        if (!omni_push(r, g, s, omni_run(start, audio_len), ed, e)) return false;
+      } else {
+        Part grid;
+        if (!omni_grid(r, g, c, with_video ? 2 : 1, ed, start, grid, advance, e)) return false;
+        if (with_audio) {
+          if (!omni_chunks(r, g, s, grid, start, audio_len, ed, e)) return false;
+        } else if (!omni_push(r, g, s, grid, ed, e)) {
+          return false;
+        }
+        remain_vid -= with_video ? 1 : 0;  // (not a conditional lvalue: that would put both in local memory)
+        remain_img -= with_video ? 0 : 1;
+      }
+      if (with_audio) {
+        ++c.audio;
+        --remain_aud;
+      }
+      if (!omni_marks(r, g, s, marks, 1, ed, e)) return false;
+      st += text_len + 2 * marks + audio_len + advance;
+      continue;
+    }
+    // Qwen3-Omni: the next vision_start / audio_start from st
+    int64_t ed_vs = L + 1, ed_as = L + 1;
+    if ((sc.has_img || sc.has_vid) && (remain_vid > 0 || remain_img > 0) && !omni_find(sc.next_a, L, st, 1, ed_vs, e)) {
+      return false;
+    }
+    if (sc.has_aud && remain_aud > 0 && !omni_find(sc.next_c, L, st, 3, ed_as, e)) return false;
+    const int64_t ed = ed_vs < ed_as ? ed_vs : ed_as;
+    const int64_t text_len = ed - st;
+    if (text_len < 0) return fail(e, kNegativeLength, ed, -1, text_len);
+    if (text_len != 0) {
+      if (!omni_push(r, g, s, omni_run(start, text_len), ed, e)) return false;
+      start = omni_add(start, text_len);
+    }
+    const bool clip = ed == ed_vs && ed_vs + 1 == ed_as;  // vision_start then audio_start: audio in video
+    const int64_t marks = clip ? 2 : 1;
+    if (!omni_push(r, g, s, omni_run(start, marks), ed, e)) return false;
+    start = omni_add(start, marks);
+    int64_t audio_len = 0, advance = 0;
+    const bool vision = ed == ed_vs && ed != ed_as;
+    int64_t next_token = -1;
+    if (vision) {
+      if (ed_vs + 1 >= L) return fail(e, kVisionStartAtEnd, ed);
+      next_token = sc.tokens[ed_vs + 1];
+    }
+    if (!vision) {  // audio only
+      if (!omni_audio_len(r, g, c, ed, audio_len, e)) return false;
+      if (!omni_push(r, g, s, omni_run(start, audio_len), ed, e)) return false;
+      ++c.audio;
+      --remain_aud;
+    } else if (next_token == sc.image_id || next_token == sc.video_id) {
+      const int32_t kind = next_token == sc.image_id ? 1 : 2;
+      Part grid;
+      if (!omni_grid(r, g, c, kind, ed, start, grid, advance, e)) return false;
+      if (!omni_push(r, g, s, grid, ed, e)) return false;
+      remain_img -= kind == 1 ? 1 : 0;
+      remain_vid -= kind == 1 ? 0 : 1;
+    } else if (clip) {
+      if (!omni_audio_len(r, g, c, ed, audio_len, e)) return false;
+      Part grid;
+      if (!omni_grid(r, g, c, 2, ed, start, grid, advance, e)) return false;
+      if (!omni_merge(r, g, s, grid, start, audio_len, ed, e)) return false;
+      ++c.audio;
+      --remain_aud;
+      --remain_vid;
+    }
+    if (!vision || next_token == sc.image_id || next_token == sc.video_id || clip) {
+      st += text_len + 2 * marks + audio_len + advance;
+    }
+    if (!omni_marks(r, g, s, 1, marks, ed, e)) return false;
+  }
+  if (st < L) {
+    OmniNum start;
+    if (!omni_next_start(s, st, start, e)) return false;
+    if (!omni_push(r, g, s, omni_run(start, L - st), st, e)) return false;
+  }
+  if (L == 0 || s.total == 0) return fail(e, kEmptySample, -1);
+  if (s.total != L && s.total != 1) return fail(e, kLengthMismatch, -1, -1, s.total, L);
+  n_parts = s.n_parts;
+  total = s.total;
+  if (q3) {
+    delta = float_bits(f32_add(f32_add(s.top.f, 1.f), -static_cast<float>(L)));
+  } else {
+    delta = s.top.i + 1 - L;
+  }
+  return true;
+}
+
+// Positions of token o of any part (the omni kinds, or part_position's).
+C10_HOST_DEVICE inline void any_position(const Rules& r, const GridLists& g, const Part& p, int64_t o, int64_t& pt,
+                                         int64_t& ph, int64_t& pw) {
+  if (p.kind >= 4) {
+    omni_position(r, g, p, o, pt, ph, pw);
+  } else {
+    part_position(r, g, p, o, pt, ph, pw);
+  }
 }
 
 // After a walk: the sample's largest position (for its delta), and whether its parts fit its L tokens (their

@@ -24,9 +24,10 @@ struct MinOp {
   __device__ int64_t operator()(int64_t a, int64_t b) const { return a < b ? a : b; }
 };
 
-// One block of kThreads threads per row; every scan ends with a barrier, so its temp storage can be reused.
+// One block of Threads threads per row; every scan ends with a barrier, so its temp storage can be reused.
+template <int Threads>
 struct BlockExec {
-  static constexpr int kThreads = 512;
+  static constexpr int kThreads = Threads;
   using Scan = cub::BlockScan<int64_t, kThreads>;
   using Reduce = cub::BlockReduce<int64_t, kThreads>;
   union Temp {
@@ -62,21 +63,39 @@ struct BlockExec {
   }
 };
 
-__global__ void __launch_bounds__(BlockExec::kThreads) rope_index_kernel(KernelParams p, bool count) {
-  __shared__ BlockExec::Temp temp;
+template <int Threads, bool Omni>
+__device__ __forceinline__ void row(KernelParams& p, bool count) {
+  __shared__ typename BlockExec<Threads>::Temp temp;
   __shared__ RowState state;
-  BlockExec x{temp};
-  index_row(x, state, p, blockIdx.x, count);
+  BlockExec<Threads> x{temp};
+  index_row<BlockExec<Threads>, Omni>(x, state, p, blockIdx.x, count);
+}
+
+constexpr int kThreads = 512, kOmniThreads = 128;
+
+__global__ void __launch_bounds__(kThreads) rope_index_kernel(KernelParams p, bool count) {
+  row<kThreads, false>(p, count);
+}
+
+// The omni conventions: the serial walk in thread 0 needs more registers than a 512-thread block leaves a thread
+// (it spilled there); 128 threads (scans of four times the tiles) and up to 255 registers, no spills.
+__global__ void __maxnreg__(255) rope_index_omni_kernel(KernelParams p, bool count) {
+  row<kOmniThreads, true>(p, count);
 }
 
 }  // namespace
 
 void launch_rope_index_kernel(const KernelParams& p) {
   auto stream = at::cuda::getCurrentCUDAStream();
-  rope_index_kernel<<<p.B, BlockExec::kThreads, 0, stream>>>(p, /*count=*/true);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  rope_index_kernel<<<p.B, BlockExec::kThreads, 0, stream>>>(p, /*count=*/false);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const bool omni = is_omni(p.rules.convention);
+  for (const bool count : {true, false}) {
+    if (omni) {
+      rope_index_omni_kernel<<<p.B, kOmniThreads, 0, stream>>>(p, count);
+    } else {
+      rope_index_kernel<<<p.B, kThreads, 0, stream>>>(p, count);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace ropekit

@@ -175,6 +175,12 @@ def rope_index(
     on_host: bool = True,
     temporal_merge_size: int = 1,
     num_axes: int = 3,
+    audio_seqlens: torch.Tensor | None = None,
+    audio_token_id: int = -1,
+    audio_start_token_id: int = -1,
+    use_audio_in_video: bool = False,
+    tokens_per_chunk: int = 0,
+    audio_n_window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' ``get_rope_index`` of the mRoPE models: ``(position_ids (num_axes, B, S), deltas (B, 1))``,
     element-wise identical to transformers (values, dtypes and device) wherever transformers returns a result.
@@ -212,6 +218,28 @@ def rope_index(
       temporal_merge_size`` temporal positions (its resampler merges that many frames), as transformers'
       ``get_vision_position_ids(..., temp_merge_size)``; images are not merged. 1 (every other family): no merge.
 
+    - ``"qwen2_5_omni"`` / ``"qwen3_omni"``: the Omni thinkers' ``get_rope_index`` (``Qwen2_5Omni...`` and
+      ``Qwen3OmniMoePreTrainedModelForConditionalGeneration.get_rope_index``, 4.57 and 5.x; Qwen3-Omni's talker
+      calls the same). transformers' token-id scan: Qwen2.5-Omni finds the next ``image_token_id`` /
+      ``video_token_id`` / ``audio_token_id`` token, Qwen3-Omni the next ``vision_start_token_id`` /
+      ``audio_start_token_id``; spans are counted from ``vision_start`` pairs and ``audio_start`` tokens. Audio spans
+      have 1-D positions, ``audio_seqlens`` ``(num_audios,)`` holding each audio's feature length (Qwen2.5-Omni
+      ``((n - 1) // 2 + 1 - 2) // 2 + 1`` tokens, Qwen3-Omni ``_get_feat_extract_output_lengths(n,
+      audio_n_window)``). ``tokens_per_second`` is the config's ``position_id_per_seconds`` (an int): frame ``f`` of
+      an image sits at ``f * tokens_per_second``, of video ``v`` at ``f * second_per_grid_ts[v].float() *
+      tokens_per_second`` in float32 (Qwen2.5-Omni truncates it with ``.long()``). ``use_audio_in_video``: a
+      ``vision_start, audio_start`` clip interleaves its video grid and audio, Qwen2.5-Omni by chunks of
+      ``tokens_per_chunk`` (``int(position_id_per_seconds * seconds_per_chunk)``) temporal positions, Qwen3-Omni
+      token by token by temporal value, video first on ties. Every piece starts at the largest position of the
+      piece appended before it + 1, as transformers' ``llm_pos_ids_list[-1].max() + 1``. Qwen2.5-Omni: positions in
+      ``input_ids``' dtype, padding 1, int64 deltas; Qwen3-Omni: float32 positions (fractional where ``s *
+      tokens_per_second`` is), padding 0.0, float32 deltas, every float step rounded as torch rounds it; it needs
+      ``attention_mask`` (transformers indexes it unconditionally). Both attend where the mask is 1; without any grid
+      they take the mask's cumulative sum (transformers' text branch, audio spans included). ``video_frames`` is
+      ignored (videos are whole grids); ``strict`` and the ATen reference do not take them. The fused algorithm
+      takes the inputs whose spans are what transformers' token counts announce (every well-formed input); others
+      trip its assert, and ``on_host=True`` computes them.
+
     Grids are consumed in order over the attended vision spans of the whole batch; grids left over are ignored, as
     transformers ignores them. ``strict=True`` instead rejects inconsistent inputs: a span whose length is not
     ``t * (h / m) * (w / m)``, grids left over, ``h`` / ``w`` not positive multiples of the merge size, ``t < 1``,
@@ -244,7 +272,9 @@ def rope_index(
         video_frames=bool(video_frames), second_per_grid_ts=second_per_grid_ts, tokens_per_second=tokens_per_second,
         video_start_token_id=int(video_start_token_id), video_end_token_id=int(video_end_token_id),
         packed=bool(packed), cu_seqlens=cu_seqlens, strict=bool(strict), temporal_merge_size=temporal_merge_size,
-        num_axes=int(num_axes),
+        num_axes=int(num_axes), audio_seqlens=audio_seqlens, audio_token_id=int(audio_token_id),
+        audio_start_token_id=int(audio_start_token_id), use_audio_in_video=bool(use_audio_in_video),
+        tokens_per_chunk=int(tokens_per_chunk), audio_n_window=int(audio_n_window),
     )
 
 
@@ -414,12 +444,21 @@ def _rope_index_fake(input_ids, image_grid_thw, video_grid_thw, attention_mask, 
                      spatial_merge_size, image_token_id, video_token_id, vision_start_token_id, convention,
                      on_host=True, *, video_frames=True, second_per_grid_ts=None, tokens_per_second=None,
                      video_start_token_id=-1, video_end_token_id=-1, packed=False, cu_seqlens=None, strict=False,
-                     temporal_merge_size=1, num_axes=3):
+                     temporal_merge_size=1, num_axes=3, audio_seqlens=None, audio_token_id=-1,
+                     audio_start_token_id=-1, use_audio_in_video=False, tokens_per_chunk=0, audio_n_window=0):
     batch, seq = input_ids.shape
     pos_dtype, delta_dtype = input_ids.dtype, torch.int64
     is_packed = packed or cu_seqlens is not None
     four_fifty_seven = convention not in ("token_types", "xdrope")
-    if four_fifty_seven and image_grid_thw is None and video_grid_thw is None and not is_packed:
+    omni = convention in ("qwen2_5_omni", "qwen3_omni")
+    if omni and image_grid_thw is None and video_grid_thw is None and not is_packed:
+        # the mask's cumulative sum; deltas: max + 1 - attention_mask.sum(-1), in the promoted dtype
+        pos_dtype = torch.float32 if convention == "qwen3_omni" else torch.int64
+        sum_dtype = attention_mask.sum(-1).dtype if attention_mask is not None else torch.int64
+        delta_dtype = torch.promote_types(pos_dtype, sum_dtype)
+    elif convention == "qwen3_omni":
+        pos_dtype = delta_dtype = torch.float32
+    elif four_fifty_seven and image_grid_thw is None and video_grid_thw is None and not is_packed:
         pos_dtype = torch.int64  # 4.57's text-only branch: cumsum / arange positions
         if attention_mask is None:
             delta_dtype = input_ids.dtype
