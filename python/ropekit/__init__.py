@@ -6,6 +6,7 @@ from .ops import (apply_rope, apply_rope_vision, mrope_cos_sin, qk_norm_rope, qk
                   rope_cos_sin, rope_index)
 from .transformers import (apply_to_cohere_compass, apply_to_cosmos3, apply_to_ernie4_5_vl, apply_to_glm4v,
                            apply_to_glm_ocr, apply_to_hunyuan_vl, apply_to_model, apply_to_paddleocr_vl,
+                           apply_to_qwen2_5_omni, apply_to_qwen3_omni_moe,
                            apply_to_qwen2_5_vl, apply_to_qwen2_vl, apply_to_qwen3, apply_to_qwen3_5, apply_to_qwen3_vl,
                            apply_to_qwen4_exp, unpatch)
 
@@ -36,6 +37,8 @@ __all__ = [
     "apply_to_cohere_compass",
     "apply_to_ernie4_5_vl",
     "apply_to_hunyuan_vl",
+    "apply_to_qwen2_5_omni",
+    "apply_to_qwen3_omni_moe",
     "apply_to_model",
     "unpatch",
     "has_cuda_kernels",

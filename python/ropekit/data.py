@@ -7,8 +7,9 @@ no position work at all (transformers skips get_rope_index when a batch brings i
     loader = torch.utils.data.DataLoader(dataset, batch_size=8, collate_fn=collate, num_workers=4)
 
 Every mRoPE family ropekit supports (config.model_type of Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen4-Exp,
-GLM-4V and their MoE / 4.6 siblings), with the rules of the installed transformers line (5.x reads
-mm_token_type_ids from the batch; 4.57 the token ids). The positions are exactly what the model's own
+GLM-4V and their MoE / 4.6 siblings, the 5.x types ropekit patches, and the Omni thinkers Qwen2.5-Omni and
+Qwen3-Omni-MoE, audio included), with the rules of the installed transformers line (5.x reads mm_token_type_ids from
+the batch; 4.57 and the Omni thinkers the token ids). The positions are exactly what the model's own
 get_rope_index returns for the batch (ropekit.rope_index), or for packed batches each sample's own positions.
 
 With ``vision=model`` (transformers 5.x) the collator also adds what the vision tower would compute from the grids
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 
 from . import ops
-from .transformers.rope_index import MROPE_RULES, MRopeRules, convention_of, rope_index_kwargs
+from .transformers.rope_index import (MROPE_RULES, MRopeRules, convention_of, omni_rope_index_kwargs,
+                                      rope_index_kwargs)
 from .transformers.vision import VisionInputs, VisionInputsUnavailable
 
 __all__ = ["MRopeCollator", "mrope_position_ids", "VisionInputs", "VisionInputsUnavailable"]
@@ -57,6 +59,7 @@ def mrope_position_ids(
     packed: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     text_positions: bool = False,
+    use_audio_in_video: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(position_ids, rope_deltas)`` for a collated batch, as the model's own get_rope_index computes them.
 
@@ -70,11 +73,22 @@ def mrope_position_ids(
     positions; otherwise ``(3, B, S)``. HunYuan-VL has ``len(mrope_section)`` rows instead of 3 (one more with
     ``text_positions``), and takes no videos (``video_grid_thw`` is not read). ``rope_deltas`` is ``(B, 1)``.
 
+    The Omni thinkers (``config``: the thinker's, or the whole model's, whose ``thinker_config`` is read) take audio:
+    ``audio_feature_lengths`` ``(num_audios,)``, or ``feature_attention_mask`` (summed, as the thinker does), and
+    ``video_second_per_grid``, under the names the processor gives them; ``use_audio_in_video`` as the thinker's
+    forward takes it. Their positions are what the thinker's ``get_rope_index`` returns (Qwen3-Omni: float32).
+
     Raises ``ValueError`` for an unsupported ``model_type`` and wherever ``ropekit.rope_index`` does.
     """
     rules = _rules(config)
-    convention = _convention(rules, config)
     input_ids = batch["input_ids"]
+    if rules.omni:
+        position_ids, deltas = _omni_positions(batch, config, rules, packed, cu_seqlens, use_audio_in_video)
+        if not text_positions:
+            return position_ids, deltas
+        text = _text_positions(input_ids, batch.get("attention_mask"), packed, cu_seqlens).to(position_ids.dtype)
+        return torch.cat([text[None], position_ids]), deltas
+    convention = _convention(rules, config)
     kwargs = rope_index_kwargs(config, rules, convention)
     if rules.xdrope and kwargs["num_axes"] is None:
         raise ValueError("ropekit.data: HunYuan-VL's config.text_config.rope_parameters has no readable mrope_section")
@@ -90,6 +104,27 @@ def mrope_position_ids(
         return position_ids, deltas
     return torch.cat([_text_positions(input_ids, batch.get("attention_mask"), packed, cu_seqlens)[None],
                       position_ids]), deltas
+
+
+def _omni_positions(batch, config, rules, packed, cu_seqlens, use_audio_in_video):
+    import types
+
+    thinker = getattr(config, "thinker_config", None) or config
+    model = types.SimpleNamespace(config=thinker,
+                                  spatial_merge_size=getattr(getattr(thinker, "vision_config", None),
+                                                             "spatial_merge_size", None))
+    kwargs = omni_rope_index_kwargs(model, rules)
+    if kwargs is None:
+        raise ValueError("ropekit.data: the Omni config lacks a token id, spatial_merge_size, position_id_per_seconds "
+                         "or the audio window its get_rope_index reads (or holds them in a type it does not take)")
+    audio = batch.get("audio_feature_lengths")
+    if audio is None and batch.get("feature_attention_mask") is not None:
+        audio = batch["feature_attention_mask"].sum(-1)
+    return ops.rope_index(
+        batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch.get("attention_mask"),
+        audio_seqlens=audio, second_per_grid_ts=batch.get("video_second_per_grid"),
+        use_audio_in_video=bool(use_audio_in_video), packed=packed, cu_seqlens=cu_seqlens, **kwargs,
+    )
 
 
 def _text_positions(input_ids, attention_mask, packed, cu_seqlens) -> torch.Tensor:
@@ -118,7 +153,8 @@ class MRopeCollator:
     DataLoader collates (its workers). Wraps ``collate_fn`` (default: ``torch.utils.data.default_collate``), which
     must return a dict of CPU tensors with the keys ``mrope_position_ids`` reads.
 
-    ``packed`` and ``text_positions`` are passed on to :func:`mrope_position_ids`; ``text_positions`` defaults to
+    ``packed``, ``text_positions`` and (the Omni thinkers) ``use_audio_in_video`` are passed on to
+    :func:`mrope_position_ids`; ``text_positions`` defaults to
     ``packed`` (packed batches need per-sample text positions). ``rope_deltas_key``: also store the deltas under
     that key (``None``: do not).
 
@@ -131,9 +167,11 @@ class MRopeCollator:
     """
 
     def __init__(self, config, collate_fn: Callable | None = None, *, packed: bool = False,
-                 text_positions: bool | None = None, rope_deltas_key: str | None = None, vision=None):
+                 text_positions: bool | None = None, rope_deltas_key: str | None = None, vision=None,
+                 use_audio_in_video: bool = False):
         _rules(config)  # fail now, not in a worker
         self.config = config
+        self.use_audio_in_video = use_audio_in_video
         self.collate_fn = collate_fn or torch.utils.data.default_collate
         self.packed = packed
         self.text_positions = packed if text_positions is None else text_positions
@@ -143,7 +181,8 @@ class MRopeCollator:
     def __call__(self, features):
         batch = self.collate_fn(features)
         position_ids, deltas = mrope_position_ids(batch, self.config, packed=self.packed,
-                                                  text_positions=self.text_positions)
+                                                  text_positions=self.text_positions,
+                                                  use_audio_in_video=self.use_audio_in_video)
         batch["position_ids"] = position_ids
         if self.rope_deltas_key is not None:
             batch[self.rope_deltas_key] = deltas

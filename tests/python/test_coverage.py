@@ -52,6 +52,6 @@ def test_the_scan_reads_code_not_comments(tmp_path, monkeypatch):
 
 
 def test_apply_to_model_names_the_reason():
-    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen2_5_omni"))
-    with pytest.raises(ValueError, match="'qwen2_5_omni' is not supported: Omni thinker index"):
+    model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="glm_image"))
+    with pytest.raises(ValueError, match="'glm_image' is not supported: images_per_sample"):
         ropekit.apply_to_model(model)

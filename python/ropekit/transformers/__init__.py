@@ -26,7 +26,8 @@ from .vision import POSITION_HELPERS, VisionTower, make_apply_rotary_pos_emb_vis
 __all__ = [
     "apply_to_qwen3", "apply_to_qwen3_vl", "apply_to_qwen3_5", "apply_to_qwen2_vl", "apply_to_qwen2_5_vl",
     "apply_to_qwen4_exp", "apply_to_glm4v", "apply_to_paddleocr_vl", "apply_to_glm_ocr", "apply_to_cosmos3",
-    "apply_to_cohere_compass", "apply_to_ernie4_5_vl", "apply_to_hunyuan_vl", "apply_to_model", "unpatch", "support_report", "PatchStatus",
+    "apply_to_cohere_compass", "apply_to_ernie4_5_vl", "apply_to_hunyuan_vl", "apply_to_qwen2_5_omni",
+    "apply_to_qwen3_omni_moe", "apply_to_model", "unpatch", "support_report", "PatchStatus",
     "RopekitDeclined",
 ]
 RopekitDeclined = _guard.RopekitDeclined
@@ -147,6 +148,17 @@ _FAMILIES["HunYuan-VL"] = (
     _ModelingModule("transformers.models.hunyuan_vl.modeling_hunyuan_vl", "HunYuanVLRotaryEmbedding", "recomposed",
                     upcast=True, vl_model="HunYuanVLModel", model_type="hunyuan_vl"),
 )
+_FAMILIES["Qwen2.5-Omni"] = (
+    # the thinker's (and talker's) get_rope_index, defined on the shared base class: audio spans, time scaled by
+    # position_id_per_seconds, audio in video by chunks; the text rotary is not patched yet (issue 17)
+    _ModelingModule("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni", None,
+                    vl_model="Qwen2_5OmniPreTrainedModelForConditionalGeneration", model_type="qwen2_5_omni"),
+)
+_FAMILIES["Qwen3-Omni"] = (
+    # as Qwen2.5-Omni, with float32 positions and audio interleaved with video token by token
+    _ModelingModule("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe", None,
+                    vl_model="Qwen3OmniMoePreTrainedModelForConditionalGeneration", model_type="qwen3_omni_moe"),
+)
 _FAMILIES["Cosmos3"] = (
     # Cosmos3-Omni builds Qwen3-VL's text model and tower (AutoModel of qwen3_vl_text / qwen3_vl_vision) and has
     # Qwen3-VL's get_rope_index in its own module
@@ -176,6 +188,8 @@ _FAMILY_MODEL_TYPES = {
     "Cohere-Compass": ("cohere_compass", "cohere_compass_text"),
     "ERNIE-4.5-VL": ("ernie4_5_vl_moe", "ernie4_5_vl_moe_text"),
     "HunYuan-VL": ("hunyuan_vl", "hunyuan_vl_text"),
+    "Qwen2.5-Omni": ("qwen2_5_omni", "qwen2_5_omni_thinker", "qwen2_5_omni_talker"),
+    "Qwen3-Omni": ("qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen3_omni_moe_talker"),
 }
 # families whose modeling code exists in 5.x releases only: the first release that has it
 _NEEDS = {"Qwen3.5": "5.x", "Qwen4-Exp": "5.x", "PaddleOCR-VL": "5.0.0 or later", "GLM-OCR": "5.1.0 or later",
@@ -649,11 +663,34 @@ def apply_to_hunyuan_vl(model=None, *, rope: bool = True, rope_index: bool = Tru
     _apply("HunYuan-VL", model, rope, rope_index, qk_norm_rope=False)
 
 
+def apply_to_qwen2_5_omni(model=None, *, rope_index: bool = True) -> None:
+    """Route Qwen2.5-Omni (``qwen2_5_omni``; its thinker and talker, 4.57 and 5.x) through ropekit.
+
+    ``rope_index``: ``Qwen2_5OmniPreTrainedModelForConditionalGeneration.get_rope_index``, which the thinker and the
+    talker both call (``ropekit.rope_index`` convention ``"qwen2_5_omni"``: transformers' token-id scan, audio spans
+    with 1-D positions, time scaled by ``position_id_per_seconds``, with ``use_audio_in_video`` the clip's video and
+    audio interleaved chunk by chunk). The text rotary and the towers still run transformers' code (issue 17).
+    ``model``: as for ``apply_to_qwen3``."""
+    _apply("Qwen2.5-Omni", model, rope=False, rope_index=rope_index, qk_norm_rope=False)
+
+
+def apply_to_qwen3_omni_moe(model=None, *, rope_index: bool = True) -> None:
+    """Route Qwen3-Omni-MoE (``qwen3_omni_moe``; its thinker and talker, 4.57 and 5.x) through ropekit.
+
+    ``rope_index``: ``Qwen3OmniMoePreTrainedModelForConditionalGeneration.get_rope_index`` (the talker's calls it):
+    ``ropekit.rope_index`` convention ``"qwen3_omni"``, float32 positions rounded as torch rounds them, with
+    ``use_audio_in_video`` a clip's video and audio interleaved token by token by temporal value. The text rotary
+    (which takes those float positions) and the towers still run transformers' code (issue 17). ``model``: as for
+    ``apply_to_qwen3``."""
+    _apply("Qwen3-Omni", model, rope=False, rope_index=rope_index, qk_norm_rope=False)
+
+
 _APPLY = {"Qwen3": apply_to_qwen3, "Qwen3-VL": apply_to_qwen3_vl, "Qwen3.5": apply_to_qwen3_5,
           "Qwen2-VL": apply_to_qwen2_vl, "Qwen2.5-VL": apply_to_qwen2_5_vl, "Qwen4-Exp": apply_to_qwen4_exp,
           "GLM-4V": apply_to_glm4v, "PaddleOCR-VL": apply_to_paddleocr_vl, "GLM-OCR": apply_to_glm_ocr,
           "Cosmos3": apply_to_cosmos3, "Cohere-Compass": apply_to_cohere_compass,
-          "ERNIE-4.5-VL": apply_to_ernie4_5_vl, "HunYuan-VL": apply_to_hunyuan_vl}
+          "ERNIE-4.5-VL": apply_to_ernie4_5_vl, "HunYuan-VL": apply_to_hunyuan_vl,
+          "Qwen2.5-Omni": apply_to_qwen2_5_omni, "Qwen3-Omni": apply_to_qwen3_omni_moe}
 # config.model_type -> the apply_to_* that covers it
 _MODEL_TYPES = {model_type: _APPLY[family] for family, types_ in _FAMILY_MODEL_TYPES.items() for model_type in types_}
 

@@ -15,10 +15,6 @@ _NOT_YET = "not ported yet (issue 17); transformers' own code runs"
 
 # model type -> why ropekit does not patch it (README: "mRoPE model types ropekit does not patch")
 NOT_SUPPORTED: dict[str, str] = {
-    "qwen2_5_omni": "Omni thinker index: audio spans with 1-D positions, time scaled by position_id_per_seconds, "
-                    f"audio interleaved with video per 2 s chunk (use_audio_in_video); {_NOT_YET}",
-    "qwen3_omni_moe": "Omni thinker index: float32 (fractional) positions, audio interleaved with video per token; "
-                      f"{_NOT_YET}",
     "hy_v4_vl": f"a newline token ends every row of a frame; each frame starts a block of max(h, w) positions; "
                 f"{_NOT_YET}",
     "glm_image": f"images_per_sample and the grids of the images to generate; {_NOT_YET}",

@@ -70,6 +70,7 @@ class MRopeRules:
     # ERNIE-4.5-VL: a video's t is divided by vision_config.temporal_merge_size (its resampler merges frames)
     temporal_merge: bool = False
     xdrope: bool = False  # HunYuan-VL: convention "xdrope", len(text_config mrope_section) axes, images only
+    omni: str = ""  # the Omni thinkers' convention ("qwen2_5_omni", "qwen3_omni"): audio, token-id scan
 
     def model_class(self):
         """The class defining get_rope_index in the installed transformers (None where it has no such module)."""
@@ -103,7 +104,15 @@ MROPE_RULES = {
     # Qwen2-VL's 5.x index with the temporal merge of its video resampler
     "ernie4_5_vl_moe": MRopeRules("ernie4_5_vl_moe", "Ernie4_5_VLMoeModel", video_frames=False, temporal_merge=True),
     "hunyuan_vl": MRopeRules("hunyuan_vl", "HunYuanVLModel", video_frames=False, xdrope=True),
+    # the Omni thinkers (their talkers call the same function): 4.57 and 5.x alike
+    "qwen2_5_omni": MRopeRules("qwen2_5_omni", "Qwen2_5OmniPreTrainedModelForConditionalGeneration",
+                               video_frames=False, omni="qwen2_5_omni"),
+    "qwen3_omni_moe": MRopeRules("qwen3_omni_moe", "Qwen3OmniMoePreTrainedModelForConditionalGeneration",
+                                 video_frames=False, omni="qwen3_omni"),
 }
+# the thinkers' own configs (what a trained thinker's model.config is) follow their family's rules
+MROPE_RULES["qwen2_5_omni_thinker"] = MROPE_RULES["qwen2_5_omni"]
+MROPE_RULES["qwen3_omni_moe_thinker"] = MROPE_RULES["qwen3_omni_moe"]
 
 
 def convention_of(get_rope_index, rules: MRopeRules) -> str:
@@ -149,9 +158,101 @@ def xdrope_axes(config) -> int | None:
         return None
 
 
+def _int_option(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def omni_rope_index_kwargs(model, rules: MRopeRules) -> dict | None:
+    """ropekit.rope_index's keyword arguments for an Omni model (thinker or talker: whatever ``self`` its
+    get_rope_index runs on), read as that function reads them (``self.spatial_merge_size``, ``self.config``); None
+    where a value is missing or of a type ropekit does not take (the original then runs, and raises its own error
+    where it fails)."""
+    config = getattr(model, "config", None)
+    try:
+        names = dict(image_token_id="image_token_id", video_token_id="video_token_id",
+                     audio_token_id="audio_token_id", vision_start_token_id="vision_start_token_id",
+                     audio_start_token_id="audio_start_token_id")
+        kwargs = {key: _int_option(getattr(config, name)) for key, name in names.items()}
+        kwargs["spatial_merge_size"] = _int_option(model.spatial_merge_size)
+        kwargs["tokens_per_second"] = _int_option(config.position_id_per_seconds)
+        if rules.omni == "qwen2_5_omni":
+            chunk = config.position_id_per_seconds * config.seconds_per_chunk  # transformers' int() of it
+            if not isinstance(chunk, (int, float)) or isinstance(chunk, bool) or chunk != chunk or abs(chunk) > 2**20:
+                return None
+            kwargs["tokens_per_chunk"] = int(chunk)
+        else:
+            kwargs["audio_n_window"] = _int_option(qwen3_omni_audio_window(config))
+    except AttributeError:
+        return None
+    if any(value is None for value in kwargs.values()) or kwargs["spatial_merge_size"] < 1:
+        return None
+    kwargs["convention"] = rules.omni
+    return kwargs
+
+
+def qwen3_omni_audio_window(config):
+    """The audio window Qwen3-Omni's get_rope_index uses: transformers 5.x passes config.audio_config.n_window to
+    _get_feat_extract_output_lengths; 4.57's takes none and windows by 50 (chunks of 100 feature frames)."""
+    import importlib
+
+    module = importlib.import_module("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe")
+    if "n_window" not in inspect.signature(module._get_feat_extract_output_lengths).parameters:
+        return 50
+    return config.audio_config.n_window
+
+
+def _omni_in_domain(named, rules) -> bool:
+    input_ids, attention_mask = named.get("input_ids"), named.get("attention_mask")
+    grids = (named.get("image_grid_thw"), named.get("video_grid_thw"))
+    audio, seconds = named.get("audio_seqlens"), named.get("second_per_grids")
+    if not _in_op_domain(input_ids, *grids, attention_mask):
+        return False
+    if attention_mask is None and (rules.omni == "qwen3_omni" or all(g is None for g in grids)):
+        return False  # transformers fails on its own terms (TypeError / AttributeError)
+    if rules.omni == "qwen2_5_omni" and attention_mask is not None and input_ids.dtype != torch.int64:
+        return False  # its index_put of int64 positions fails: let it
+    if audio is not None and not (_integral(audio) and audio.dim() == 1 and plain_tensors(audio)):
+        return False
+    if seconds is not None and not (isinstance(seconds, torch.Tensor) and seconds.dim() == 1 and plain_tensors(seconds)
+                                    and not seconds.is_complex() and seconds.dtype != torch.bool):
+        return False
+    return isinstance(named.get("use_audio_in_video", False), bool)
+
+
+def _make_omni_get_rope_index(original, rules: MRopeRules):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def get_rope_index(self, *args, **kwargs):
+        if not is_live(get_rope_index):
+            return original(self, *args, **kwargs)
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return original(self, *args, **kwargs)
+        bound.apply_defaults()
+        named = bound.arguments
+        options = omni_rope_index_kwargs(self, rules)
+        if options is None or not _omni_in_domain(named, rules):
+            return original(self, *args, **kwargs)
+        input_ids = named["input_ids"]
+        device = input_ids.device
+        return ops.rope_index(
+            input_ids, _to(named.get("image_grid_thw"), device), _to(named.get("video_grid_thw"), device),
+            _to(named.get("attention_mask"), device), audio_seqlens=_to(named.get("audio_seqlens"), device),
+            second_per_grid_ts=_to(named.get("second_per_grids"), device),
+            use_audio_in_video=named.get("use_audio_in_video", False), on_host=_on_host(input_ids), **options,
+        )
+
+    get_rope_index.__ropekit_original__ = original
+    return get_rope_index
+
+
 def make_get_rope_index(original, rules: MRopeRules):
     """A get_rope_index with the original's signature (bound by name, so positional and keyword calls both work)
     that computes with ropekit.rope_index where the arguments are in its domain, and calls the original otherwise."""
+    if rules.omni:
+        return _make_omni_get_rope_index(original, rules)
     signature = inspect.signature(original)
     convention = convention_of(original, rules)
 
