@@ -204,6 +204,52 @@ def family_scenarios(device, results):
     return rows
 
 
+def omni_case(family, seconds, device):
+    """One clip of `seconds` s at 2 fps, 336 x 336 pixels (24 x 24 patches, 12 x 12 tokens a frame after the 2 x 2
+    merge, one grid frame a second: temporal patches of 2 frames), with its 16 kHz audio (100 feature frames a
+    second), in the thinker's use_audio_in_video layout between a short prompt and an answer."""
+    from omni_cases import AUDIO_END, VISION_END, VISION_START, OmniCase, audio_tokens, base_config
+
+    config = base_config(family)
+    t, h, w = seconds, 24, 24
+    features = 100 * seconds
+    pps = 13 if family.float_positions else 25
+    n_audio = audio_tokens(family, features, 50)
+    n_video = t * (h // MERGE) * (w // MERGE)
+    rng = random.Random(0)
+    tokens = [rng.randint(100, 1000) for _ in range(20)] + [VISION_START, config.audio_start_token_id]
+    tokens += [config.video_token_id] * n_video + [config.audio_token_id] * n_audio  # interior order: positions only
+    tokens += [AUDIO_END, VISION_END] + [rng.randint(100, 1000) for _ in range(30)]
+    ids = torch.tensor([tokens], device=device)
+    return OmniCase(ids, None, torch.tensor([[t, h, w]], device=device), torch.ones_like(ids), True,
+                    torch.tensor([features], device=device), torch.tensor([1.0], device=device), MERGE, pps, 2, 50)
+
+
+def omni_scenarios(device, results):
+    """The Omni thinkers' get_rope_index (issue targets on the CPU host loop: >= 100x transformers for 30 s with audio
+    in video, <= 1 ms for 120 s)."""
+    from omni_cases import FAMILIES, rope_index_kwargs, stand_in
+
+    rows = []
+    for family in [f for f in FAMILIES if f.model_class() is not None]:
+        for seconds in (30, 120):
+            case = omni_case(family, seconds, device)
+            cls, me = stand_in(family, case)
+            run_hf = lambda: cls.get_rope_index(  # noqa: E731
+                me, case.input_ids, case.image_grid_thw, case.video_grid_thw, case.attention_mask, True,
+                case.audio_seqlens, case.second_per_grids)
+            kwargs = rope_index_kwargs(family, case)
+            args = (case.input_ids, case.image_grid_thw, case.video_grid_thw, case.attention_mask)
+            run_host = lambda: ropekit.rope_index(*args, **kwargs, on_host=True)  # noqa: E731
+            run_dev = lambda: ropekit.rope_index(*args, **kwargs, on_host=False)  # noqa: E731
+            name = f"{family.name}: {seconds} s clip, audio in video, S{case.input_ids.shape[1]}"
+            time_impls(name, device, run_hf, run_host, run_dev, None, results, rows,
+                       1000.0 if seconds == 120 else None)
+            if bench_common.DRY_RUN:
+                return rows
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -237,6 +283,16 @@ def main():
         print(notes)
         if not args.no_record:
             append_results("get_rope_index (every mRoPE family)", device, table, notes)
+    if not args.no_families:
+        omni_rows = omni_scenarios(device, results)
+        table = format_table(headers, omni_rows)
+        notes = (f"the Omni thinkers' own get_rope_index (Qwen2.5-Omni: position_id_per_seconds 25, int64; Qwen3-Omni: "
+                 f"13, float32) on one clip with use_audio_in_video; inputs on {device.type}; targets: host loop >= "
+                 "100x transformers at 30 s, <= 1000 us at 120 s; every result torch.equal to transformers")
+        print(table)
+        print(notes)
+        if not args.no_record:
+            append_results("get_rope_index (Omni thinkers, audio in video)", device, table, notes)
     write_json(args.json, {"device": str(device), "results": results, "partial": False})
 
 

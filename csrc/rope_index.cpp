@@ -306,10 +306,12 @@ class HostIndexer {
       const int64_t* cols = sample_.data() + part.start;
       if (part.kind == 5) {
         write_omni_grid(part, cols, pt, ph, pw);
+      } else if (part.kind == 4) {
+        for (int64_t o = 0; o < part.len; ++o) omni_position(r_, g_, part, o, pt[cols[o]], ph[cols[o]], pw[cols[o]]);
       } else if (part.kind == 0) {
         for (int64_t o = 0; o < part.len; ++o) pt[cols[o]] = ph[cols[o]] = pw[cols[o]] = part.cur + o;
       } else {
-        for (int64_t o = 0; o < part.len; ++o) any_position(r_, g_, part, o, pt[cols[o]], ph[cols[o]], pw[cols[o]]);
+        for (int64_t o = 0; o < part.len; ++o) part_position(r_, g_, part, o, pt[cols[o]], ph[cols[o]], pw[cols[o]]);
       }
     }
     return top;
@@ -347,7 +349,8 @@ class HostIndexer {
   }
 
   // An omni grid part's positions frame by frame, row by row: omni_position without its divisions per token.
-  void write_omni_grid(const Part& p, const int64_t* cols, int64_t* pt, int64_t* ph, int64_t* pw) const {
+  __attribute__((noinline)) void write_omni_grid(const Part& p, const int64_t* cols, int64_t* pt, int64_t* ph,
+                                                 int64_t* pw) const {
     const bool flt = r_.convention == kOmni3;
     const float base = omni_float(omni_base(p));
     const int64_t plane = p.hg * p.wg;
@@ -370,7 +373,9 @@ class HostIndexer {
   }
 
   // The Omni thinkers: transformers' token scan (counts, list.index lookups), then walk_omni.
-  bool walk_omni_sample(int64_t b, int64_t room, int64_t& n_parts, int64_t& total, ErrorInfo& e) {
+  // (not inlined into walk: the other conventions' per-token loops keep their registers)
+  __attribute__((noinline)) bool walk_omni_sample(int64_t b, int64_t room, int64_t& n_parts, int64_t& total,
+                                                  ErrorInfo& e) {
     const int64_t S = a_.input_ids.size(1), L = sample_.size();
     const bool q3 = r_.convention == kOmni3;
     tokens_.resize(L);
@@ -694,7 +699,15 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
     TORCH_CHECK_VALUE(a.cu_seqlens.device() == input_ids.device(), "cu_seqlens: expected device ", input_ids.device(),
                       " (that of input_ids), got ", a.cu_seqlens.device());
   }
-  if (a.omni()) check_omni(a, omni, convention, strict);
+  if (a.omni()) {
+    check_omni(a, omni, convention, strict);
+  } else {
+    TORCH_CHECK_VALUE(!(omni.audio_seqlens.has_value() && omni.audio_seqlens->defined()) &&
+                          omni.audio_token_id == -1 && omni.audio_start_token_id == -1 &&
+                          !omni.use_audio_in_video && omni.tokens_per_chunk == 0 && omni.audio_n_window == 0,
+                      "audio_seqlens / audio_token_id / audio_start_token_id / use_audio_in_video / tokens_per_chunk "
+                      "/ audio_n_window: only the omni conventions take them, not '", convention, "'");
+  }
   a.merge = spatial_merge_size;
   a.image_token_id = image_token_id;
   a.video_token_id = video_token_id;

@@ -152,6 +152,9 @@ def apply_rope_vision(
     return _ops.apply_rope_vision(q, k, cos, sin, bool(is_neox))
 
 
+_OMNI_CONVENTIONS = ("qwen2_5_omni", "qwen3_omni")
+
+
 def rope_index(
     input_ids: torch.Tensor,
     image_grid_thw: torch.Tensor | None = None,
@@ -266,15 +269,24 @@ def rope_index(
     """
     if isinstance(temporal_merge_size, bool) or not isinstance(temporal_merge_size, int):
         raise ValueError(f"ropekit.rope_index: temporal_merge_size must be a positive int, got {temporal_merge_size!r}")
+    # the omni arguments only for the omni conventions: each keyword costs the dispatcher's parsing on every call
+    omni = {}
+    if convention in _OMNI_CONVENTIONS:
+        omni = dict(audio_seqlens=audio_seqlens, audio_token_id=int(audio_token_id),
+                    audio_start_token_id=int(audio_start_token_id), use_audio_in_video=bool(use_audio_in_video),
+                    tokens_per_chunk=int(tokens_per_chunk), audio_n_window=int(audio_n_window))
+    elif (audio_seqlens is not None or audio_token_id != -1 or audio_start_token_id != -1 or use_audio_in_video
+          or tokens_per_chunk or audio_n_window):
+        raise ValueError(f"ropekit.rope_index: audio_seqlens, audio_token_id, audio_start_token_id, "
+                         f"use_audio_in_video, tokens_per_chunk and audio_n_window belong to the omni conventions "
+                         f"{_OMNI_CONVENTIONS}, not {convention!r}")
     return _ops.rope_index(
         input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids, int(spatial_merge_size),
         int(image_token_id), int(video_token_id), int(vision_start_token_id), convention, bool(on_host),
         video_frames=bool(video_frames), second_per_grid_ts=second_per_grid_ts, tokens_per_second=tokens_per_second,
         video_start_token_id=int(video_start_token_id), video_end_token_id=int(video_end_token_id),
         packed=bool(packed), cu_seqlens=cu_seqlens, strict=bool(strict), temporal_merge_size=temporal_merge_size,
-        num_axes=int(num_axes), audio_seqlens=audio_seqlens, audio_token_id=int(audio_token_id),
-        audio_start_token_id=int(audio_start_token_id), use_audio_in_video=bool(use_audio_in_video),
-        tokens_per_chunk=int(tokens_per_chunk), audio_n_window=int(audio_n_window),
+        num_axes=int(num_axes), **omni,
     )
 
 

@@ -212,3 +212,56 @@ def test_collator_packed_samples(family):
     assert position_ids.shape[0] == 4
     assert same(position_ids[1:, :, :S], alone) and same(position_ids[1:, :, S:], alone)
     assert torch.equal(position_ids[0, 0, S:], torch.arange(S, dtype=position_ids.dtype))
+
+
+@pytest.mark.parametrize("family", AVAILABLE, ids=lambda f: f.name)
+def test_training_step_gradients(family):
+    """A training step's loss and every parameter gradient, patched (rotary, rotation, index) against unpatched,
+    bit for bit in fp32, gradient checkpointing on and off."""
+    for checkpointing in (False, True):
+        model, config = _tiny_thinker(family)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        inputs = _prompt(config, family, batch_pad=True)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model.rope_deltas = None
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+            loss.backward()
+            return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        ref_loss, ref_grads = step()
+        APPLY[family.name](model)
+        loss, grads = step()
+        ropekit.unpatch()
+        assert torch.equal(loss, ref_loss)
+        assert grads.keys() == ref_grads.keys() and len(grads) > 10
+        for name in grads:
+            assert torch.equal(grads[name], ref_grads[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", AVAILABLE, ids=lambda f: f.name)
+def test_text_rotary_bit_identical(family, dtype):
+    """The thinker's text rotary, patched: integer positions from the cached table, bit for bit; Qwen3-Omni's float32
+    positions (fractional ones included) through transformers' own code, no table built."""
+    from ropekit.transformers.rotary import _TABLE_ATTR
+
+    model, config = _tiny_thinker(family)
+    text_rotary = {"qwen2_5_omni": "Qwen2_5OmniRotaryEmbedding", "qwen3_omni": "Qwen3OmniMoeThinkerTextRotaryEmbedding"}
+    rotary = next(m for m in model.modules() if type(m).__name__ == text_rotary[family.name])
+    x = torch.randn(2, 5, 64, dtype=dtype)
+    positions = {"int": torch.randint(0, 3000, (3, 2, 37))}
+    if family.float_positions:
+        positions["float"] = torch.randint(0, 3000, (3, 2, 37)).float() + torch.tensor([0.0, 0.5, 0.9])[
+            torch.randint(0, 3, (3, 2, 37))]
+    reference = {key: rotary(x, p) for key, p in positions.items()}
+    APPLY[family.name](model)
+    for key, p in positions.items():
+        rotary.__dict__.pop(_TABLE_ATTR, None)
+        got = rotary(x, p)
+        for a, b in zip(got, reference[key]):
+            assert a.dtype == b.dtype and torch.equal(a, b), key
+        assert (_TABLE_ATTR in rotary.__dict__) == (key == "int"), key  # the table served only integer positions

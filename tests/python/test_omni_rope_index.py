@@ -172,6 +172,10 @@ def test_argument_errors(family):
         ropekit.rope_index(*args, **kwargs, mm_token_type_ids=torch.zeros_like(case.input_ids))
     with pytest.raises(ValueError, match="audio_seqlens"):
         ropekit.rope_index(*args, **{**kwargs, "audio_seqlens": case.audio_seqlens.float()})
+    with pytest.raises(ValueError, match="omni conventions"):  # audio arguments with another convention
+        ropekit.rope_index(*args, **{**kwargs, "convention": "vision_start"})
+    with pytest.raises(ValueError, match="only the omni conventions"):  # the op itself, too
+        torch.ops.ropekit.rope_index(*args, None, 2, 1, 2, 3, "vision_start", audio_token_id=4)
     with pytest.raises(ValueError, match="ATen reference"):
         names = ["spatial_merge_size", "image_token_id", "video_token_id", "vision_start_token_id", "convention"]
         positional = [kwargs.pop(name) for name in names]

@@ -149,14 +149,19 @@ _FAMILIES["HunYuan-VL"] = (
                     upcast=True, vl_model="HunYuanVLModel", model_type="hunyuan_vl"),
 )
 _FAMILIES["Qwen2.5-Omni"] = (
-    # the thinker's (and talker's) get_rope_index, defined on the shared base class: audio spans, time scaled by
-    # position_id_per_seconds, audio in video by chunks; the text rotary is not patched yet (issue 17)
-    _ModelingModule("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni", None,
-                    vl_model="Qwen2_5OmniPreTrainedModelForConditionalGeneration", model_type="qwen2_5_omni"),
+    # the thinker's text rotary (Qwen2.5-VL's sectioned code; 4.57: per-axis cos/sin and
+    # apply_multimodal_rotary_pos_emb) and the get_rope_index thinker and talker call, defined on their shared base
+    # class: audio spans, time scaled by position_id_per_seconds, audio in video by chunks. Towers not patched yet.
+    _ModelingModule("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni", "Qwen2_5OmniRotaryEmbedding",
+                    "sectioned", vl_model="Qwen2_5OmniPreTrainedModelForConditionalGeneration",
+                    model_type="qwen2_5_omni"),
 )
 _FAMILIES["Qwen3-Omni"] = (
-    # as Qwen2.5-Omni, with float32 positions and audio interleaved with video token by token
-    _ModelingModule("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe", None,
+    # as Qwen2.5-Omni with Qwen3-VL's interleaved rotary (the talker's subclasses it); its positions are float32, so
+    # the rotary forward hands them to transformers' code (no table serves a fractional position) and the rotation is
+    # the op; get_rope_index interleaves audio with video token by token
+    _ModelingModule("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
+                    "Qwen3OmniMoeThinkerTextRotaryEmbedding", "interleaved",
                     vl_model="Qwen3OmniMoePreTrainedModelForConditionalGeneration", model_type="qwen3_omni_moe"),
 )
 _FAMILIES["Cosmos3"] = (
@@ -663,26 +668,30 @@ def apply_to_hunyuan_vl(model=None, *, rope: bool = True, rope_index: bool = Tru
     _apply("HunYuan-VL", model, rope, rope_index, qk_norm_rope=False)
 
 
-def apply_to_qwen2_5_omni(model=None, *, rope_index: bool = True) -> None:
+def apply_to_qwen2_5_omni(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
     """Route Qwen2.5-Omni (``qwen2_5_omni``; its thinker and talker, 4.57 and 5.x) through ropekit.
 
-    ``rope_index``: ``Qwen2_5OmniPreTrainedModelForConditionalGeneration.get_rope_index``, which the thinker and the
-    talker both call (``ropekit.rope_index`` convention ``"qwen2_5_omni"``: transformers' token-id scan, audio spans
-    with 1-D positions, time scaled by ``position_id_per_seconds``, with ``use_audio_in_video`` the clip's video and
-    audio interleaved chunk by chunk). The text rotary and the towers still run transformers' code (issue 17).
+    ``rope``: the thinker's text rotary (Qwen2.5-VL's sectioned mRoPE: cos/sin gathered from the cached table; 4.57's
+    per-axis form and ``apply_multimodal_rotary_pos_emb``) and the rotation as the native op. ``rope_index``:
+    ``Qwen2_5OmniPreTrainedModelForConditionalGeneration.get_rope_index``, which the thinker and the talker both call
+    (``ropekit.rope_index`` convention ``"qwen2_5_omni"``: transformers' token-id scan, audio spans with 1-D
+    positions, time scaled by ``position_id_per_seconds``, with ``use_audio_in_video`` the clip's video and audio
+    interleaved chunk by chunk). No q/k norms; the towers and audio encoder still run transformers' code.
     ``model``: as for ``apply_to_qwen3``."""
-    _apply("Qwen2.5-Omni", model, rope=False, rope_index=rope_index, qk_norm_rope=False)
+    _apply("Qwen2.5-Omni", model, rope=rope, rope_index=rope_index, qk_norm_rope=False)
 
 
-def apply_to_qwen3_omni_moe(model=None, *, rope_index: bool = True) -> None:
+def apply_to_qwen3_omni_moe(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
     """Route Qwen3-Omni-MoE (``qwen3_omni_moe``; its thinker and talker, 4.57 and 5.x) through ropekit.
 
-    ``rope_index``: ``Qwen3OmniMoePreTrainedModelForConditionalGeneration.get_rope_index`` (the talker's calls it):
+    ``rope``: the rotation (``apply_rotary_pos_emb``) as the native op, and the thinker's interleaved text rotary
+    (the talker's subclasses it) patched as Qwen3-VL's: its positions are float32, which no integer table serves, so
+    with them the forward runs transformers' own code (exact; integer positions are gathered). ``rope_index``:
+    ``Qwen3OmniMoePreTrainedModelForConditionalGeneration.get_rope_index`` (the talker's calls it):
     ``ropekit.rope_index`` convention ``"qwen3_omni"``, float32 positions rounded as torch rounds them, with
-    ``use_audio_in_video`` a clip's video and audio interleaved token by token by temporal value. The text rotary
-    (which takes those float positions) and the towers still run transformers' code (issue 17). ``model``: as for
-    ``apply_to_qwen3``."""
-    _apply("Qwen3-Omni", model, rope=False, rope_index=rope_index, qk_norm_rope=False)
+    ``use_audio_in_video`` a clip's video and audio interleaved token by token by temporal value. The fused q/k
+    norm + RoPE, the towers and audio encoder: not yet (transformers' code). ``model``: as for ``apply_to_qwen3``."""
+    _apply("Qwen3-Omni", model, rope=rope, rope_index=rope_index, qk_norm_rope=False)
 
 
 _APPLY = {"Qwen3": apply_to_qwen3, "Qwen3-VL": apply_to_qwen3_vl, "Qwen3.5": apply_to_qwen3_5,
