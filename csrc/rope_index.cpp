@@ -356,15 +356,15 @@ class HostIndexer {
     const int64_t plane = p.hg * p.wg;
     int64_t o = 0, f = p.off / plane, hh = (p.off % plane) / p.wg, ww = p.off % p.wg;
     while (o < p.len) {
-      const int64_t t = flt ? float_bits(f32_add(omni_time_float(r_, g_, p, f), base))
+      const int64_t t = flt ? float_bits(add_rn(omni_time_float(r_, g_, p, f), base))
                             : p.cur + omni_time_int(r_, g_, p, f);
       for (; hh < p.hg && o < p.len; ++hh, ww = 0) {
-        const int64_t h = flt ? float_bits(f32_add(static_cast<float>(hh), base)) : p.cur + hh;
+        const int64_t h = flt ? float_bits(add_rn(static_cast<float>(hh), base)) : p.cur + hh;
         for (; ww < p.wg && o < p.len; ++ww, ++o) {
           const int64_t c = cols[o];
           pt[c] = t;
           ph[c] = h;
-          pw[c] = flt ? float_bits(f32_add(static_cast<float>(ww), base)) : p.cur + ww;
+          pw[c] = flt ? float_bits(add_rn(static_cast<float>(ww), base)) : p.cur + ww;
         }
       }
       ++f;

@@ -7,6 +7,8 @@
 // transformers' final index_put does: the lengths must add up to the sample's length (or to 1, which broadcasts).
 #pragma once
 
+#include "rope_common.h"  // mul_rn / add_rn: float32 steps rounded as torch rounds them, never an FMA
+
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -494,22 +496,6 @@ C10_HOST_DEVICE inline bool walk_xd(const Rules& r, const GridLists& g, Cursor& 
 // value, video first on ties. Qwen3-Omni's positions are float32: they stay exact integers until a vision piece
 // makes a start float, and every later step rounds to float32 as torch's arithmetic does (OmniNum).
 
-C10_HOST_DEVICE inline float f32_mul(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);  // never contracted into an FMA: torch rounds the product
-#else
-  return a * b;  // the host build has -ffp-contract=off
-#endif
-}
-
-C10_HOST_DEVICE inline float f32_add(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
 C10_HOST_DEVICE inline bool f32_isnan(float x) { return x != x; }
 
 // max as torch's reductions take it: NaN wins.
@@ -538,7 +524,7 @@ C10_HOST_DEVICE inline float omni_float(const OmniNum& a) { return a.is_float ? 
 // a + k (k an int: arange(k)[o] + a, st_idx += k, max + 1): exact on ints, one float32 rounding on floats.
 C10_HOST_DEVICE inline OmniNum omni_add(OmniNum a, int64_t k) {
   if (a.is_float) {
-    a.f = f32_add(static_cast<float>(k), a.f);
+    a.f = add_rn(static_cast<float>(k), a.f);
   } else {
     a.i += k;
   }
@@ -557,7 +543,7 @@ C10_HOST_DEVICE inline OmniNum omni_base(const Part& p) {
 // second_per_grids[v].float() * pps (float32, two roundings; Qwen2.5-Omni then truncates it with .long()).
 C10_HOST_DEVICE inline float omni_video_time(const Rules& r, const GridLists& g, int64_t video, int64_t f) {
   const float s = static_cast<float>(GridLists::bits_to_double(g.time_interval[video]));
-  return f32_mul(f32_mul(static_cast<float>(f), s), static_cast<float>(r.pps));
+  return mul_rn(mul_rn(static_cast<float>(f), s), static_cast<float>(r.pps));
 }
 
 C10_HOST_DEVICE inline int64_t omni_time_int(const Rules& r, const GridLists& g, const Part& p, int64_t f) {
@@ -581,9 +567,9 @@ C10_HOST_DEVICE inline void omni_position(const Rules& r, const GridLists& g, co
   const int64_t f = e / plane, hh = (e % plane) / p.wg, ww = e % p.wg;
   if (flt) {
     const float base = omni_float(omni_base(p));
-    pt = float_bits(f32_add(omni_time_float(r, g, p, f), base));
-    ph = float_bits(f32_add(static_cast<float>(hh), base));
-    pw = float_bits(f32_add(static_cast<float>(ww), base));
+    pt = float_bits(add_rn(omni_time_float(r, g, p, f), base));
+    ph = float_bits(add_rn(static_cast<float>(hh), base));
+    pw = float_bits(add_rn(static_cast<float>(ww), base));
   } else {
     pt = p.cur + omni_time_int(r, g, p, f);
     ph = p.cur + hh;
@@ -610,8 +596,8 @@ C10_HOST_DEVICE inline OmniNum omni_part_max(const Rules& r, const GridLists& g,
   if (r.convention == kOmni3) {
     const float base = omni_float(omni_base(p));
     m.is_float = true;
-    m.f = f32_max(f32_max(f32_add(omni_time_float(r, g, p, f0), base), f32_add(omni_time_float(r, g, p, f1), base)),
-                  f32_max(f32_add(static_cast<float>(hmax), base), f32_add(static_cast<float>(wmax), base)));
+    m.f = f32_max(f32_max(add_rn(omni_time_float(r, g, p, f0), base), add_rn(omni_time_float(r, g, p, f1), base)),
+                  f32_max(add_rn(static_cast<float>(hmax), base), add_rn(static_cast<float>(wmax), base)));
   } else {
     int64_t x = omni_time_int(r, g, p, f0);
     const int64_t t1 = omni_time_int(r, g, p, f1);
@@ -823,7 +809,7 @@ C10_HOST_DEVICE inline bool omni_merge(const Rules& r, const GridLists& g, OmniS
   int64_t vi = 0, ai = 0;
   while (vi < nv && ai < audio_len) {
     const int64_t f = vi / plane;
-    const float v = f32_add(omni_time_float(r, g, video, f), fbase);
+    const float v = add_rn(omni_time_float(r, g, video, f), fbase);
     if (v <= omni_float(omni_add(base, ai))) {
       const int64_t end = (f + 1) * plane;
       if (!omni_push(r, g, s, omni_slice(video, vi, end), token, e)) return false;
@@ -957,7 +943,7 @@ C10_HOST_DEVICE inline bool walk_omni(const Rules& r, const GridLists& g, Cursor
   n_parts = s.n_parts;
   total = s.total;
   if (q3) {
-    delta = float_bits(f32_add(f32_add(s.top.f, 1.f), -static_cast<float>(L)));
+    delta = float_bits(add_rn(add_rn(s.top.f, 1.f), -static_cast<float>(L)));
   } else {
     delta = s.top.i + 1 - L;
   }

@@ -78,8 +78,14 @@ __global__ void __launch_bounds__(kThreads) rope_index_kernel(KernelParams p, bo
 }
 
 // The omni conventions: the serial walk in thread 0 needs more registers than a 512-thread block leaves a thread
-// (it spilled there); 128 threads (scans of four times the tiles) and up to 255 registers, no spills.
-__global__ void __maxnreg__(255) rope_index_omni_kernel(KernelParams p, bool count) {
+// (it spilled there); 128 threads (scans of four times the tiles) and up to 255 registers, no spills. __maxnreg__
+// needs nvcc 12.4; older toolkits get the launch bound alone (ptxas's own register choice).
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define ROPEKIT_OMNI_KERNEL_BOUNDS __maxnreg__(255)
+#else
+#define ROPEKIT_OMNI_KERNEL_BOUNDS __launch_bounds__(kOmniThreads)
+#endif
+__global__ void ROPEKIT_OMNI_KERNEL_BOUNDS rope_index_omni_kernel(KernelParams p, bool count) {
   row<kOmniThreads, true>(p, count);
 }
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 import ropekit
+from ropekit.transformers.rope_index import MROPE_RULES
 
 VISION_START, VISION_END, AUDIO_END = 151652, 151653, 151648  # the checkpoints' ids (the config classes leave some None)
 
@@ -27,11 +28,7 @@ class OmniFamily:
     config: str  # the thinker config class
 
     def model_class(self):
-        try:
-            module = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
-        except ImportError:
-            return None
-        return getattr(module, self.model, None)
+        return MROPE_RULES[self.module].model_class()
 
     def config_class(self):
         module = importlib.import_module(f"transformers.models.{self.module}.configuration_{self.module}")

@@ -219,19 +219,27 @@ def _omni_in_domain(named, rules) -> bool:
     return isinstance(named.get("use_audio_in_video", False), bool)
 
 
+def _bound(replacement, signature, self, args, kwargs):
+    """The call's arguments by name (defaults applied), or None where the original must run: the replacement
+    outlived unpatch(), or the arguments do not bind (the original then raises its own error)."""
+    if not is_live(replacement):
+        return None
+    try:
+        bound = signature.bind(self, *args, **kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return bound.arguments
+
+
 def _make_omni_get_rope_index(original, rules: MRopeRules):
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def get_rope_index(self, *args, **kwargs):
-        if not is_live(get_rope_index):
+        named = _bound(get_rope_index, signature, self, args, kwargs)
+        if named is None:
             return original(self, *args, **kwargs)
-        try:
-            bound = signature.bind(self, *args, **kwargs)
-        except TypeError:
-            return original(self, *args, **kwargs)
-        bound.apply_defaults()
-        named = bound.arguments
         options = omni_rope_index_kwargs(self, rules)
         if options is None or not _omni_in_domain(named, rules):
             return original(self, *args, **kwargs)
@@ -258,13 +266,9 @@ def make_get_rope_index(original, rules: MRopeRules):
 
     @functools.wraps(original)
     def get_rope_index(self, *args, **kwargs):
-        if not is_live(get_rope_index):
+        named = _bound(get_rope_index, signature, self, args, kwargs)
+        if named is None:
             return original(self, *args, **kwargs)
-        try:
-            bound = signature.bind(self, *args, **kwargs)
-        except TypeError:
-            return original(self, *args, **kwargs)  # let the original raise its own error
-        named = bound.arguments
         input_ids, attention_mask = named.get("input_ids"), named.get("attention_mask")
         image_grid_thw, video_grid_thw = named.get("image_grid_thw"), named.get("video_grid_thw")
         mm_token_type_ids = named.get("mm_token_type_ids")
