@@ -101,9 +101,10 @@ test-sanitize: venv gtest-deps
 	LD_PRELOAD="$(SANITIZER_RUNTIME)" $(SANITIZER_ENV) PYTHONPATH=$(CURDIR)/$(ASAN_BUILD)/python $(PY) -c \
 	  "import ropekit._C as c; assert '$(ASAN_BUILD)' in c.__file__, c.__file__; print('sanitized:', c.__file__)"
 	LD_PRELOAD="$(SANITIZER_RUNTIME)" $(SANITIZER_ENV) PYTHONPATH=$(CURDIR)/$(ASAN_BUILD)/python \
-	  ROPEKIT_RI_CASES=300 ROPEKIT_RI_WILD_CASES=300 $(PY) -m pytest -q -p no:cacheprovider \
+	  ROPEKIT_RI_CASES=300 ROPEKIT_RI_WILD_CASES=300 ROPEKIT_OMNI_CASES=150 $(PY) -m pytest -q -p no:cacheprovider \
 	  tests/python/test_apply_rope.py tests/python/test_rope_table.py tests/python/test_qk_norm_rope.py \
-	  tests/python/test_rope_index.py tests/python/test_table_fidelity.py tests/python/test_opcheck_compile.py
+	  tests/python/test_rope_index.py tests/python/test_omni_rope_index.py tests/python/test_table_fidelity.py \
+	  tests/python/test_opcheck_compile.py
 
 # The five suites run two at a time: most of a pytest run keeps one core busy, so on CI's two cores this halves the
 # wall time, not the work. Each suite's output is printed whole when it ends (--output-sync); the first failure fails
