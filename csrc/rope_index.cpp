@@ -515,8 +515,8 @@ class HostIndexer {
                           at, "; transformers fails taking the max of its empty positions");
       case kTimeRange:
         TORCH_CHECK_VALUE(false, "second_per_grids: video ", e.grid, " has temporal positions (t * second_per_grids "
-                          "* position_id_per_seconds) outside int64, which transformers' .long() cannot represent (",
-                          at, ")");
+                          "* position_id_per_seconds, float32) that are NaN or outside [-2^63, 2^63), which "
+                          "transformers' .long() does not convert to a defined value (", at, ")");
       case kNoSecondPerGrid:
         TORCH_CHECK_VALUE(false, "second_per_grid_ts: no entry for video ", e.grid, " (", e.a, " given; ", at, ")",
                           also);
@@ -1133,8 +1133,7 @@ const char* error_name(int32_t code) {
     case kNoAudio: return "more audio spans than audio_seqlens entries (omni)";
     case kEmptyPiece: return "an audio or vision span of no positions followed by more tokens (omni)";
     case kTimeRange: return "temporal positions outside int64 (Qwen2.5-Omni)";
-    case kOmniCounts:
-      return "spans that differ from what the token scan counts (omni; run with on_host=True, which takes them)";
+    case kOmniCounts: return "spans that differ from what the token scan counts (omni; repaired by a serial pass)";
     default: return "no result";
   }
 }
@@ -1241,8 +1240,12 @@ std::tuple<at::Tensor, at::Tensor> rope_index_kernel(const RopeIndexArgs& a) {
     SerialExec x;
     RowState state;
     const auto row = a.omni() ? &index_row<SerialExec, true> : &index_row<SerialExec, false>;
-    for (int64_t b = 0; b < B; ++b) row(x, state, p, b, /*count=*/true);
-    for (int64_t b = 0; b < B; ++b) row(x, state, p, b, /*count=*/false);
+    for (int64_t b = 0; b < B; ++b) row(x, state, p, b, kPassCount);
+    for (int64_t b = 0; b < B; ++b) row(x, state, p, b, kPassIndex);
+    if (a.omni()) {
+      bool needed;
+      repair_rows(x, state, p, needed);
+    }
     for (int64_t b = 0; b < B; ++b) {
       const int32_t code = error.data_ptr<int32_t>()[b];
       TORCH_CHECK_VALUE(code == kOk, "ropekit.rope_index (fused algorithm): no result for row ", b, ": ",

@@ -6,7 +6,10 @@
 //      with scans; thread 0 walks them into parts exactly as the host loop does (rope_index_walk.h);
 //   3. every thread writes the positions of its tokens from the parts (binary search).
 // A first pass (count) only counts the images and video entries each row consumes; the second starts each row's grid
-// cursor at the sum over the rows before it (grids are consumed in order across the batch).
+// cursor at the sum over the rows before it (grids are consumed in order across the batch). The omni conventions'
+// counts are what transformers' token scan announces, which a valid input can consume otherwise (Qwen3-Omni takes a
+// clip's video and audio whatever use_audio_in_video says): such a row flags kOmniCounts, and a third pass (repair),
+// which does nothing unless a row flagged it, walks every row again one after another, carrying the cursor.
 #pragma once
 
 #include "rope_index_walk.h"
@@ -148,11 +151,17 @@ ROPEKIT_ROW_FN bool in_sorted(const int64_t* cu, int64_t n, int64_t flat) {
   return lo < n && cu[lo] == flat;
 }
 
-// One row b. count: only record what the row consumes (p.counts); otherwise positions, deltas and p.error[b].
-// Omni: the instantiation for the omni conventions (and only them): the other conventions' kernel then carries none
-// of the omni walk's registers, and the omni one runs with fewer threads and more registers a thread.
+// kPassCount only records what a row consumes (p.counts); kPassIndex writes its positions, deltas and p.error[b],
+// its cursor starting from the counts of the rows before it; kPassRepair (omni) the same with the cursor carried
+// over from the row walked before.
+enum Pass : int32_t { kPassCount = 0, kPassIndex = 1, kPassRepair = 2 };
+
+// One row b. Omni: the instantiation for the omni conventions (and only them): the other conventions' kernel then
+// carries none of the omni walk's registers, and the omni one runs with fewer threads and more registers a thread.
+
 template <class X, bool Omni = false>
-ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t b, bool count) {
+ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t b, int32_t pass) {
+  const bool count = pass == kPassCount;
   const int64_t S = p.S, B = p.B;
   const int64_t row = b * S, row1 = b * (S + 1);
   const int64_t* att = p.att + row;
@@ -168,8 +177,8 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
   if (x.tid() == 0) {
     st.error = kOk;
     st.vision_runs = 0;
-    st.cursor = Cursor{};
-    if (!count) {
+    if (pass != kPassRepair) st.cursor = Cursor{};  // repair: carried over from the row before (row 0: zero)
+    if (pass == kPassIndex) {
       for (int64_t r = 0; r < b; ++r) {  // grids (and audios) the rows before this one consume
         st.cursor.image += p.counts[3 * r];
         st.cursor.video += p.counts[3 * r + 1];
@@ -328,8 +337,9 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
         const Cursor before = st.cursor;
         ok = walk_omni(r, p.grids, st.cursor, sc, n, parts, 2 * S + 1, st.n_parts, st.total, omni_delta, e);
         // each row's cursor starts where the counts of the rows before it say: they must be what it consumes
-        if (ok && (st.cursor.image - before.image != st.n_img || st.cursor.video - before.video != st.n_vid ||
-                   st.cursor.audio - before.audio != st.n_aud)) {
+        if (ok && pass == kPassIndex &&
+            (st.cursor.image - before.image != st.n_img || st.cursor.video - before.video != st.n_vid ||
+             st.cursor.audio - before.audio != st.n_aud)) {
           ok = fail(e, kOmniCounts, -1);
         }
       } else if (r.convention == kVisionStart) {
@@ -382,6 +392,20 @@ ROPEKIT_ROW_FN void index_row(X& x, RowState& st, const KernelParams& p, int64_t
     }
     p.error[b] = st.error;
   }
+}
+
+// The omni repair pass over the whole batch (one block): nothing unless a row flagged kOmniCounts; then every row
+// again, in order, the grid cursor carried from row to row.
+template <class X>
+ROPEKIT_ROW_FN void repair_rows(X& x, RowState& st, const KernelParams& p, bool& needed) {
+  if (x.tid() == 0) {
+    needed = false;
+    for (int64_t b = 0; b < p.B; ++b) needed = needed || p.error[b] == kOmniCounts;
+    st.cursor = Cursor{};
+  }
+  x.sync();
+  if (!needed) return;
+  for (int64_t b = 0; b < p.B; ++b) index_row<X, true>(x, st, p, b, kPassRepair);
 }
 
 }  // namespace rope_index_detail

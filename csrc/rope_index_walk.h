@@ -748,9 +748,9 @@ C10_HOST_DEVICE inline bool omni_grid(const Rules& r, const GridLists& g, Cursor
   p.fcur = base.f;
   p.fbase = base.is_float ? 1 : 0;
   if (r.convention == kOmni25 && p.video >= 0 && p.len > 0) {  // .long() of the float32 product: in range
-    constexpr float kLimit = 4.611686e18f;  // 2^62
+    constexpr float kLimit = 9.223372e18f;  // 2^63, exactly: [-2^63, 2^63) converts
     const float t0 = omni_video_time(r, g, p.video, 0), t1 = omni_video_time(r, g, p.video, p.t - 1);
-    if (!(t0 > -kLimit && t0 < kLimit && t1 > -kLimit && t1 < kLimit)) return fail(e, kTimeRange, token, index, 2);
+    if (!(t0 >= -kLimit && t0 < kLimit && t1 >= -kLimit && t1 < kLimit)) return fail(e, kTimeRange, token, index, 2);
   }
   return true;
 }
@@ -785,8 +785,20 @@ C10_HOST_DEVICE inline Part omni_slice(const Part& grid, int64_t a, int64_t b) {
 }
 
 // Qwen2.5-Omni's audio in video: video chunk j, then audio chunk j, for every j.
+// A clip pushes all its video and audio tokens: where they cannot fit the sample, fail before walking them (a clip
+// of 10^13 audio tokens must not take 10^13 steps; transformers fails allocating its positions).
+C10_HOST_DEVICE inline bool omni_clip_fits(const OmniState& s, const Part& video, int64_t audio_len, int64_t token,
+                                           ErrorInfo& e) {
+  const int64_t room = (s.L > 1 ? s.L : 1) - s.total;
+  if (audio_len > room || video.len > room - audio_len) {
+    return fail(e, kLengthMismatch, token, -1, s.total + audio_len + video.len, s.L);
+  }
+  return true;
+}
+
 C10_HOST_DEVICE inline bool omni_chunks(const Rules& r, const GridLists& g, OmniState& s, const Part& video,
                                         const OmniNum& base, int64_t audio_len, int64_t token, ErrorInfo& e) {
+  if (!omni_clip_fits(s, video, audio_len, token, e)) return false;
   OmniChunker vc, ac;
   vc.len = video.len;
   vc.size = video.hg * video.wg;
@@ -804,6 +816,7 @@ C10_HOST_DEVICE inline bool omni_chunks(const Rules& r, const GridLists& g, Omni
 // <= the audio token's. A frame's positions share one temporal value, so a frame goes whole; then the remainder.
 C10_HOST_DEVICE inline bool omni_merge(const Rules& r, const GridLists& g, OmniState& s, const Part& video,
                                        const OmniNum& base, int64_t audio_len, int64_t token, ErrorInfo& e) {
+  if (!omni_clip_fits(s, video, audio_len, token, e)) return false;
   const int64_t plane = video.hg * video.wg, nv = video.len;
   const float fbase = omni_float(base);
   int64_t vi = 0, ai = 0;

@@ -64,17 +64,17 @@ struct BlockExec {
 };
 
 template <int Threads, bool Omni>
-__device__ __forceinline__ void row(KernelParams& p, bool count) {
+__device__ __forceinline__ void row(KernelParams& p, int32_t pass) {
   __shared__ typename BlockExec<Threads>::Temp temp;
   __shared__ RowState state;
   BlockExec<Threads> x{temp};
-  index_row<BlockExec<Threads>, Omni>(x, state, p, blockIdx.x, count);
+  index_row<BlockExec<Threads>, Omni>(x, state, p, blockIdx.x, pass);
 }
 
 constexpr int kThreads = 512, kOmniThreads = 128;
 
-__global__ void __launch_bounds__(kThreads) rope_index_kernel(KernelParams p, bool count) {
-  row<kThreads, false>(p, count);
+__global__ void __launch_bounds__(kThreads) rope_index_kernel(KernelParams p, int32_t pass) {
+  row<kThreads, false>(p, pass);
 }
 
 // The omni conventions: the serial walk in thread 0 needs more registers than a 512-thread block leaves a thread
@@ -85,8 +85,17 @@ __global__ void __launch_bounds__(kThreads) rope_index_kernel(KernelParams p, bo
 #else
 #define ROPEKIT_OMNI_KERNEL_BOUNDS __launch_bounds__(kOmniThreads)
 #endif
-__global__ void ROPEKIT_OMNI_KERNEL_BOUNDS rope_index_omni_kernel(KernelParams p, bool count) {
-  row<kOmniThreads, true>(p, count);
+__global__ void ROPEKIT_OMNI_KERNEL_BOUNDS rope_index_omni_kernel(KernelParams p, int32_t pass) {
+  row<kOmniThreads, true>(p, pass);
+}
+
+// One block: the omni repair pass (rope_index_kernel.h), a no-op unless a row flagged kOmniCounts.
+__global__ void ROPEKIT_OMNI_KERNEL_BOUNDS rope_index_omni_repair_kernel(KernelParams p) {
+  __shared__ BlockExec<kOmniThreads>::Temp temp;
+  __shared__ RowState state;
+  __shared__ bool needed;
+  BlockExec<kOmniThreads> x{temp};
+  repair_rows(x, state, p, needed);
 }
 
 }  // namespace
@@ -94,12 +103,16 @@ __global__ void ROPEKIT_OMNI_KERNEL_BOUNDS rope_index_omni_kernel(KernelParams p
 void launch_rope_index_kernel(const KernelParams& p) {
   auto stream = at::cuda::getCurrentCUDAStream();
   const bool omni = is_omni(p.rules.convention);
-  for (const bool count : {true, false}) {
+  for (const int32_t pass : {kPassCount, kPassIndex}) {
     if (omni) {
-      rope_index_omni_kernel<<<p.B, kOmniThreads, 0, stream>>>(p, count);
+      rope_index_omni_kernel<<<p.B, kOmniThreads, 0, stream>>>(p, pass);
     } else {
-      rope_index_kernel<<<p.B, kThreads, 0, stream>>>(p, count);
+      rope_index_kernel<<<p.B, kThreads, 0, stream>>>(p, pass);
     }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (omni) {
+    rope_index_omni_repair_kernel<<<1, kOmniThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

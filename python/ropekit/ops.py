@@ -240,8 +240,9 @@ def rope_index(
       ``attention_mask`` (transformers indexes it unconditionally). Both attend where the mask is 1; without any grid
       they take the mask's cumulative sum (transformers' text branch, audio spans included). ``video_frames`` is
       ignored (videos are whole grids); ``strict`` and the ATen reference do not take them. The fused algorithm
-      takes the inputs whose spans are what transformers' token counts announce (every well-formed input); others
-      trip its assert, and ``on_host=True`` computes them.
+      starts each row's cursors from the spans transformers' token scan counts; where a row consumes otherwise (a
+      Qwen3-Omni clip without ``use_audio_in_video``, malformed spans), a third pass, a no-op otherwise, walks every
+      row again in order, so it takes every input the host loop takes.
 
     Grids are consumed in order over the attended vision spans of the whole batch; grids left over are ignored, as
     transformers ignores them. ``strict=True`` instead rejects inconsistent inputs: a span whose length is not

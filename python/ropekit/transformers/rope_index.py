@@ -182,9 +182,12 @@ def omni_rope_index_kwargs(model, rules: MRopeRules) -> dict | None:
             kwargs["tokens_per_chunk"] = int(chunk)
         else:
             kwargs["audio_n_window"] = _int_option(qwen3_omni_audio_window(config))
-    except AttributeError:
+    except (AttributeError, TypeError):  # a missing or None value: transformers' code meets it on its own terms
         return None
     if any(value is None for value in kwargs.values()) or kwargs["spatial_merge_size"] < 1:
+        return None
+    # values the op refuses (ropekit's own API validates strictly), with which transformers may still return
+    if abs(kwargs["tokens_per_second"]) > 2**20 or kwargs.get("audio_n_window", 1) < 1:
         return None
     kwargs["convention"] = rules.omni
     return kwargs
@@ -211,7 +214,9 @@ def _omni_in_domain(named, rules) -> bool:
         return False  # transformers fails on its own terms (TypeError / AttributeError)
     if rules.omni == "qwen2_5_omni" and attention_mask is not None and input_ids.dtype != torch.int64:
         return False  # its index_put of int64 positions fails: let it
-    if audio is not None and not (_integral(audio) and audio.dim() == 1 and plain_tensors(audio)):
+    # int64 / int32 lengths: transformers does their arithmetic in their own dtype, which narrower ones wrap
+    if audio is not None and not (isinstance(audio, torch.Tensor) and audio.dtype in (torch.int64, torch.int32)
+                                  and audio.dim() == 1 and plain_tensors(audio)):
         return False
     if seconds is not None and not (isinstance(seconds, torch.Tensor) and seconds.dim() == 1 and plain_tensors(seconds)
                                     and not seconds.is_complex() and seconds.dtype != torch.bool):
