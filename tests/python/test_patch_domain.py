@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ropekit
-from ropekit.transformers import _FAMILIES
+from ropekit.transformers import _FAMILIES, _rope_function
 from ropekit.transformers._patching import import_optional
 
 from conftest import tiny_qwen3_config
@@ -23,12 +23,17 @@ from conftest import tiny_qwen3_config
 pytestmark = pytest.mark.transformers
 
 APPLY = ropekit.transformers._APPLY
-# each modeling module once, under the first family that patches it (Cosmos3 runs Qwen3-VL's text model)
+# each modeling module once, under the first family that patches it (Cosmos3 runs Qwen3-VL's text model), where the
+# rotation ropekit replaces is apply_rotary_pos_emb (4.57's sectioned families replace
+# apply_multimodal_rotary_pos_emb; 4.57's Qwen2.5-Omni module's apply_rotary_pos_emb is its Token2Wav DiT's, left
+# alone)
 MODULES = []
 for _family, _specs in _FAMILIES.items():
     for _spec in _specs:
         _module = import_optional(_spec.name)
-        if (_module is not None and "apply_rotary_pos_emb" in vars(_module)
+        if (_module is not None and _spec.rotary is not None
+                and _rope_function(_module, _spec)[0] == "apply_rotary_pos_emb"
+                and "apply_rotary_pos_emb" in vars(_module)
                 and _spec.name not in {name for _, name in MODULES}):
             MODULES.append((_family, _spec.name))
 
