@@ -491,7 +491,11 @@ class HostIndexer {
                           "tokens at ", at, "; transformers 4.57 fails taking the max of its empty positions");
       case kLengthMismatch:
         TORCH_CHECK_VALUE(false, "vision span lengths do not match their grids at row ", b, ": the grids give ", e.a,
-                          " positions for ", e.b, " tokens (a span's length must be t * (h // m) * (w // m))", also);
+                          " positions for ", e.b, " tokens (a span's length must be t * (h // m) * (w // m",
+                          r_.convention == kFrameBlocks ? " + 1" : "", "))", also);
+      case kEmptyGrid:
+        TORCH_CHECK_VALUE(false, grid_name(e.a), ": grid ", e.grid, " has no tokens (t * (h // m) * (w // m + 1) == "
+                          "0) at ", at, "; transformers fails taking the max of its empty positions");
       case kVisionStartAtEnd:
         TORCH_CHECK_VALUE(false, "input_ids: vision_start_token_id is the last attended token of ", at,
                           " (transformers 4.57 fails indexing past it)");
@@ -522,8 +526,8 @@ class HostIndexer {
                           also);
       case kStrictSpanLength:
         TORCH_CHECK_VALUE(false, "vision span at ", at, " has ", e.a, " tokens but its grid (image grid or video "
-                          "entry ", e.grid, ") with spatial_merge_size ", a_.merge, " needs t * (h / m) * (w / m) = ",
-                          e.b, strict);
+                          "entry ", e.grid, ") with spatial_merge_size ", a_.merge, " needs t * (h / m) * (w / m",
+                          r_.convention == kFrameBlocks ? " + 1" : "", ") = ", e.b, strict);
       case kStrictNotDivisible:
         TORCH_CHECK_VALUE(false, grid_name(e.a), ": grid ", e.grid, " must have t >= 1 and h, w positive multiples "
                           "of spatial_merge_size ", a_.merge, strict);
@@ -614,6 +618,8 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
     a.convention = kTokenTypes;
   } else if (convention == "xdrope") {
     a.convention = kXdRope;
+  } else if (convention == "frame_blocks") {
+    a.convention = kFrameBlocks;
   } else if (convention == "qwen2_5_omni") {
     a.convention = kOmni25;
   } else if (convention == "qwen3_omni") {
@@ -624,8 +630,9 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
     a.convention = kVideoBrackets;
   } else {
     TORCH_CHECK_VALUE(false, "convention: expected 'token_types' (transformers 5.x), 'xdrope' (transformers 5.x "
-                      "HunYuan-VL), 'vision_start' (transformers 4.57 Qwen2-VL / Qwen2.5-VL / Qwen3-VL) or "
-                      "'video_brackets' (transformers 4.57 GLM-4V), got '", convention, "'");
+                      "HunYuan-VL), 'frame_blocks' (transformers 5.x HY-V4-VL), 'vision_start' (transformers 4.57 "
+                      "Qwen2-VL / Qwen2.5-VL / Qwen3-VL), 'video_brackets' (transformers 4.57 GLM-4V), "
+                      "'qwen2_5_omni' or 'qwen3_omni' (the Omni thinkers), got '", convention, "'");
   }
   TORCH_CHECK_VALUE(a.convention == kXdRope ? num_axes >= 3 : num_axes == 3, "num_axes: expected ",
                     a.convention == kXdRope ? ">= 3 (HunYuan-VL: len(mrope_section))" : "3 (only 'xdrope' has more)",
@@ -660,9 +667,10 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
                     "mm_token_type_ids: expected an integer dtype, got Bool");
   TORCH_CHECK_VALUE(!a.token_types() || a.mm_token_type_ids.defined(),
                     "mm_token_type_ids: required by convention '", convention, "' (transformers 5.x)");
-  TORCH_CHECK_VALUE(a.convention != kXdRope || (!tokens_per_second.has_value() && !second_per_grid_ts.has_value()),
-                    "tokens_per_second / second_per_grid_ts: temporal scaling is Qwen2.5-VL's; convention 'xdrope' "
-                    "(HunYuan-VL) has none");
+  TORCH_CHECK_VALUE((a.convention != kXdRope && a.convention != kFrameBlocks) ||
+                        (!tokens_per_second.has_value() && !second_per_grid_ts.has_value()),
+                    "tokens_per_second / second_per_grid_ts: temporal scaling is Qwen2.5-VL's; convention '",
+                    convention, "' has none");
   TORCH_CHECK_VALUE(a.convention != kXdRope || !a.video_grid_thw.defined(),
                     "video_grid_thw: convention 'xdrope' (HunYuan-VL) takes images only");
   TORCH_CHECK_VALUE(a.convention != kVideoBrackets || (video_start_token_id >= 0 && video_end_token_id >= 0),
@@ -714,7 +722,8 @@ RopeIndexArgs check_rope_index(const at::Tensor& input_ids, const std::optional<
   a.vision_start_token_id = vision_start_token_id;
   a.video_start_token_id = video_start_token_id;
   a.video_end_token_id = video_end_token_id;
-  a.video_frames = a.omni() ? false : video_frames;  // Omni videos are whole grids
+  // Omni and HY-V4-VL videos are whole grids, whatever video_frames says
+  a.video_frames = a.omni() || a.convention == kFrameBlocks ? false : video_frames;
   a.packed = packed;
   // Qwen2.5-Omni index_puts its int64 positions into a tensor of input_ids' dtype where a mask selects the tokens,
   // which torch refuses for any other dtype (without a mask, a slice assignment casts)
@@ -825,8 +834,9 @@ at::Tensor time_positions(const at::Tensor& t, const at::Tensor& pre, const at::
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rope_index_reference(const RopeIndexArgs& a) {
-  TORCH_CHECK_VALUE(a.convention != kXdRope && !a.omni(), "rope_index: the ATen reference does not implement "
-                    "convention '", a.convention == kXdRope ? "xdrope" : a.convention == kOmni3 ? "qwen3_omni" :
+  TORCH_CHECK_VALUE(a.convention != kXdRope && a.convention != kFrameBlocks && !a.omni(), "rope_index: the ATen "
+                    "reference does not implement convention '", a.convention == kXdRope ? "xdrope" :
+                    a.convention == kFrameBlocks ? "frame_blocks" : a.convention == kOmni3 ? "qwen3_omni" :
                     "qwen2_5_omni", "'; on_host=True, or a CPU or CUDA tensor (the fused algorithm), computes it");
   if (text_only_branch_applies(a)) return text_only_branch(a);
   const int64_t B = a.input_ids.size(0), S = a.input_ids.size(1), m = a.merge;
@@ -1132,6 +1142,7 @@ const char* error_name(int32_t code) {
     case kNegativeLength: return "a negative text or audio length (omni)";
     case kNoAudio: return "more audio spans than audio_seqlens entries (omni)";
     case kEmptyPiece: return "an audio or vision span of no positions followed by more tokens (omni)";
+    case kEmptyGrid: return "a vision grid of no tokens (frame_blocks)";
     case kTimeRange: return "temporal positions outside int64 (Qwen2.5-Omni)";
     case kOmniCounts: return "spans that differ from what the token scan counts (omni; repaired by a serial pass)";
     default: return "no result";

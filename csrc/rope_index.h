@@ -50,9 +50,10 @@ struct RopeIndexArgs {
   int64_t audio_n_window = 0;    // Qwen3-Omni: audio_config.n_window
   bool omni() const { return rope_index_detail::is_omni(convention); }
   bool float_positions() const { return convention == rope_index_detail::kOmni3; }
-  // 5.x: modality from mm_token_type_ids (every 5.x family, HunYuan-VL's xdrope included)
+  // 5.x: modality from mm_token_type_ids (every 5.x family, HunYuan-VL's xdrope and HY-V4-VL's frame blocks included)
   bool token_types() const {
-    return convention == rope_index_detail::kTokenTypes || convention == rope_index_detail::kXdRope;
+    return convention == rope_index_detail::kTokenTypes || convention == rope_index_detail::kXdRope ||
+           convention == rope_index_detail::kFrameBlocks;
   }
 };
 

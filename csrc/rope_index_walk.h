@@ -27,6 +27,8 @@ enum Convention : int32_t {
   kXdRope = 3,         // 5.x HunYuan-VL: every token keeps its index; an image's tokens take (column, row, image)
   kOmni25 = 4,         // Qwen2.5-Omni (4.57 and 5.x): token-id scan with audio; audio in video by chunks
   kOmni3 = 5,          // Qwen3-Omni-MoE (4.57 and 5.x): as kOmni25 with float32 positions; audio in video by token
+  kFrameBlocks = 6,    // 5.x HY-V4-VL: runs of mm_token_type_ids; grids of frames with a newline column, each frame a
+                       // block of max(h // m, w // m + 1) positions; text resumes at the grid's largest position + 1
 };
 
 C10_HOST_DEVICE inline bool is_omni(int32_t convention) { return convention == kOmni25 || convention == kOmni3; }
@@ -91,6 +93,7 @@ enum ErrorCode : int32_t {
   kTimeRange,            // Qwen2.5-Omni: a temporal position (t * s * position_id_per_seconds) outside int64
   kOmniCounts,           // omni, fused algorithm: spans consumed differ from the spans the token scan counts
   kNoRoom,               // omni, internal: the parts outgrew the room given (the host loop grows it and walks again)
+  kEmptyGrid,            // frame_blocks: a vision grid of no tokens: transformers' .max() of its empty positions
 };
 
 // The most tokens one vision grid may have, and the largest extent t, h // m, w // m: 2^40 (a grid's positions
@@ -246,10 +249,16 @@ C10_HOST_DEVICE inline int64_t xd_top(const Part& p) {
   return m;
 }
 
+// frame_blocks: the positions one frame of part p spans, max(h // m, w // m + 1) (frame f starts at f times it).
+C10_HOST_DEVICE inline int64_t frame_block(const Part& p) { return p.hg > p.wg + 1 ? p.hg : p.wg + 1; }
+
 // Largest position offset of a non-empty part from its cur. tpos is monotone in t.
 C10_HOST_DEVICE inline int64_t part_extent(const Rules& r, const GridLists& g, const Part& p) {
   if (p.kind == 0) return p.len - 1;
   if (p.kind == 3) return xd_top(p) - p.cur;
+  if (r.convention == kFrameBlocks) {  // the last frame's block: its last row, or its newline column
+    return (p.t - 1) * frame_block(p) + (p.hg - 1 > p.wg ? p.hg - 1 : p.wg);
+  }
   const TimeScale s = scale_of(r, g, p);
   const int64_t t0 = time_position(s, 0), t1 = time_position(s, p.t - 1);
   int64_t m = t0 > t1 ? t0 : t1;
@@ -270,6 +279,14 @@ C10_HOST_DEVICE inline void part_position(const Rules& r, const GridLists& g, co
     pt = q % p.wg;  // the width axis comes first in HunYuan-VL's (width, height, image) rows
     ph = q / p.wg;
     pw = p.t;
+    return;
+  }
+  if (r.convention == kFrameBlocks) {  // frame f, row y, column x (the last column the newline): f * block + (0, y, x)
+    const int64_t cols = p.wg + 1, plane = p.hg * cols, in_frame = o % plane;
+    const int64_t base = p.cur + (o / plane) * frame_block(p);
+    pt = base;
+    ph = base + in_frame / cols;
+    pw = base + in_frame % cols;
     return;
   }
   const int64_t plane = p.hg * p.wg;
@@ -330,15 +347,17 @@ C10_HOST_DEVICE inline bool take_grid(const Rules& r, const GridLists& g, Cursor
   p.hg = floor_div(grid.h, r.merge);
   p.wg = floor_div(grid.w, r.merge);
   if (p.t < 0 || p.hg < 0 || p.wg < 0) return fail(e, kNegativeGrid, token, index, kind);
-  if (p.t > kMaxGridTokens || p.hg > kMaxGridTokens || p.wg > kMaxGridTokens ||
-      (p.t > 0 && p.hg > 0 && p.wg > 0 && (p.hg > kMaxGridTokens / p.t || p.wg > kMaxGridTokens / (p.t * p.hg)))) {
+  // frame_blocks: each row of a frame holds wg + 1 tokens (its newline column), and that width is what is bounded
+  const int64_t cols = r.convention == kFrameBlocks ? p.wg + 1 : p.wg;
+  if (p.t > kMaxGridTokens || p.hg > kMaxGridTokens || cols > kMaxGridTokens ||
+      (p.t > 0 && p.hg > 0 && cols > 0 && (p.hg > kMaxGridTokens / p.t || cols > kMaxGridTokens / (p.t * p.hg)))) {
     return fail(e, kGridTooLarge, token, index, kind);
   }
   if (r.strict && (grid.t < 1 || grid.h < r.merge || grid.w < r.merge || grid.h % r.merge != 0 ||
                    grid.w % r.merge != 0)) {
     return fail(e, kStrictNotDivisible, token, index, kind);
   }
-  p.len = p.t * p.hg * p.wg;
+  p.len = p.t * p.hg * cols;
   return true;
 }
 
@@ -348,9 +367,10 @@ C10_HOST_DEVICE inline void append(Part* parts, int64_t& n_parts, int64_t& total
   parts[n_parts++] = p;
 }
 
-// Runs model (5.x token types, every family; 4.57 GLM-4V): each maximal run of equal kind is one part, and a vision
-// run takes the next grid of its kind whatever its length. 5.x resumes text at cur + max(h, w) // m; 4.57 at the
-// part's largest position + 1 (and fails when that part is empty). Room for `runs` parts.
+// Runs model (5.x token types, every family; 4.57 GLM-4V; HY-V4-VL's frame blocks): each maximal run of equal kind
+// is one part, and a vision run takes the next grid of its kind whatever its length. 5.x resumes text at
+// cur + max(h, w) // m; 4.57 and frame_blocks at the part's largest position + 1 (4.57 fails when an empty part is
+// followed by more, frame_blocks at once: it takes the max right after building the grid). Room for `runs` parts.
 C10_HOST_DEVICE inline bool walk_runs(const Rules& r, const GridLists& g, Cursor& c, const int64_t* run_start,
                                       const int64_t* run_len, const int64_t* run_kind, int64_t runs, Part* parts,
                                       int64_t& n_parts, int64_t& total, ErrorInfo& e) {
@@ -372,6 +392,9 @@ C10_HOST_DEVICE inline bool walk_runs(const Rules& r, const GridLists& g, Cursor
     if (!take_grid(r, g, c, static_cast<int32_t>(kind), token, p, e)) return false;
     if (r.strict && len != p.len) {
       return fail(e, kStrictSpanLength, token, kind == 1 ? c.image - 1 : c.video - 1, len, p.len);
+    }
+    if (r.convention == kFrameBlocks && p.len == 0) {
+      return fail(e, kEmptyGrid, token, kind == 1 ? c.image - 1 : c.video - 1, kind);
     }
     append(parts, n_parts, total, p);
     if (max_plus_one) {

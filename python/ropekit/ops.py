@@ -189,8 +189,8 @@ def rope_index(
     element-wise identical to transformers (values, dtypes and device) wherever transformers returns a result.
 
     Reproduces ``Qwen2VLModel``, ``Qwen2_5_VLModel``, ``Qwen3VLModel``, ``Qwen3_5Model``, ``Qwen4ExpModel``,
-    ``Glm4vModel`` (``glm4v``, ``glm4v_moe``, ``glm46v``), ``HunYuanVLModel`` ``.get_rope_index`` and the 5.x model
-    types that carry one of them, chosen by:
+    ``Glm4vModel`` (``glm4v``, ``glm4v_moe``, ``glm46v``), ``HunYuanVLModel``, ``HYV4VLModel``, the Omni thinkers'
+    ``.get_rope_index`` and the 5.x model types that carry one of them, chosen by:
 
     - ``convention``: ``"token_types"`` is transformers 5.x for every family (modality from ``mm_token_type_ids``:
       0 text, 1 image, 2 video; runs of equal type; text resumes at ``cur + max(h, w) // m`` after a grid; padding
@@ -209,6 +209,13 @@ def rope_index(
       no packing); grids are still consumed in order. Padding slots 0;
       ``deltas = max + 1 - attended tokens``. The ATen reference does not implement it (the host loop and the fused
       algorithm, on the CPU and CUDA, do). ``num_axes`` is 3 for every other convention.
+      ``"frame_blocks"`` is 5.x HY-V4-VL (``HYV4VLModel.get_rope_index``; modality from ``mm_token_type_ids``,
+      runs as in ``"token_types"``, videos whole grids whatever ``video_frames`` says): a grid ``(t, h, w)`` has
+      ``t * (h // m) * (w // m + 1)`` tokens (every row of a frame ends with a newline token); frame ``f`` starts a
+      block of ``B = max(h // m, w // m + 1)`` positions, its token in row ``y``, column ``x`` at ``(cur + f * B,
+      cur + f * B + y, cur + f * B + x)``; text resumes at the grid's largest position + 1, and a grid of no tokens
+      raises ``ValueError`` (transformers fails taking its max). Padding slots 0; ``deltas = max + 1 - attended
+      tokens`` (int64). No temporal scaling. The ATen reference does not implement it.
     - ``video_frames``: each video is split into ``t`` single-frame grids (Qwen3-VL, Qwen3.5, Qwen4-Exp, GLM-4V;
       ``repeat_interleave`` by t), or kept whole (Qwen2-VL, Qwen2.5-VL).
     - ``tokens_per_second`` (Qwen2.5-VL's vision config value, int or float as there) with ``second_per_grid_ts``
@@ -462,7 +469,7 @@ def _rope_index_fake(input_ids, image_grid_thw, video_grid_thw, attention_mask, 
     batch, seq = input_ids.shape
     pos_dtype, delta_dtype = input_ids.dtype, torch.int64
     is_packed = packed or cu_seqlens is not None
-    four_fifty_seven = convention not in ("token_types", "xdrope")
+    four_fifty_seven = convention not in ("token_types", "xdrope", "frame_blocks")
     omni = convention in ("qwen2_5_omni", "qwen3_omni")
     if omni and image_grid_thw is None and video_grid_thw is None and not is_packed:
         # the mask's cumulative sum; deltas: max + 1 - attention_mask.sum(-1), in the promoted dtype

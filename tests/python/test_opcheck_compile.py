@@ -129,7 +129,13 @@ def rope_index_cases(device):
         (op, (ids, grid, grid, mask, types, 2, 9, 8, 7, convention, on_host))
         for convention in ("token_types", "vision_start")
         for on_host in (True, False)
-    ] + [(op, (ids, None, None, None, None, 2, 9, 8, 7, "vision_start", True))]
+    ] + [(op, (ids, None, None, None, None, 2, 9, 8, 7, "vision_start", True))] + [
+        # HY-V4-VL's frame blocks: a (1, 4, 4) image is 2 rows of 3 tokens (a newline column per row)
+        (op, (fb_ids, grid, None, None, fb_types, 2, 9, 8, 7, "frame_blocks", on_host))
+        for fb_types in [torch.tensor([[0, 1, 1, 1, 1, 1, 1, 0]], device=device)]
+        for fb_ids in [fb_types * 9 + 1]
+        for on_host in (True, False)
+    ]
 
 
 def test_opcheck(device):

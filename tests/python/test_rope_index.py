@@ -515,6 +515,53 @@ def test_xdrope_rows_errors_and_dtypes(on_host):
                                                 algorithm="reference")
 
 
+@pytest.mark.parametrize("on_host", [True, False], ids=["host", "device"])
+def test_frame_blocks_positions_errors_and_dtypes(on_host):
+    """HY-V4-VL's "frame_blocks": transformers' docstring example (a 2-frame video, 2 rows of 3 tokens per frame: each
+    frame a block of max(2, 3) = 3 positions), an image after it, left padding; positions in input_ids' dtype, int64
+    deltas; videos whole whatever video_frames says; a grid of no tokens, temporal scaling and the ATen reference
+    raise ValueError; strict names the frame-block span length (the host loop; the fused algorithm names the rule)."""
+    types = torch.tensor([[0] + [2] * 12 + [0] + [1] * 6 + [0], [0] * 14 + [1] * 6 + [0]], dtype=torch.int32)
+    ids = types * 5 + 3
+    mask = torch.ones_like(types)
+    mask[1, :13] = 0  # row 1: left padding, then text, an image, text
+    video, images = torch.tensor([[2, 4, 4]]), torch.tensor([[1, 4, 4], [1, 4, 4]])
+    common = dict(mm_token_type_ids=types, spatial_merge_size=2, convention="frame_blocks", on_host=on_host)
+    pos, deltas = ropekit.rope_index(ids, images, video, mask, **common)
+    assert pos.shape == (3, 2, 21) and pos.dtype == torch.int32 and deltas.dtype == torch.int64
+    # transformers' example, after one text token: T [0]*6 + [3]*6, H 0,0,0,1,1,1,3,3,3,4,4,4, W 0,1,2,0,1,2,3,4,5,...
+    video_t, video_h, video_w = (torch.tensor(v) + 1 for v in ([0] * 6 + [3] * 6, [0, 0, 0, 1, 1, 1, 3, 3, 3, 4, 4, 4],
+                                                               [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]))
+    assert pos[0, 0, 1:13].tolist() == video_t.tolist() and pos[1, 0, 1:13].tolist() == video_h.tolist()
+    assert pos[2, 0, 1:13].tolist() == video_w.tolist()
+    assert pos[:, 0, 13].tolist() == [7] * 3  # max(ids) + 1, then the image at 8 (a block of 3)
+    assert pos[:, 0, 14:20].tolist() == [[8] * 6, [8, 8, 8, 9, 9, 9], [8, 9, 10, 8, 9, 10]]
+    assert pos[:, 0, 20].tolist() == [11] * 3 and deltas[0].item() == 11 + 1 - 21
+    assert pos[:, 1, :13].eq(0).all() and pos[:, 1, 13].tolist() == [0] * 3  # padding 0; text from 0
+    assert pos[:, 1, 14:20].tolist() == [[1] * 6, [1, 1, 1, 2, 2, 2], [1, 2, 3, 1, 2, 3]]
+    assert pos[:, 1, 20].tolist() == [4] * 3 and deltas[1].item() == 4 + 1 - 8
+    frames, _ = ropekit.rope_index(ids, images, video, mask, video_frames=False, **common)
+    assert torch.equal(frames, pos)  # videos are whole grids either way
+    long_pos, long_deltas = ropekit.rope_index(ids.long(), images, video, mask, **common)
+    assert long_pos.dtype == torch.int64 and torch.equal(long_pos, pos.long()) and torch.equal(long_deltas, deltas)
+    for bad, match in ((dict(video_grid_thw=torch.tensor([[0, 4, 4]])), "no tokens"),
+                       (dict(image_grid_thw=torch.tensor([[1, 4, 4]])), "more image spans"),
+                       (dict(tokens_per_second=2), "temporal scaling"),
+                       (dict(num_axes=4), "num_axes")):
+        args = dict(image_grid_thw=images, video_grid_thw=video)
+        args.update(bad)
+        with pytest.raises(ValueError, match=match):
+            ropekit.rope_index(ids, args.pop("image_grid_thw"), args.pop("video_grid_thw"), mask, **args, **common)
+    strict_error = re.escape("needs t * (h / m) * (w / m + 1) = 4") if on_host else "a span whose"
+    with pytest.raises(ValueError, match=strict_error):
+        ropekit.rope_index(ids, torch.tensor([[1, 4, 4], [1, 4, 2]]), video, mask, strict=True, **common)
+    with pytest.raises(ValueError, match="does not implement convention 'frame_blocks'"):
+        torch.ops.ropekit._rope_index_algorithm(ids, images, video, mask, types, 2, -1, -1, -1, "frame_blocks",
+                                                algorithm="reference")
+    none_pos, none_deltas = ropekit.rope_index(ids[:0], None, None, None, **dict(common, mm_token_type_ids=types[:0]))
+    assert none_pos.shape == (3, 0, 21) and none_deltas.dtype == torch.float32  # torch.tensor([]) of no rows
+
+
 def test_unknown_convention_raises_value_error():
     case = _base_case()
     with pytest.raises(ValueError, match=r"(?i)convention"):
