@@ -171,14 +171,14 @@ def qwen3_vl_scenarios(device, rng, results):
     return rows, convention
 
 
-def family_scenarios(device, results):
+def family_scenarios(device, results, only=None):
     """Each family's own get_rope_index on one B2 prompt of ~4K tokens in its layout: 4 images and a video each
     (HunYuan-VL, images only: an image in the video's place)."""
     from family_cases import (FAMILIES, Image, Text, Video, build_family_case, rope_index_model, ropekit_kwargs,
                               tiny_config, transformers_call)
 
     rows = []
-    families = [f for f in FAMILIES.values() if f.available()]
+    families = [f for f in FAMILIES.values() if f.available() and (not only or f.name in only)]
     for family in families[:1] if bench_common.DRY_RUN else families:
         config = tiny_config(family)
         row = [Text(40), Image(28, 28), Text(30), Image(20, 36), Text(200), Video(4, 24, 24, [4] * 4), Text(500),
@@ -256,6 +256,9 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-families", action="store_true")
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--family", action="append", default=None,
+                        help="time only these families' own get_rope_index (family_cases names; repeatable): no "
+                             "Qwen3-VL scenarios, no Omni clips unless named")
     args = parser.parse_args()
     if bench_common.DRY_RUN:
         args.device, args.no_record = "cpu", True
@@ -264,18 +267,19 @@ def main():
     results = []
     headers = ["scenario", "transformers us", "ropekit host us", "ropekit device us", "device latency us",
                "ATen reference us", "device graph us", "syncs", "best speed-up", "target us"]
-    rows, convention = qwen3_vl_scenarios(device, random.Random(0), results)
-    table = format_table(headers, rows)
-    notes = (f"Qwen3-VL get_rope_index; inputs on {device.type}; transformers {convention} convention; device = the "
-             "fused algorithm (a kernel on CUDA, its serial row code on the CPU): device us = the profiler's sum of "
-             "the kernels of one call (on the CPU the call), latency = CUDA events around the whole Python call; "
-             "every result torch.equal to transformers")
-    print(table)
-    print(notes)
-    if not args.no_record:
-        append_results("get_rope_index (Qwen3-VL)", device, table, notes)
+    if not args.family:
+        rows, convention = qwen3_vl_scenarios(device, random.Random(0), results)
+        table = format_table(headers, rows)
+        notes = (f"Qwen3-VL get_rope_index; inputs on {device.type}; transformers {convention} convention; device = "
+                 "the fused algorithm (a kernel on CUDA, its serial row code on the CPU): device us = the profiler's "
+                 "sum of the kernels of one call (on the CPU the call), latency = CUDA events around the whole Python "
+                 "call; every result torch.equal to transformers")
+        print(table)
+        print(notes)
+        if not args.no_record:
+            append_results("get_rope_index (Qwen3-VL)", device, table, notes)
     if not args.no_families:
-        family_rows = family_scenarios(device, results)
+        family_rows = family_scenarios(device, results, only=args.family)
         table = format_table(headers, family_rows)
         notes = (f"each family's own get_rope_index on its own token layout; inputs on {device.type}; every result "
                  "torch.equal to transformers")
@@ -283,7 +287,7 @@ def main():
         print(notes)
         if not args.no_record:
             append_results("get_rope_index (every mRoPE family)", device, table, notes)
-    if not args.no_families:
+    if not args.no_families and (not args.family or {"qwen2_5_omni", "qwen3_omni"} & set(args.family)):
         omni_rows = omni_scenarios(device, results)
         table = format_table(headers, omni_rows)
         notes = (f"the Omni thinkers' own get_rope_index (Qwen2.5-Omni: position_id_per_seconds 25, int64; Qwen3-Omni: "

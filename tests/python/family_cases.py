@@ -8,7 +8,9 @@ GLM-4V family (glm4v, glm4v_moe, glm46v: frames of image tokens inside <|begin_o
 and the 5.x model types that carry one of those indexes in their own classes (paddleocr_vl: Qwen2-VL's; glm_ocr:
 GLM-4V's; cosmos3_omni, cosmos3_edge, cohere_compass: Qwen3-VL's; ernie4_5_vl_moe: Qwen2-VL's with a temporal merge of
 video frames, in its own <|IMAGE_START|> / <|VIDEO_START|> brackets); hunyuan_vl: XD-RoPE (images only, 3 to 5
-position rows, an image's span its (h // m) * (w // m + 1) grid tokens and, mostly, a first and last token).
+position rows, an image's span its (h // m) * (w // m + 1) grid tokens and, mostly, a first and last token); hy_v4_vl:
+frame blocks (images and whole videos, every frame's rows ending in a newline token: t * (h // m) * (w // m + 1)
+tokens of type 1 / 2 between text tokens).
 
 Reproduce one case: PYTHONPATH=python python tests/python/family_cases.py --family qwen2_5_vl --seed 12345
 """
@@ -37,6 +39,7 @@ class Family:
     glm: bool = False  # GLM token layout; 4.57 classifies video frames by the video brackets
     temporal_merge: bool = False  # ERNIE-4.5-VL: t // temporal_merge_size positions per video, image/video brackets
     xdrope: bool = False  # HunYuan-VL: images only, num_axes rows, spans of the grid's tokens (+ first and last)
+    frame_blocks: bool = False  # HY-V4-VL: spans of t * (h // m) * (w // m + 1) tokens, whole videos
 
     def modeling(self):
         try:
@@ -54,7 +57,7 @@ class Family:
         """The convention of the installed transformers: 5.x reads mm_token_type_ids."""
         params = inspect.signature(self.model_class().get_rope_index).parameters
         if "mm_token_type_ids" in params:
-            return "xdrope" if self.xdrope else "token_types"
+            return "xdrope" if self.xdrope else "frame_blocks" if self.frame_blocks else "token_types"
         return "video_brackets" if self.glm else "vision_start"
 
 
@@ -79,6 +82,7 @@ FAMILIES = {
         Family("ernie4_5_vl_moe", "ernie4_5_vl_moe", "Ernie4_5_VLMoeModel", "Ernie4_5_VLMoeConfig", frames=False,
                temporal_merge=True),
         Family("hunyuan_vl", "hunyuan_vl", "HunYuanVLModel", "HunYuanVLConfig", frames=False, xdrope=True),
+        Family("hy_v4_vl", "hy_v4_vl", "HYV4VLModel", "HYV4VLConfig", frames=False, frame_blocks=True),
     )
 }
 
@@ -144,6 +148,15 @@ def build_family_case(family: Family, config, rows, *, m=2, pad_side="right", ex
                 # sometimes the grid's tokens alone (transformers takes both)
                 bare = rng.random() < 0.2
                 add([ids["image"]] * (n + (0 if bare else 2)), [1] * (n + (0 if bare else 2)))
+                continue
+            if family.frame_blocks:  # text, then the grid's tokens (a newline column per row of every frame), text
+                t = 1 if isinstance(item, Image) else item.t
+                (images if isinstance(item, Image) else videos).append([t, item.h, item.w])
+                kind = 1 if isinstance(item, Image) else 2
+                n = t * (item.h // m) * (item.w // m + 1)
+                add(*text(1))
+                add([ids["image" if kind == 1 else "video"]] * n, [kind] * n)
+                add(*text(1))
                 continue
             if isinstance(item, Image):
                 images.append([1, item.h, item.w])
@@ -309,7 +322,7 @@ def transformers_call(family_case: FamilyCase, model, fn=None, device="cpu"):
         del kwargs["video_grid_thw"]
     if family.time_scaled:
         kwargs["second_per_grid_ts"] = copy(family_case.second_per_grid_ts)
-    if family.convention() in ("token_types", "xdrope"):
+    if family.convention() in ("token_types", "xdrope", "frame_blocks"):
         kwargs["mm_token_type_ids"] = copy(case.mm_token_type_ids)
     return fn, kwargs
 
@@ -336,7 +349,7 @@ def ropekit_kwargs(family_case: FamilyCase, convention: str | None = None) -> di
         vision_start_token_id=ids["vision_start"] if ids["vision_start"] is not None else -1,
         convention=convention, video_frames=family.frames,
     )
-    if convention in ("token_types", "xdrope"):
+    if convention in ("token_types", "xdrope", "frame_blocks"):
         kwargs["mm_token_type_ids"] = case.mm_token_type_ids
     if family.glm:
         kwargs.update(video_start_token_id=ids["video_start"], video_end_token_id=ids["video_end"])

@@ -230,6 +230,26 @@ def hunyuan_vl_config():
     return config
 
 
+def hy_v4_vl_config(**text_overrides):
+    """HY-V4-VL (5.24 on): an MLA text model (rope slice 16: sections [3, 3, 2], interleaved), hyper-connections
+    (2 streams), a dense and a MoE layer (four experts of which two run, one shared) and the sparse-attention indexer
+    with a budget above any test's length (every token selected: no discrete choice, see without_discrete_choices);
+    a one-layer tower whose merger adds a newline column to every row of a frame."""
+    from transformers import HYV4VLConfig
+
+    text = dict(TEXT, eos_token_id=1, bos_token_id=2, moe_intermediate_size=32, n_routed_experts=4,
+                num_experts_per_tok=2, n_shared_experts=1, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+                qk_rope_head_dim=16, v_head_dim=16, index_topk=512, index_head_dim=16, index_n_heads=2, hc_mult=2,
+                **_text_rope([3, 3, 2]))
+    text.pop("num_key_value_heads")  # MLA: one key / value per query head
+    text.update(text_overrides)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=4,
+                  spatial_merge_size=2, out_hidden_size=TEXT["hidden_size"], max_image_size=64)
+    config = HYV4VLConfig(text_config=text, vision_config=vision, image_token_id=250, video_token_id=251)
+    config._attn_implementation = "eager"
+    return config
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Families
 
@@ -262,6 +282,7 @@ class Family:
     layer_types: tuple = ()  # a rotary per layer type (Cohere Compass): forward(x, position_ids, layer_type)
     temporal_merge: int = 1  # the resampler merges this many frames (ERNIE-4.5-VL): batches' videos have that many more
     axes: int = 3  # rows of its mRoPE positions (HunYuan-VL: len(mrope_section))
+    rotation: bool = True  # ropekit patches the module's apply_rotary_pos_emb (HY-V4-VL's MLA rotation: it does not)
 
     def available(self) -> bool:
         return has_module(self.module) and has_module(self.config_module())
@@ -310,6 +331,8 @@ FAMILIES = {
                pixels="flat", temporal_merge=2),
         Family("hunyuan_vl", "HunYuanVLForConditionalGeneration", hunyuan_vl_config, ropekit.apply_to_hunyuan_vl,
                "hunyuan_vl", "HunYuanVLRotaryEmbedding", "hunyuan", pixels="flat", videos=False, axes=4),
+        Family("hy_v4_vl", "HYV4VLForConditionalGeneration", hy_v4_vl_config, ropekit.apply_to_hy_v4_vl,
+               "hy_v4_vl", "HYV4VLRotaryEmbedding", "hy", pixels="flat", rotation=False),
     )
 }
 
@@ -399,11 +422,21 @@ def _image(family, config, h, w):
     if family.layout == "hunyuan":  # the merger's tokens: a newline column per row, a first and a last token
         n = (h // config.vision_config.spatial_merge_size) * (w // config.vision_config.spatial_merge_size + 1) + 2
         return [config.image_token_id] * n, [1] * n
+    if family.layout == "hy":  # the merger's tokens (a newline column per row) between two text tokens
+        return _hy_span(config, 1, h, w, config.image_token_id, 1)
     if family.layout in ("glm", "ernie"):
         return [config.image_start_token_id] + [config.image_token_id] * n + [config.image_end_token_id], \
             [0] + [1] * n + [0]
     return [config.vision_start_token_id] + [config.image_token_id] * n + [config.vision_end_token_id], \
         [0] + [1] * n + [0]
+
+
+def _hy_span(config, t, h, w, token, kind):
+    """HY-V4-VL: t frames of (h // m) rows of (w // m + 1) tokens (the last of each row the newline), between two
+    ordinary text tokens (246, 247: no special id in its config)."""
+    merge = config.vision_config.spatial_merge_size
+    n = t * (h // merge) * (w // merge + 1)
+    return [246] + [token] * n + [247], [0] + [kind] * n + [0]
 
 
 def _video(family, config, t, h, w, text):
@@ -414,6 +447,8 @@ def _video(family, config, t, h, w, text):
         span = t // family.temporal_merge * n
         return [config.video_start_token_id] + [config.video_token_id] * span + [config.video_end_token_id], \
             [0] + [2] * span + [0]
+    if family.layout == "hy":
+        return _hy_span(config, t, h, w, config.video_token_id, 2)
     if family.layout == "qwen2":  # one span of t * n tokens
         return [config.vision_start_token_id] + [config.video_token_id] * (t * n) + [config.vision_end_token_id], \
             [0] + [2] * (t * n) + [0]

@@ -306,7 +306,9 @@ def test_qwen3_5(unpatch_after):
 
 
 def _family_ops(family, multimodal):
-    ops = ("ropekit.qk_norm_rope",) if family.fused else ("ropekit.apply_rope",)
+    # HY-V4-VL: its MLA rotation is transformers' and the table is not read under torch.compile (transformers'
+    # rotary forward traces): only its get_rope_index is a ropekit op in the graph
+    ops = ("ropekit.qk_norm_rope",) if family.fused else ("ropekit.apply_rope",) if family.rotation else ()
     return ops + (("ropekit.rope_index",) if multimodal else ())
 
 

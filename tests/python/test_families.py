@@ -1,5 +1,6 @@
 """Model level, for the mRoPE families beyond Qwen3-VL / Qwen3.5: Qwen2-VL, Qwen2.5-VL, Qwen4-Exp (5.x), GLM-4V,
-GLM-4V-MoE and GLM-4.6V (5.x). Tiny models built from their config classes with random weights (norm weights
+GLM-4V-MoE and GLM-4.6V (5.x), and the 5.x model types (PaddleOCR-VL, GLM-OCR, Cosmos3, Cohere Compass, ERNIE-4.5-VL,
+HunYuan-VL, HY-V4-VL: only its rotary and index are ropekit's, its MLA rotation stays transformers'). Tiny models built from their config classes with random weights (norm weights
 included), shared across tests (family_models.shared_model); every test runs under whichever transformers line is
 installed (CI: 5.18.0 and 4.57.6) and checks against the unpatched model:
 
@@ -136,8 +137,10 @@ def assert_patch_ran(family, model, counts, forwards, rope_index_calls=None, get
         # Qwen4-Exp's indexer rotates its queries through apply_rotary_pos_emb(q, k=None); nothing else rotates
         indexer = forwards * layers if family.id == "qwen4_exp" else 0
         assert len(applied) == indexer, "the indexer's k=None rotation bypassed ropekit.apply_rope"
-    else:
+    elif family.rotation:
         assert not fused and len(applied) == forwards * layers, "a layer bypassed ropekit.apply_rope"
+    else:  # HY-V4-VL: its MLA rotation stays transformers' (only the rotary is served)
+        assert not fused and not applied
     if get_rope_index_calls is not None:
         assert get_rope_index_calls, "get_rope_index was not called"
         assert len(rope_index_calls) == len(get_rope_index_calls), "a get_rope_index call bypassed ropekit"
@@ -190,7 +193,7 @@ def test_rotary_forward_bit_identical(unpatch_after, device, family, dtype):
         assert set(vars(module)["_ropekit_tables"]) == set(family.layer_types)
 
 
-@pytest.mark.parametrize("family", family_params(ids={"cohere_compass", "ernie4_5_vl_moe", "hunyuan_vl"}))
+@pytest.mark.parametrize("family", family_params(ids={"cohere_compass", "ernie4_5_vl_moe", "hunyuan_vl", "hy_v4_vl"}))
 def test_recomposing_rotary_runs_transformers_under_another_recomposition(unpatch_after, family):
     """A rotary whose recomposition_frequencies lays its axes out (Cohere Compass per layer type, ERNIE-4.5-VL) is
     served with the checked class's method; an instance or subclass with another one gets transformers' forward
@@ -248,7 +251,7 @@ def _apply_fn(family):
     return module.apply_rotary_pos_emb, original(module, "apply_rotary_pos_emb"), ()
 
 
-@pytest.mark.parametrize("family", ALL)
+@pytest.mark.parametrize("family", family_params(needs=lambda family: family.rotation))
 def test_apply_rotary_pos_emb_bit_identical(unpatch_after, count_apply_rope, device, family):
     """fp32 q/k as the attention passes them (transposed (B, H, S, D) views, GQA), cos/sin from the rotary forward:
     outputs and the gradients of q and k equal transformers' bit for bit (GLM-4V: GPT-J pairs with partial rotary;
@@ -800,7 +803,8 @@ def test_families_of_later_releases_say_which(unpatch_after):
                                  (ropekit.apply_to_paddleocr_vl, "PaddleOCR-VL", r"5\.0\.0"),
                                  (ropekit.apply_to_glm_ocr, "GLM-OCR", r"5\.1\.0"),
                                  (ropekit.apply_to_ernie4_5_vl, "ERNIE-4.5-VL", r"5\.0\.0"),
-                                 (ropekit.apply_to_hunyuan_vl, "HunYuan-VL", r"5\.13\.0")):
+                                 (ropekit.apply_to_hunyuan_vl, "HunYuan-VL", r"5\.13\.0"),
+                                 (ropekit.apply_to_hy_v4_vl, "HY-V4-VL", r"5\.24\.0")):
         with pytest.raises(RuntimeError, match=rf"no {family} modeling module; .*needs transformers {first}"):
             apply()
         assert not _patching._ORIGINALS, f"{family}: nothing was patched"
@@ -848,13 +852,14 @@ def test_qwen4_exp_switches_and_hooks(unpatch_after, count_fused, family):
 
 @pytest.mark.parametrize("family", ALL)
 def test_peft_lora(unpatch_after, count_fused, count_apply_rope, family):
-    """LoRA on q_proj / k_proj (and, where the family has q/k norms, trainable modules_to_save copies of them, which
-    the fused op uses): the same loss and trainable gradients patched (model=) and unpatched."""
+    """LoRA on q_proj / k_proj (HY-V4-VL's MLA: q_b_proj / kv_b_proj; and, where the family has q/k norms,
+    trainable modules_to_save copies of them, which the fused op uses): the same loss and trainable gradients
+    patched (model=) and unpatched."""
     peft = pytest.importorskip("peft", reason="PEFT integration: peft is in requirements/dev.txt")
     modules_to_save = ["q_norm", "k_norm"] if family.fused else None
+    targets = ["q_proj", "k_proj"] if family.id != "hy_v4_vl" else ["q_b_proj", "kv_b_proj"]
     model = peft.get_peft_model(copy.deepcopy(shared_model(family)),
-                                peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj"],
-                                                modules_to_save=modules_to_save))
+                                peft.LoraConfig(r=4, target_modules=targets, modules_to_save=modules_to_save))
     gen = torch.Generator().manual_seed(8)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -876,8 +881,10 @@ def test_peft_lora(unpatch_after, count_fused, count_apply_rope, family):
     assert any("lora_A" in name for name in grads)
     if family.fused:
         assert count_fused and any("modules_to_save" in name and "q_norm" in name for name in grads)
-    else:
+    elif family.rotation:
         assert count_apply_rope
+    else:  # only the rotary is ropekit's
+        assert served_from_table(language_model(model.base_model.model).rotary_emb)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-5)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -62,7 +62,8 @@ def family_cases(request):
     model = rope_index_model(family, config)
     # no vision_start token in the GLM and ERNIE layouts
     kinds = [k for k in WILD_KINDS
-             if not ((family.glm or family.temporal_merge or family.xdrope) and k == "vision_start_end")]
+             if not ((family.glm or family.temporal_merge or family.xdrope or family.frame_blocks)
+                     and k == "vision_start_end")]
     cases = []
     for i in range(N_CASES + N_CASES // 2):
         fc = random_family_case(family, config, seed=0xFA11 * 1000 + i)
@@ -88,7 +89,7 @@ def test_family_fuzz_matches_transformers(family_cases, algorithm):
     """The same positions and deltas as the family's transformers get_rope_index wherever it returns, and an error
     where it raises. The ATen reference may decline 4.57 spans that do not match their grids (its domain)."""
     family, cases = family_cases
-    if algorithm == "reference" and family.xdrope:
+    if algorithm == "reference" and (family.xdrope or family.frame_blocks):
         assert_reference_declines(family, cases[0][0])
         return
     if algorithm == "reference":  # dozens of tensor ops per call on the CPU: a sample of clean and perturbed cases
@@ -133,9 +134,9 @@ def test_patched_get_rope_index_follows_transformers(family_cases):
 
 
 def assert_reference_declines(family, fc):
-    """HunYuan-VL's "xdrope" has no ATen composition: the reference says so (the host loop and the fused algorithm,
-    which the patch and the op use on the CPU and CUDA, compute it)."""
-    with pytest.raises(ValueError, match="does not implement convention 'xdrope'"):
+    """HunYuan-VL's "xdrope" and HY-V4-VL's "frame_blocks" have no ATen composition: the reference says so (the host
+    loop and the fused algorithm, which the patch and the op use on the CPU and CUDA, compute them)."""
+    with pytest.raises(ValueError, match=f"does not implement convention '{family.convention()}'"):
         call(fc, "reference")
 
 
@@ -210,7 +211,7 @@ def _packed_case(family, config, rows, S):
 
 
 def _check_packed(family, rows, pos, deltas):
-    pad = 0 if family.convention() in ("token_types", "xdrope") else 1
+    pad = 0 if family.convention() in ("token_types", "xdrope", "frame_blocks") else 1
     for b, row in enumerate(rows):
         at = 0
         for smp in row:
@@ -229,7 +230,7 @@ def test_packed_rows_equal_the_samples_alone(family_cases, algorithm):
     (packed=True), and cu_seqlens (samples over the flattened tokens; tokens past its last entry are padding)."""
     family, _ = family_cases
     config = tiny_config(family)
-    if algorithm == "reference" and family.xdrope:
+    if algorithm == "reference" and (family.xdrope or family.frame_blocks):
         assert_reference_declines(family, _samples(family, config, 0, count=1)[0])
         return
     for seed in range(10):

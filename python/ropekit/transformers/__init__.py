@@ -1,7 +1,7 @@
 """Monkeypatches that route transformers' RoPE / mRoPE through ropekit's ops, for the Qwen3 families, the mRoPE
 vision-language families (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Qwen4-Exp, GLM-4V / GLM-4V-MoE / GLM-4.6V) and the
 5.x model types built on their code (PaddleOCR-VL, GLM-OCR, Cosmos3-Omni / Cosmos3-Edge, Cohere Compass,
-ERNIE-4.5-VL, HunYuan-VL).
+ERNIE-4.5-VL, HunYuan-VL, HY-V4-VL) and the Omni thinkers.
 
 Methods and module functions are patched, never classes, so models built before patching pick the change up too
 (and ``from_pretrained``'s buffer re-initialisation keeps working). ``unpatch()`` restores every original object.
@@ -26,7 +26,8 @@ from .vision import POSITION_HELPERS, VisionTower, make_apply_rotary_pos_emb_vis
 __all__ = [
     "apply_to_qwen3", "apply_to_qwen3_vl", "apply_to_qwen3_5", "apply_to_qwen2_vl", "apply_to_qwen2_5_vl",
     "apply_to_qwen4_exp", "apply_to_glm4v", "apply_to_paddleocr_vl", "apply_to_glm_ocr", "apply_to_cosmos3",
-    "apply_to_cohere_compass", "apply_to_ernie4_5_vl", "apply_to_hunyuan_vl", "apply_to_qwen2_5_omni",
+    "apply_to_cohere_compass", "apply_to_ernie4_5_vl", "apply_to_hunyuan_vl", "apply_to_hy_v4_vl",
+    "apply_to_qwen2_5_omni",
     "apply_to_qwen3_omni_moe", "apply_to_model", "unpatch", "support_report", "PatchStatus",
     "RopekitDeclined",
 ]
@@ -54,6 +55,9 @@ class _ModelingModule:
     model_type: str | None = None  # its config.model_type (its rules in MROPE_RULES)
     vision: VisionTower | None = None  # the vision tower (its module-level apply_rotary_pos_emb_vision, 4.57 helpers)
     borrowed: bool = False  # another family's module this one runs (Cosmos3-Omni: Qwen3-VL's): not its own presence
+    # the module-level rotation (apply_rotary_pos_emb) is patched with the rotary; False: the module has none that
+    # ropekit's op computes (HY-V4-VL's MLA rotates with apply_rotary_pos_emb_interleave), only the rotary is served
+    rotation: bool = True
 
 
 _FAMILIES = {
@@ -148,6 +152,14 @@ _FAMILIES["HunYuan-VL"] = (
     _ModelingModule("transformers.models.hunyuan_vl.modeling_hunyuan_vl", "HunYuanVLRotaryEmbedding", "recomposed",
                     upcast=True, vl_model="HunYuanVLModel", model_type="hunyuan_vl"),
 )
+_FAMILIES["HY-V4-VL"] = (
+    # Qwen3-VL's interleaved layout written as a recomposition of cos/sin (its own recomposition_frequencies); an MLA
+    # text model (DeepSeek-style apply_rotary_pos_emb_interleave on the rope slice: transformers' code, no module
+    # apply_rotary_pos_emb), no q/k norms around the rotation; its own get_rope_index (convention "frame_blocks":
+    # frames of rows ending in a newline token, each frame a block of positions); a tower without a rotary
+    _ModelingModule("transformers.models.hy_v4_vl.modeling_hy_v4_vl", "HYV4VLRotaryEmbedding", "recomposed",
+                    vl_model="HYV4VLModel", model_type="hy_v4_vl", rotation=False),
+)
 _FAMILIES["Qwen2.5-Omni"] = (
     # the thinker's text rotary (Qwen2.5-VL's sectioned code; 4.57: per-axis cos/sin and
     # apply_multimodal_rotary_pos_emb) and the get_rope_index thinker and talker call, defined on their shared base
@@ -193,13 +205,14 @@ _FAMILY_MODEL_TYPES = {
     "Cohere-Compass": ("cohere_compass", "cohere_compass_text"),
     "ERNIE-4.5-VL": ("ernie4_5_vl_moe", "ernie4_5_vl_moe_text"),
     "HunYuan-VL": ("hunyuan_vl", "hunyuan_vl_text"),
+    "HY-V4-VL": ("hy_v4_vl", "hy_v4_vl_text"),
     "Qwen2.5-Omni": ("qwen2_5_omni", "qwen2_5_omni_thinker", "qwen2_5_omni_talker"),
     "Qwen3-Omni": ("qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen3_omni_moe_talker"),
 }
 # families whose modeling code exists in 5.x releases only: the first release that has it
 _NEEDS = {"Qwen3.5": "5.x", "Qwen4-Exp": "5.x", "PaddleOCR-VL": "5.0.0 or later", "GLM-OCR": "5.1.0 or later",
           "Cosmos3": "5.11.0 or later (Cosmos3-Edge: 5.15.0)", "Cohere-Compass": "5.16.0 or later",
-          "ERNIE-4.5-VL": "5.0.0 or later", "HunYuan-VL": "5.13.0 or later"}
+          "ERNIE-4.5-VL": "5.0.0 or later", "HunYuan-VL": "5.13.0 or later", "HY-V4-VL": "5.24.0 or later"}
 # The transformers lines the patches support; within them, each function is checked against known code at patch time.
 _TRANSFORMERS_LINES = "4.57.x and 5.x"
 
@@ -343,6 +356,8 @@ def _plan_rope(plan: _Plan, module, spec: _ModelingModule) -> None:
         plan.accept(module, "rope", target, why, rotary_cls, "forward", replacement)
     else:
         plan.decline(module, "rope", target, why)
+    if not spec.rotation:
+        return
     ok, why = _known(module, name, function)
     wrapped, routed = _hub_routing(function) if ok else (False, None)
     if ok and wrapped and routed is None:
@@ -668,6 +683,19 @@ def apply_to_hunyuan_vl(model=None, *, rope: bool = True, rope_index: bool = Tru
     _apply("HunYuan-VL", model, rope, rope_index, qk_norm_rope=False)
 
 
+def apply_to_hy_v4_vl(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
+    """Route HY-V4-VL (``hy_v4_vl``, transformers 5.24 on; also its text model ``hy_v4_vl_text``) through ropekit.
+
+    ``rope``: the text rotary's cos/sin gathered from a cached table per axis and laid out by the module's own
+    ``recomposition_frequencies`` (Qwen3-VL's interleaved mRoPE, applied to cos/sin): bit for bit. Its MLA attention
+    rotates the rope slice with ``apply_rotary_pos_emb_interleave`` (interleaved pairs in, halves out), which stays
+    transformers' code; there are no q/k norms around it to fuse. ``rope_index``: ``HYV4VLModel.get_rope_index``
+    (``ropekit.rope_index`` convention ``"frame_blocks"``: every row of a frame ends with a newline token, and each
+    frame starts a block of ``max(h // m, w // m + 1)`` positions). Its tower has no rotary. ``model``: as for
+    ``apply_to_qwen3``."""
+    _apply("HY-V4-VL", model, rope, rope_index, qk_norm_rope=False)
+
+
 def apply_to_qwen2_5_omni(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
     """Route Qwen2.5-Omni (``qwen2_5_omni``; its thinker and talker, 4.57 and 5.x) through ropekit.
 
@@ -698,7 +726,7 @@ _APPLY = {"Qwen3": apply_to_qwen3, "Qwen3-VL": apply_to_qwen3_vl, "Qwen3.5": app
           "Qwen2-VL": apply_to_qwen2_vl, "Qwen2.5-VL": apply_to_qwen2_5_vl, "Qwen4-Exp": apply_to_qwen4_exp,
           "GLM-4V": apply_to_glm4v, "PaddleOCR-VL": apply_to_paddleocr_vl, "GLM-OCR": apply_to_glm_ocr,
           "Cosmos3": apply_to_cosmos3, "Cohere-Compass": apply_to_cohere_compass,
-          "ERNIE-4.5-VL": apply_to_ernie4_5_vl, "HunYuan-VL": apply_to_hunyuan_vl,
+          "ERNIE-4.5-VL": apply_to_ernie4_5_vl, "HunYuan-VL": apply_to_hunyuan_vl, "HY-V4-VL": apply_to_hy_v4_vl,
           "Qwen2.5-Omni": apply_to_qwen2_5_omni, "Qwen3-Omni": apply_to_qwen3_omni_moe}
 # config.model_type -> the apply_to_* that covers it
 _MODEL_TYPES = {model_type: _APPLY[family] for family, types_ in _FAMILY_MODEL_TYPES.items() for model_type in types_}
@@ -745,7 +773,9 @@ def guarded_names() -> dict[str, list[str]]:
             tail = spec.name.rsplit(".", 1)[-1].removeprefix("modeling_")
             entry = names.setdefault(tail, [])
             if spec.rotary is not None:
-                entry += [f"{spec.rotary}.forward", "apply_rotary_pos_emb", "apply_multimodal_rotary_pos_emb"]
+                entry.append(f"{spec.rotary}.forward")
+            if spec.rotary is not None and spec.rotation:
+                entry += ["apply_rotary_pos_emb", "apply_multimodal_rotary_pos_emb"]
             if spec.norm is not None:
                 entry.append(f"{spec.norm}.forward")
             if spec.vl_model is not None:

@@ -15,8 +15,6 @@ _NOT_YET = "not ported yet (issue 17); transformers' own code runs"
 
 # model type -> why ropekit does not patch it (README: "mRoPE model types ropekit does not patch")
 NOT_SUPPORTED: dict[str, str] = {
-    "hy_v4_vl": f"a newline token ends every row of a frame; each frame starts a block of max(h, w) positions; "
-                f"{_NOT_YET}",
     "glm_image": f"images_per_sample and the grids of the images to generate; {_NOT_YET}",
     "minicpmv4_7": f"'canvas M-RoPE' positions from target_sizes; {_NOT_YET}",
 }

@@ -70,6 +70,7 @@ class MRopeRules:
     # ERNIE-4.5-VL: a video's t is divided by vision_config.temporal_merge_size (its resampler merges frames)
     temporal_merge: bool = False
     xdrope: bool = False  # HunYuan-VL: convention "xdrope", len(text_config mrope_section) axes, images only
+    frame_blocks: bool = False  # HY-V4-VL: convention "frame_blocks" (newline columns, a block of positions a frame)
     omni: str = ""  # the Omni thinkers' convention ("qwen2_5_omni", "qwen3_omni"): audio, token-id scan
 
     def model_class(self):
@@ -104,6 +105,7 @@ MROPE_RULES = {
     # Qwen2-VL's 5.x index with the temporal merge of its video resampler
     "ernie4_5_vl_moe": MRopeRules("ernie4_5_vl_moe", "Ernie4_5_VLMoeModel", video_frames=False, temporal_merge=True),
     "hunyuan_vl": MRopeRules("hunyuan_vl", "HunYuanVLModel", video_frames=False, xdrope=True),
+    "hy_v4_vl": MRopeRules("hy_v4_vl", "HYV4VLModel", video_frames=False, frame_blocks=True),
     # the Omni thinkers (their talkers call the same function): 4.57 and 5.x alike
     "qwen2_5_omni": MRopeRules("qwen2_5_omni", "Qwen2_5OmniPreTrainedModelForConditionalGeneration",
                                video_frames=False, omni="qwen2_5_omni"),
@@ -119,7 +121,7 @@ def convention_of(get_rope_index, rules: MRopeRules) -> str:
     """The convention a get_rope_index implements, from its signature (never a version string): 5.x reads modality
     from mm_token_type_ids; 4.57 scans token ids (after vision_start, or GLM's video brackets)."""
     if "mm_token_type_ids" in inspect.signature(get_rope_index).parameters:
-        return "xdrope" if rules.xdrope else "token_types"
+        return "xdrope" if rules.xdrope else "frame_blocks" if rules.frame_blocks else "token_types"
     return "video_brackets" if rules.glm else "vision_start"
 
 
@@ -279,7 +281,7 @@ def make_get_rope_index(original, rules: MRopeRules):
         mm_token_type_ids = named.get("mm_token_type_ids")
         seconds = named.get("second_per_grid_ts")
         if (
-            (convention in ("token_types", "xdrope") and mm_token_type_ids is None)
+            (convention in ("token_types", "xdrope", "frame_blocks") and mm_token_type_ids is None)
             or not _in_op_domain(input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids)
             or not (seconds is None or (isinstance(seconds, torch.Tensor) and seconds.dim() == 1
                                         and not seconds.is_complex()))
