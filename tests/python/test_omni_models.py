@@ -118,8 +118,24 @@ def _prompt(config, family, batch_pad: bool):
                 feature_attention_mask=torch.ones(batch, 100, dtype=torch.long))
 
 
+def _switches(family):
+    """(apply_to_* keyword switches, fused): Qwen3-Omni's text attention fuses q/k norm + RoPE (ropekit's documented
+    fp32 tolerance: computed in float32, rounded once) and is also run unfused, where every patched part is exact;
+    Qwen2.5-Omni has no q/k norms."""
+    if family.float_positions:
+        return [(dict(qk_norm_rope=False), False), (dict(), True)]
+    return [(dict(), False)]
+
+
+# the fused families' fp32 criteria (tests/python/test_families.py): logits and loss within 1e-5, gradients
+# rtol 1e-4 / atol 1e-6
+FUSED_ATOL, GRAD_RTOL, GRAD_ATOL = 1e-5, 1e-4, 1e-6
+
+
 @pytest.mark.parametrize("family", AVAILABLE, ids=lambda f: f.name)
-def test_thinker_logits_loss_and_generate(family, monkeypatch):
+def test_thinker_logits_loss_and_generate(family, monkeypatch, count_fused):
+    """fp32 logits, loss and 8-token greedy generate of the patched thinker against the unpatched one: identical
+    unfused, within the fused op's tolerance (the same tokens) where Qwen3-Omni fuses q/k norm + RoPE."""
     model, config = _tiny_thinker(family)
     inputs = _prompt(config, family, batch_pad=True)
     labels = inputs["input_ids"].clone()
@@ -133,14 +149,23 @@ def test_thinker_logits_loss_and_generate(family, monkeypatch):
         return out.logits, out.loss, generated
 
     ref = run()
-    APPLY[family.name](model)
     calls = []
     real = ropekit.ops.rope_index
     monkeypatch.setattr(ropekit.ops, "rope_index", lambda *a, **k: calls.append(1) or real(*a, **k))
-    got = run()
-    assert calls, "the patched get_rope_index did not run"
-    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
-    assert torch.equal(ref[2], got[2])
+    for switches, fused in _switches(family):
+        ropekit.unpatch()
+        calls.clear()
+        count_fused.clear()
+        APPLY[family.name](model, **switches)
+        got = run()
+        assert calls, "the patched get_rope_index did not run"
+        assert bool(count_fused) == fused, "the fused q/k norm + RoPE ran where switched on, only there"
+        if fused:
+            torch.testing.assert_close(got[0], ref[0], rtol=0, atol=FUSED_ATOL)
+            torch.testing.assert_close(got[1], ref[1], rtol=0, atol=FUSED_ATOL)
+        else:
+            assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+        assert torch.equal(ref[2], got[2])
 
 
 @pytest.mark.parametrize("family", AVAILABLE, ids=lambda f: f.name)
@@ -215,10 +240,11 @@ def test_collator_packed_samples(family):
 
 
 @pytest.mark.parametrize("family", AVAILABLE, ids=lambda f: f.name)
-def test_training_step_gradients(family):
+def test_training_step_gradients(family, count_fused):
     """A training step's loss and every parameter gradient, patched (rotary, rotation, index) against unpatched,
-    bit for bit in fp32, gradient checkpointing on and off."""
-    for checkpointing in (False, True):
+    bit for bit in fp32, gradient checkpointing on and off; with Qwen3-Omni's fused q/k norm + RoPE, within the fused
+    op's tolerance (the q/k norm weights' gradients come from the fused backward)."""
+    for (switches, fused), checkpointing in [(s, c) for s in _switches(family) for c in (False, True)]:
         model, config = _tiny_thinker(family)
         model.train()
         if checkpointing:
@@ -233,11 +259,19 @@ def test_training_step_gradients(family):
             return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
         ref_loss, ref_grads = step()
-        APPLY[family.name](model)
+        count_fused.clear()
+        APPLY[family.name](model, **switches)
         loss, grads = step()
         ropekit.unpatch()
-        assert torch.equal(loss, ref_loss)
+        assert bool(count_fused) == fused
         assert grads.keys() == ref_grads.keys() and len(grads) > 10
+        if fused:
+            assert any("q_norm" in name for name in grads)
+            torch.testing.assert_close(loss, ref_loss, rtol=0, atol=FUSED_ATOL)
+            for name in grads:
+                torch.testing.assert_close(grads[name], ref_grads[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+            continue
+        assert torch.equal(loss, ref_loss)
         for name in grads:
             assert torch.equal(grads[name], ref_grads[name]), name
 

@@ -171,9 +171,12 @@ _FAMILIES["Qwen2.5-Omni"] = (
 _FAMILIES["Qwen3-Omni"] = (
     # as Qwen2.5-Omni with Qwen3-VL's interleaved rotary (the talker's subclasses it); its positions are float32, so
     # the rotary forward hands them to transformers' code (no table serves a fractional position) and the rotation is
-    # the op; get_rope_index interleaves audio with video token by token
+    # the op; the thinker's text attention (the talker's decoder layers use it too) has Qwen3's per-head q/k norms:
+    # fused with the rotation, whatever positions made cos/sin; get_rope_index interleaves audio with video token by
+    # token
     _ModelingModule("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
                     "Qwen3OmniMoeThinkerTextRotaryEmbedding", "interleaved",
+                    attention="Qwen3OmniMoeThinkerTextAttention", norm="Qwen3OmniMoeThinkerTextRMSNorm",
                     vl_model="Qwen3OmniMoePreTrainedModelForConditionalGeneration", model_type="qwen3_omni_moe"),
 )
 _FAMILIES["Cosmos3"] = (
@@ -709,7 +712,8 @@ def apply_to_qwen2_5_omni(model=None, *, rope: bool = True, rope_index: bool = T
     _apply("Qwen2.5-Omni", model, rope=rope, rope_index=rope_index, qk_norm_rope=False)
 
 
-def apply_to_qwen3_omni_moe(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
+def apply_to_qwen3_omni_moe(model=None, *, rope: bool = True, rope_index: bool = True,
+                            qk_norm_rope: bool = True) -> None:
     """Route Qwen3-Omni-MoE (``qwen3_omni_moe``; its thinker and talker, 4.57 and 5.x) through ropekit.
 
     ``rope``: the rotation (``apply_rotary_pos_emb``) as the native op, and the thinker's interleaved text rotary
@@ -717,9 +721,12 @@ def apply_to_qwen3_omni_moe(model=None, *, rope: bool = True, rope_index: bool =
     with them the forward runs transformers' own code (exact; integer positions are gathered). ``rope_index``:
     ``Qwen3OmniMoePreTrainedModelForConditionalGeneration.get_rope_index`` (the talker's calls it):
     ``ropekit.rope_index`` convention ``"qwen3_omni"``, float32 positions rounded as torch rounds them, with
-    ``use_audio_in_video`` a clip's video and audio interleaved token by token by temporal value. The fused q/k
-    norm + RoPE, the towers and audio encoder: not yet (transformers' code). ``model``: as for ``apply_to_qwen3``."""
-    _apply("Qwen3-Omni", model, rope=rope, rope_index=rope_index, qk_norm_rope=False)
+    ``use_audio_in_video`` a clip's video and audio interleaved token by token by temporal value.
+    ``qk_norm_rope``: the thinker's text attention (which the talker's decoder layers use too) runs ``q_norm`` /
+    ``k_norm`` and the rotation as one fused op (``ropekit.qk_norm_rope``) on the cos/sin its rotary returned,
+    float32 positions included. The towers and audio encoder: not yet (transformers' code). ``model``: as for
+    ``apply_to_qwen3``."""
+    _apply("Qwen3-Omni", model, rope=rope, rope_index=rope_index, qk_norm_rope=qk_norm_rope)
 
 
 _APPLY = {"Qwen3": apply_to_qwen3, "Qwen3-VL": apply_to_qwen3_vl, "Qwen3.5": apply_to_qwen3_5,
