@@ -299,3 +299,60 @@ def test_text_rotary_bit_identical(family, dtype):
         for a, b in zip(got, reference[key]):
             assert a.dtype == b.dtype and torch.equal(a, b), key
         assert (_TABLE_ATTR in rotary.__dict__) == (key == "int"), key  # the table served only integer positions
+
+
+def _tree_tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "to_tuple"):
+        out = out.to_tuple() if hasattr(out, "to_tuple") else tuple(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _tree_tensors(item)]
+    return []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", AVAILABLE, ids=lambda f: f.name)
+def test_vision_tower_rotation_bit_identical(family, dtype, monkeypatch):
+    """The thinker's vision tower on an image and a 2-frame video (window and full attention blocks for
+    Qwen2.5-Omni): patched, its apply_rotary_pos_emb_vision is ropekit.apply_rope_vision, and every output (merged
+    features, hidden states, Qwen3-Omni's deepstack features) and the pixels' gradient are transformers' bit for bit.
+    Qwen2.5-Omni up to transformers 5.16 rotates one tensor by its freqs, a form the op does not replace: left alone
+    without a warning (a row in the support report says so), nothing changes."""
+    import importlib
+    import inspect
+
+    model, config = _tiny_thinker(family)
+    tower_cls = getattr(importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}"),
+                        "Qwen2_5OmniVisionEncoder" if family.name == "qwen2_5_omni" else "Qwen3OmniMoeVisionEncoder")
+    tower = next(m for m in model.modules() if isinstance(m, tower_cls)).to(dtype)
+    vision = config.vision_config
+    channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans")
+    grid = torch.tensor([[1, 4, 4], [2, 4, 6]])
+    width = channels * vision.temporal_patch_size * vision.patch_size**2
+    pixels = torch.randn(int(grid.prod(-1).sum()), width, generator=torch.Generator().manual_seed(5)).to(dtype)
+
+    def run():
+        x = pixels.clone().requires_grad_()
+        out = _tree_tensors(tower(x, grid_thw=grid))
+        sum(o.float().sum() * (i + 1) for i, o in enumerate(out) if o.is_floating_point()).backward()
+        return out, x.grad
+
+    ref, ref_grad = run()
+    calls = []
+    real = ropekit.ops.apply_rope_vision
+    monkeypatch.setattr(ropekit.ops, "apply_rope_vision", lambda *a, **k: calls.append(1) or real(*a, **k))
+    module = importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
+    replaceable = list(inspect.signature(module.apply_rotary_pos_emb_vision).parameters) == ["q", "k", "cos", "sin"]
+    APPLY[family.name](model)  # no warning (the suite makes warnings errors)
+    got, got_grad = run()
+    assert len(ref) == len(got) >= 1  # 4.57's towers return the merged features alone
+    for a, b in zip(ref, got):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.equal(ref_grad, got_grad)
+    if replaceable:
+        assert calls, "the tower's rotation did not run through ropekit.apply_rope_vision"
+    else:
+        rows = [row for row in ropekit.transformers.support_report()
+                if row.switch == "vision_rope" and row.module == family.module]
+        assert not calls and rows and not rows[0].patched and "(tensor, freqs) form" in rows[0].reason

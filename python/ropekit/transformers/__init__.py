@@ -163,21 +163,24 @@ _FAMILIES["HY-V4-VL"] = (
 _FAMILIES["Qwen2.5-Omni"] = (
     # the thinker's text rotary (Qwen2.5-VL's sectioned code; 4.57: per-axis cos/sin and
     # apply_multimodal_rotary_pos_emb) and the get_rope_index thinker and talker call, defined on their shared base
-    # class: audio spans, time scaled by position_id_per_seconds, audio in video by chunks. Towers not patched yet.
+    # class: audio spans, time scaled by position_id_per_seconds, audio in video by chunks; the vision tower's rotation
+    # (5.x: Qwen2.5-VL's apply_rotary_pos_emb_vision; 4.57's (tensor, freqs) form is declined). Its audio encoder has
+    # sinusoidal positions added to its inputs: no rotary to patch.
     _ModelingModule("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni", "Qwen2_5OmniRotaryEmbedding",
                     "sectioned", vl_model="Qwen2_5OmniPreTrainedModelForConditionalGeneration",
-                    model_type="qwen2_5_omni"),
+                    model_type="qwen2_5_omni", vision=VisionTower("Qwen2_5OmniVisionEncoder", helpers=False)),
 )
 _FAMILIES["Qwen3-Omni"] = (
     # as Qwen2.5-Omni with Qwen3-VL's interleaved rotary (the talker's subclasses it); its positions are float32, so
     # the rotary forward hands them to transformers' code (no table serves a fractional position) and the rotation is
     # the op; the thinker's text attention (the talker's decoder layers use it too) has Qwen3's per-head q/k norms:
     # fused with the rotation, whatever positions made cos/sin; get_rope_index interleaves audio with video token by
-    # token
+    # token; the vision tower's rotation (Qwen3-VL's apply_rotary_pos_emb_vision); no rotary in the audio encoder
     _ModelingModule("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
                     "Qwen3OmniMoeThinkerTextRotaryEmbedding", "interleaved",
                     attention="Qwen3OmniMoeThinkerTextAttention", norm="Qwen3OmniMoeThinkerTextRMSNorm",
-                    vl_model="Qwen3OmniMoePreTrainedModelForConditionalGeneration", model_type="qwen3_omni_moe"),
+                    vl_model="Qwen3OmniMoePreTrainedModelForConditionalGeneration", model_type="qwen3_omni_moe",
+                    vision=VisionTower("Qwen3OmniMoeVisionEncoder", helpers=False)),
 )
 _FAMILIES["Cosmos3"] = (
     # Cosmos3-Omni builds Qwen3-VL's text model and tower (AutoModel of qwen3_vl_text / qwen3_vl_vision) and has
@@ -320,9 +323,11 @@ class _Plan:
         self.rows.append(PatchStatus(self.family, _tail(module), switch, target, True, why))
         self.patches.append((owner, name, replacement))
 
-    def decline(self, module, switch: str, target: str, reason: str) -> None:
+    def decline(self, module, switch: str, target: str, reason: str, warn: bool = True) -> None:
+        """A row saying why ``target`` stays as it is; a warning (once per process) unless ``warn`` is False: code
+        ropekit knows and deliberately leaves alone, as it leaves a 5.x tower's absent position helpers."""
         self.rows.append(PatchStatus(self.family, _tail(module), switch, target, False, reason))
-        if self.warn:
+        if self.warn and warn:
             _guard.decline(f"{module.__name__}.{target} ({self.family}, {switch}=True)", reason)
 
 
@@ -423,6 +428,12 @@ def _plan_vision_rope(plan: _Plan, module, spec: _ModelingModule) -> None:
     name = "apply_rotary_pos_emb_vision"
     function = _unwrapped(getattr(module, name, None))
     ok, why = _known(module, name, function)
+    if ok and list(inspect.signature(function).parameters) != ["q", "k", "cos", "sin"]:
+        # Qwen2.5-Omni up to 5.16 rotates one tensor by its freqs, (tensor, freqs): known code, in a form the op does
+        # not replace; left as it is, with a row in the report and no warning
+        plan.decline(module, "vision_rope", name, f"{why}, whose (tensor, freqs) form ropekit leaves to transformers "
+                     f"(it replaces the (q, k, cos, sin) form)", warn=False)
+        return
     if not ok:
         plan.decline(module, "vision_rope", name, why)
         return
@@ -433,6 +444,8 @@ def _plan_vision_positions(plan: _Plan, module, spec: _ModelingModule) -> None:
     """transformers 4.57's tower helpers (methods of the tower class). A 5.x tower has none: it takes its positions
     precomputed (``ropekit.data``), so there is nothing to patch and no row."""
     tower = spec.vision
+    if not tower.helpers:
+        return
     tower_cls = getattr(module, tower.cls, None)
     for name in POSITION_HELPERS:
         original = _unwrapped(vars(tower_cls).get(name)) if tower_cls is not None else None
@@ -699,7 +712,8 @@ def apply_to_hy_v4_vl(model=None, *, rope: bool = True, rope_index: bool = True)
     _apply("HY-V4-VL", model, rope, rope_index, qk_norm_rope=False)
 
 
-def apply_to_qwen2_5_omni(model=None, *, rope: bool = True, rope_index: bool = True) -> None:
+def apply_to_qwen2_5_omni(model=None, *, rope: bool = True, rope_index: bool = True,
+                          vision_rope: bool = True) -> None:
     """Route Qwen2.5-Omni (``qwen2_5_omni``; its thinker and talker, 4.57 and 5.x) through ropekit.
 
     ``rope``: the thinker's text rotary (Qwen2.5-VL's sectioned mRoPE: cos/sin gathered from the cached table; 4.57's
@@ -707,13 +721,15 @@ def apply_to_qwen2_5_omni(model=None, *, rope: bool = True, rope_index: bool = T
     ``Qwen2_5OmniPreTrainedModelForConditionalGeneration.get_rope_index``, which the thinker and the talker both call
     (``ropekit.rope_index`` convention ``"qwen2_5_omni"``: transformers' token-id scan, audio spans with 1-D
     positions, time scaled by ``position_id_per_seconds``, with ``use_audio_in_video`` the clip's video and audio
-    interleaved chunk by chunk). No q/k norms; the towers and audio encoder still run transformers' code.
-    ``model``: as for ``apply_to_qwen3``."""
-    _apply("Qwen2.5-Omni", model, rope=rope, rope_index=rope_index, qk_norm_rope=False)
+    interleaved chunk by chunk). No q/k norms. ``vision_rope``: the vision tower's ``apply_rotary_pos_emb_vision`` as
+    ``ropekit.apply_rope_vision`` (bit for bit; transformers 5.x: 4.57's ``(tensor, freqs)`` form is declined with a
+    warning); the tower computes its positions itself. The audio encoder adds sinusoidal positions to its inputs:
+    nothing rotary to patch. ``model``: as for ``apply_to_qwen3``."""
+    _apply("Qwen2.5-Omni", model, rope=rope, rope_index=rope_index, qk_norm_rope=False, vision_rope=vision_rope)
 
 
 def apply_to_qwen3_omni_moe(model=None, *, rope: bool = True, rope_index: bool = True,
-                            qk_norm_rope: bool = True) -> None:
+                            qk_norm_rope: bool = True, vision_rope: bool = True) -> None:
     """Route Qwen3-Omni-MoE (``qwen3_omni_moe``; its thinker and talker, 4.57 and 5.x) through ropekit.
 
     ``rope``: the rotation (``apply_rotary_pos_emb``) as the native op, and the thinker's interleaved text rotary
@@ -724,9 +740,11 @@ def apply_to_qwen3_omni_moe(model=None, *, rope: bool = True, rope_index: bool =
     ``use_audio_in_video`` a clip's video and audio interleaved token by token by temporal value.
     ``qk_norm_rope``: the thinker's text attention (which the talker's decoder layers use too) runs ``q_norm`` /
     ``k_norm`` and the rotation as one fused op (``ropekit.qk_norm_rope``) on the cos/sin its rotary returned,
-    float32 positions included. The towers and audio encoder: not yet (transformers' code). ``model``: as for
-    ``apply_to_qwen3``."""
-    _apply("Qwen3-Omni", model, rope=rope, rope_index=rope_index, qk_norm_rope=qk_norm_rope)
+    float32 positions included. ``vision_rope``: the vision tower's ``apply_rotary_pos_emb_vision`` as
+    ``ropekit.apply_rope_vision`` (bit for bit); the tower computes its positions itself. The audio encoder adds
+    sinusoidal positions to its inputs: nothing rotary to patch. ``model``: as for ``apply_to_qwen3``."""
+    _apply("Qwen3-Omni", model, rope=rope, rope_index=rope_index, qk_norm_rope=qk_norm_rope,
+           vision_rope=vision_rope)
 
 
 _APPLY = {"Qwen3": apply_to_qwen3, "Qwen3-VL": apply_to_qwen3_vl, "Qwen3.5": apply_to_qwen3_5,
@@ -789,6 +807,7 @@ def guarded_names() -> dict[str, list[str]]:
                 entry.append(f"{spec.vl_model}.get_rope_index")
             if spec.vision is not None:
                 entry.append("apply_rotary_pos_emb_vision")
+            if spec.vision is not None and spec.vision.helpers:
                 entry += [f"{spec.vision.cls}.{name}" for name in POSITION_HELPERS]
                 if spec.vision.rotary is not None:
                     entry.append(f"{spec.vision.rotary}.forward")

@@ -39,6 +39,8 @@ class VisionTower:
     cls: str
     rotary: str | None = None  # 4.57's vision rotary class (``self.rotary_pos_emb``), called with the largest extent
     returns_pos_ids: bool = False  # GLM-4V 4.57: rot_pos_emb returns (embeddings, pos_ids)
+    # its 4.57 position helpers are patched (POSITION_HELPERS); False: only the rotation is (the Omni towers)
+    helpers: bool = True
 
 
 # --------------------------------------------------------------------------------------------------------------
