@@ -356,3 +356,48 @@ def test_vision_tower_rotation_bit_identical(family, dtype, monkeypatch):
         rows = [row for row in ropekit.transformers.support_report()
                 if row.switch == "vision_rope" and row.module == family.module]
         assert not calls and rows and not rows[0].patched and "(tensor, freqs) form" in rows[0].reason
+
+
+@pytest.mark.parametrize("family", AVAILABLE, ids=lambda f: f.name)
+def test_vision_inputs_feed_the_tower(family, monkeypatch):
+    """transformers 5.x: ropekit.data's precomputed tower inputs (``MRopeCollator(vision=thinker)``: rotary position
+    ids, attention boundaries, Qwen2.5-Omni's window order, Qwen3-Omni's interpolation taps) are what the Omni tower
+    computes itself: it hands back the very objects given, and its outputs are bit for bit those it computes alone.
+    4.57's towers take none: VisionInputsUnavailable."""
+    import importlib
+
+    from ropekit.transformers.vision import VisionInputs, VisionInputsUnavailable
+
+    model, config = _tiny_thinker(family)
+    module = importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
+    tower = next(m for m in model.modules() if type(m).__name__.endswith("VisionEncoder"))
+    try:
+        inputs = VisionInputs(model)
+    except VisionInputsUnavailable:
+        assert hasattr(type(tower), "rot_pos_emb"), "a tower that computes its positions by helpers was refused"
+        pytest.skip("transformers 4.57's Omni towers take no precomputed inputs (their rot_pos_emb computes them)")
+    vision = config.vision_config
+    channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans")
+    grid = torch.tensor([[1, 4, 4], [2, 4, 6]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), channels * vision.temporal_patch_size * vision.patch_size**2,
+                         generator=torch.Generator().manual_seed(6))
+    given = {k[len("image_"):]: v for k, v in inputs(image_grid_thw=inputs.grids["image"](grid)).items()}
+    assert "position_ids" in given and "cu_seqlens" in given
+    handed = []
+    for step in inputs.steps:
+        real = getattr(module, step.name)
+
+        def spy(*args, _real=real, _step=step, kwargs=None, **rest):
+            offered = {k: kwargs[k] for k in _step.keys if kwargs and kwargs.get(k) is not None}  # the helper pops
+            result = _real(*args, kwargs=kwargs, **rest)
+            results = result if len(_step.targets) > 1 else (result,)
+            handed.extend(offered[k] is r for k, r in zip(_step.keys, results) if k in offered)
+            return result
+
+        monkeypatch.setattr(module, step.name, spy)
+    with torch.no_grad():
+        alone = _tree_tensors(tower(pixels, grid_thw=grid))
+        assert not handed
+        fed = _tree_tensors(tower(pixels, grid_thw=grid, **given))
+    assert handed and all(handed), "the tower recomputed an input it was given"
+    assert len(alone) == len(fed) and all(torch.equal(a, b) for a, b in zip(alone, fed))

@@ -723,8 +723,9 @@ def apply_to_qwen2_5_omni(model=None, *, rope: bool = True, rope_index: bool = T
     positions, time scaled by ``position_id_per_seconds``, with ``use_audio_in_video`` the clip's video and audio
     interleaved chunk by chunk). No q/k norms. ``vision_rope``: the vision tower's ``apply_rotary_pos_emb_vision`` as
     ``ropekit.apply_rope_vision`` (bit for bit; transformers 5.x: 4.57's ``(tensor, freqs)`` form is declined with a
-    warning); the tower computes its positions itself. The audio encoder adds sinusoidal positions to its inputs:
-    nothing rotary to patch. ``model``: as for ``apply_to_qwen3``."""
+    warning); its positions: 5.x, precomputed by ``ropekit.data.MRopeCollator(vision=model)`` or the tower's own
+    helpers; 4.57, the tower's own. The audio encoder adds sinusoidal positions to its inputs: nothing rotary to
+    patch. ``model``: as for ``apply_to_qwen3``."""
     _apply("Qwen2.5-Omni", model, rope=rope, rope_index=rope_index, qk_norm_rope=False, vision_rope=vision_rope)
 
 
@@ -741,8 +742,8 @@ def apply_to_qwen3_omni_moe(model=None, *, rope: bool = True, rope_index: bool =
     ``qk_norm_rope``: the thinker's text attention (which the talker's decoder layers use too) runs ``q_norm`` /
     ``k_norm`` and the rotation as one fused op (``ropekit.qk_norm_rope``) on the cos/sin its rotary returned,
     float32 positions included. ``vision_rope``: the vision tower's ``apply_rotary_pos_emb_vision`` as
-    ``ropekit.apply_rope_vision`` (bit for bit); the tower computes its positions itself. The audio encoder adds
-    sinusoidal positions to its inputs: nothing rotary to patch. ``model``: as for ``apply_to_qwen3``."""
+    ``ropekit.apply_rope_vision`` (bit for bit); its positions as for :func:`apply_to_qwen2_5_omni`. The audio
+    encoder adds sinusoidal positions to its inputs: nothing rotary to patch. ``model``: as for ``apply_to_qwen3``."""
     _apply("Qwen3-Omni", model, rope=rope, rope_index=rope_index, qk_norm_rope=qk_norm_rope,
            vision_rope=vision_rope)
 
