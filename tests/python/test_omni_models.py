@@ -280,7 +280,8 @@ def test_training_step_gradients(family, count_fused):
 @pytest.mark.parametrize("family", AVAILABLE, ids=lambda f: f.name)
 def test_text_rotary_bit_identical(family, dtype):
     """The thinker's text rotary, patched: integer positions from the cached table, bit for bit; Qwen3-Omni's float32
-    positions (fractional ones included) through transformers' own code, no table built."""
+    positions too where (CPU tensors) they all hold integers; with fractional ones, transformers' own code, no table
+    built."""
     from ropekit.transformers.rotary import _TABLE_ATTR
 
     model, config = _tiny_thinker(family)
@@ -291,6 +292,7 @@ def test_text_rotary_bit_identical(family, dtype):
     if family.float_positions:
         positions["float"] = torch.randint(0, 3000, (3, 2, 37)).float() + torch.tensor([0.0, 0.5, 0.9])[
             torch.randint(0, 3, (3, 2, 37))]
+        positions["float_int"] = torch.randint(-3, 3000, (3, 2, 37)).float()  # a text-only or integral prompt
     reference = {key: rotary(x, p) for key, p in positions.items()}
     APPLY[family.name](model)
     for key, p in positions.items():
@@ -298,7 +300,7 @@ def test_text_rotary_bit_identical(family, dtype):
         got = rotary(x, p)
         for a, b in zip(got, reference[key]):
             assert a.dtype == b.dtype and torch.equal(a, b), key
-        assert (_TABLE_ATTR in rotary.__dict__) == (key == "int"), key  # the table served only integer positions
+        assert (_TABLE_ATTR in rotary.__dict__) == (key != "float"), key  # the table served integer values only
 
 
 def _tree_tensors(out):

@@ -171,9 +171,9 @@ _FAMILIES["Qwen2.5-Omni"] = (
                     model_type="qwen2_5_omni", vision=VisionTower("Qwen2_5OmniVisionEncoder", helpers=False)),
 )
 _FAMILIES["Qwen3-Omni"] = (
-    # as Qwen2.5-Omni with Qwen3-VL's interleaved rotary (the talker's subclasses it); its positions are float32, so
-    # the rotary forward hands them to transformers' code (no table serves a fractional position) and the rotation is
-    # the op; the thinker's text attention (the talker's decoder layers use it too) has Qwen3's per-head q/k norms:
+    # as Qwen2.5-Omni with Qwen3-VL's interleaved rotary (the talker's subclasses it); its positions are float32: the
+    # rotary forward serves CPU ones that hold integers from the table and hands the others to transformers' code (no
+    # table serves a fractional position; on CUDA the check would be a host sync); the rotation is the op; the thinker's text attention (the talker's decoder layers use it too) has Qwen3's per-head q/k norms:
     # fused with the rotation, whatever positions made cos/sin; get_rope_index interleaves audio with video token by
     # token; the vision tower's rotation (Qwen3-VL's apply_rotary_pos_emb_vision); no rotary in the audio encoder
     _ModelingModule("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
@@ -734,8 +734,9 @@ def apply_to_qwen3_omni_moe(model=None, *, rope: bool = True, rope_index: bool =
     """Route Qwen3-Omni-MoE (``qwen3_omni_moe``; its thinker and talker, 4.57 and 5.x) through ropekit.
 
     ``rope``: the rotation (``apply_rotary_pos_emb``) as the native op, and the thinker's interleaved text rotary
-    (the talker's subclasses it) patched as Qwen3-VL's: its positions are float32, which no integer table serves, so
-    with them the forward runs transformers' own code (exact; integer positions are gathered). ``rope_index``:
+    (the talker's subclasses it) patched as Qwen3-VL's: its positions are float32; CPU tensors that hold integers
+    are gathered from the table, any other (fractional values, CUDA tensors, whose check would be a host sync) run
+    transformers' own code: exact either way. ``rope_index``:
     ``Qwen3OmniMoePreTrainedModelForConditionalGeneration.get_rope_index`` (the talker's calls it):
     ``ropekit.rope_index`` convention ``"qwen3_omni"``, float32 positions rounded as torch rounds them, with
     ``use_audio_in_video`` a clip's video and audio interleaved token by token by temporal value.

@@ -74,6 +74,19 @@ def _sections(module, inv_freq):
     return section
 
 
+def _integer_valued(position_ids: torch.Tensor) -> torch.Tensor:
+    """float32 positions (Qwen3-Omni's) as int64 where they are CPU tensors that all hold integers: the table then
+    serves them bit for bit (transformers' ``position_ids.float() * inv_freq`` multiplies the same float32 values).
+    Anything else is returned as given, for transformers' own code: fractional positions (no table row holds them),
+    and CUDA tensors, whose check would be a host sync on every forward, costing more than the table saves."""
+    if position_ids.device.type != "cpu" or torch.compiler.is_compiling() or position_ids.requires_grad:
+        return position_ids
+    as_int = position_ids.to(torch.int64)
+    if not torch.equal(as_int.to(torch.float32), position_ids):  # fractional, NaN, inf, or outside int64
+        return position_ids
+    return as_int
+
+
 def make_rotary_forward(original, layout: RotaryLayout | bool):
     """A rotary forward that gathers from the cached table, returning what ``original`` returns for ``layout``
     (``True`` / ``False``: interleaved mRoPE / 1-D, the Qwen3 families' shorthand).
@@ -94,6 +107,8 @@ def make_rotary_forward(original, layout: RotaryLayout | bool):
     def forward(self, x, position_ids, *args, **kwargs):
         # this runs on every decode step: the checks are ordered and written for host time (one buffer lookup, plain
         # type tests for the common case before plain_tensors' general one)
+        if type(position_ids) is torch.Tensor and position_ids.dtype == torch.float32:
+            position_ids = _integer_valued(position_ids)  # Qwen3-Omni's float32 positions; unchanged unless served
         inv_freq = self._buffers.get("inv_freq") if "_buffers" in self.__dict__ else None
         if inv_freq is None:
             inv_freq = getattr(self, "inv_freq", None)
