@@ -484,8 +484,9 @@ class HostIndexer {
                           also);
       case kGridTooLarge:
         TORCH_CHECK_VALUE(false, grid_name(e.a), ": grid ", e.grid, " has more than 2^40 tokens (t * (h // m) * "
-                          "(w // m)) or an extent above 2^40, which no position arithmetic can take; transformers "
-                          "cannot allocate such positions either (", at, ")");
+                          "(w // m", r_.convention == kFrameBlocks ? " + 1" : "", ")) or an extent above 2^40, which "
+                          "no position arithmetic can take; transformers cannot allocate such positions either (", at,
+                          ")");
       case kEmptyBeforeMore:
         TORCH_CHECK_VALUE(false, "a vision grid with no tokens (t * (h // m) * (w // m) == 0) is followed by more "
                           "tokens at ", at, "; transformers 4.57 fails taking the max of its empty positions");

@@ -256,8 +256,8 @@ C10_HOST_DEVICE inline int64_t frame_block(const Part& p) { return p.hg > p.wg +
 C10_HOST_DEVICE inline int64_t part_extent(const Rules& r, const GridLists& g, const Part& p) {
   if (p.kind == 0) return p.len - 1;
   if (p.kind == 3) return xd_top(p) - p.cur;
-  if (r.convention == kFrameBlocks) {  // the last frame's block: its last row, or its newline column
-    return (p.t - 1) * frame_block(p) + (p.hg - 1 > p.wg ? p.hg - 1 : p.wg);
+  if (r.convention == kFrameBlocks) {  // the last frame's block ends at its last row or its newline column: t * B - 1
+    return p.t * frame_block(p) - 1;
   }
   const TimeScale s = scale_of(r, g, p);
   const int64_t t0 = time_position(s, 0), t1 = time_position(s, p.t - 1);

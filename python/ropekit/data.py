@@ -97,8 +97,7 @@ def mrope_position_ids(
     position_ids, deltas = ops.rope_index(
         input_ids, batch.get("image_grid_thw"), None if rules.xdrope else batch.get("video_grid_thw"),
         batch.get("attention_mask"),
-        mm_token_type_ids=(batch.get("mm_token_type_ids") if convention in ("token_types", "xdrope", "frame_blocks")
-                           else None),
+        mm_token_type_ids=batch.get("mm_token_type_ids") if convention in ops.TOKEN_TYPE_CONVENTIONS else None,
         packed=packed, cu_seqlens=cu_seqlens, **kwargs,
     )
     if not text_positions:

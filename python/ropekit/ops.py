@@ -153,6 +153,8 @@ def apply_rope_vision(
 
 
 _OMNI_CONVENTIONS = ("qwen2_5_omni", "qwen3_omni")
+# the conventions of transformers 5.x's index that read modality from mm_token_type_ids (padding 0)
+TOKEN_TYPE_CONVENTIONS = ("token_types", "xdrope", "frame_blocks")
 
 
 def rope_index(
@@ -253,8 +255,8 @@ def rope_index(
 
     Grids are consumed in order over the attended vision spans of the whole batch; grids left over are ignored, as
     transformers ignores them. ``strict=True`` instead rejects inconsistent inputs: a span whose length is not
-    ``t * (h / m) * (w / m)``, grids left over, ``h`` / ``w`` not positive multiples of the merge size, ``t < 1``,
-    a ``second_per_grid_ts`` of another length than the videos.
+    ``t * (h / m) * (w / m)`` (``"frame_blocks"``: ``(w / m + 1)``), grids left over, ``h`` / ``w`` not positive
+    multiples of the merge size, ``t < 1``, a ``second_per_grid_ts`` of another length than the videos.
 
     **Packed batches** (several samples per row, positions restarting at 0 in each): ``packed=True`` reads segment
     ids from ``attention_mask`` (1, 2, ... per sample, 0 for padding: LLaMA-Factory's neat packing), or
@@ -469,7 +471,7 @@ def _rope_index_fake(input_ids, image_grid_thw, video_grid_thw, attention_mask, 
     batch, seq = input_ids.shape
     pos_dtype, delta_dtype = input_ids.dtype, torch.int64
     is_packed = packed or cu_seqlens is not None
-    four_fifty_seven = convention not in ("token_types", "xdrope", "frame_blocks")
+    four_fifty_seven = convention not in TOKEN_TYPE_CONVENTIONS
     omni = convention in ("qwen2_5_omni", "qwen3_omni")
     if omni and image_grid_thw is None and video_grid_thw is None and not is_packed:
         # the mask's cumulative sum; deltas: max + 1 - attention_mask.sum(-1), in the promoted dtype

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from rope_index_cases import Case, Image, Text, Video, compare, pad_rows, vision_tokens  # noqa: F401 (re-exported)
+from ropekit.ops import TOKEN_TYPE_CONVENTIONS
 
 
 @dataclass(frozen=True)
@@ -322,7 +323,7 @@ def transformers_call(family_case: FamilyCase, model, fn=None, device="cpu"):
         del kwargs["video_grid_thw"]
     if family.time_scaled:
         kwargs["second_per_grid_ts"] = copy(family_case.second_per_grid_ts)
-    if family.convention() in ("token_types", "xdrope", "frame_blocks"):
+    if family.convention() in TOKEN_TYPE_CONVENTIONS:
         kwargs["mm_token_type_ids"] = copy(case.mm_token_type_ids)
     return fn, kwargs
 
@@ -349,7 +350,7 @@ def ropekit_kwargs(family_case: FamilyCase, convention: str | None = None) -> di
         vision_start_token_id=ids["vision_start"] if ids["vision_start"] is not None else -1,
         convention=convention, video_frames=family.frames,
     )
-    if convention in ("token_types", "xdrope", "frame_blocks"):
+    if convention in TOKEN_TYPE_CONVENTIONS:
         kwargs["mm_token_type_ids"] = case.mm_token_type_ids
     if family.glm:
         kwargs.update(video_start_token_id=ids["video_start"], video_end_token_id=ids["video_end"])

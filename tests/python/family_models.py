@@ -366,7 +366,7 @@ def family_params(ids=None, needs=None):
         if needs is not None and not needs(family):
             continue
         marks = () if family.available() else pytest.mark.skipif(
-            True, reason=f"{family.id} is not in transformers {transformers.__version__} (5.x only)")
+            True, reason=f"{family.id} is not in transformers {transformers.__version__} (a later release adds it)")
         params.append(pytest.param(family, id=family.id, marks=marks))
     return params
 

@@ -1,8 +1,9 @@
 """Model level, for the mRoPE families beyond Qwen3-VL / Qwen3.5: Qwen2-VL, Qwen2.5-VL, Qwen4-Exp (5.x), GLM-4V,
 GLM-4V-MoE and GLM-4.6V (5.x), and the 5.x model types (PaddleOCR-VL, GLM-OCR, Cosmos3, Cohere Compass, ERNIE-4.5-VL,
-HunYuan-VL, HY-V4-VL: only its rotary and index are ropekit's, its MLA rotation stays transformers'). Tiny models built from their config classes with random weights (norm weights
-included), shared across tests (family_models.shared_model); every test runs under whichever transformers line is
-installed (CI: 5.18.0 and 4.57.6) and checks against the unpatched model:
+HunYuan-VL, HY-V4-VL: only its rotary and index are ropekit's, its MLA rotation stays transformers'). Tiny models
+built from their config classes with random weights (norm weights included), shared across tests
+(family_models.shared_model); every test runs under whichever transformers line is installed (CI: 5.18.0, 5.25.0 and
+4.57.6) and checks against the unpatched model:
 
 - the patched rotary forward returns exactly (``torch.equal``, same shape and dtype) what the family's own rotary
   forward returns: 5.x's recomposed (B, S, D) cos/sin, 4.57's per-axis (3, B, S, D) ones; fp32, bf16, fp16;

@@ -18,6 +18,7 @@ import ropekit
 from conftest import requires_cuda
 from family_cases import (
     FAMILIES,
+    TOKEN_TYPE_CONVENTIONS,
     build_family_case,
     random_family_case,
     rope_index_model,
@@ -211,7 +212,7 @@ def _packed_case(family, config, rows, S):
 
 
 def _check_packed(family, rows, pos, deltas):
-    pad = 0 if family.convention() in ("token_types", "xdrope", "frame_blocks") else 1
+    pad = 0 if family.convention() in TOKEN_TYPE_CONVENTIONS else 1
     for b, row in enumerate(rows):
         at = 0
         for smp in row:

@@ -164,8 +164,8 @@ _FAMILIES["Qwen2.5-Omni"] = (
     # the thinker's text rotary (Qwen2.5-VL's sectioned code; 4.57: per-axis cos/sin and
     # apply_multimodal_rotary_pos_emb) and the get_rope_index thinker and talker call, defined on their shared base
     # class: audio spans, time scaled by position_id_per_seconds, audio in video by chunks; the vision tower's rotation
-    # (5.x: Qwen2.5-VL's apply_rotary_pos_emb_vision; 4.57's (tensor, freqs) form is declined). Its audio encoder has
-    # sinusoidal positions added to its inputs: no rotary to patch.
+    # (from 5.17 Qwen2.5-VL's apply_rotary_pos_emb_vision; up to 5.16, 4.57 included, a (tensor, freqs) form left to
+    # transformers without a warning). Its audio encoder has sinusoidal positions added to its inputs: no rotary.
     _ModelingModule("transformers.models.qwen2_5_omni.modeling_qwen2_5_omni", "Qwen2_5OmniRotaryEmbedding",
                     "sectioned", vl_model="Qwen2_5OmniPreTrainedModelForConditionalGeneration",
                     model_type="qwen2_5_omni", vision=VisionTower("Qwen2_5OmniVisionEncoder", helpers=False)),
@@ -173,9 +173,10 @@ _FAMILIES["Qwen2.5-Omni"] = (
 _FAMILIES["Qwen3-Omni"] = (
     # as Qwen2.5-Omni with Qwen3-VL's interleaved rotary (the talker's subclasses it); its positions are float32: the
     # rotary forward serves CPU ones that hold integers from the table and hands the others to transformers' code (no
-    # table serves a fractional position; on CUDA the check would be a host sync); the rotation is the op; the thinker's text attention (the talker's decoder layers use it too) has Qwen3's per-head q/k norms:
-    # fused with the rotation, whatever positions made cos/sin; get_rope_index interleaves audio with video token by
-    # token; the vision tower's rotation (Qwen3-VL's apply_rotary_pos_emb_vision); no rotary in the audio encoder
+    # table serves a fractional position; on CUDA the check would be a host sync); the rotation is the op; the
+    # thinker's text attention (the talker's decoder layers use it too) has Qwen3's per-head q/k norms: fused with the
+    # rotation, whatever positions made cos/sin; get_rope_index interleaves audio with video token by token; the
+    # vision tower's rotation (Qwen3-VL's apply_rotary_pos_emb_vision); no rotary in the audio encoder
     _ModelingModule("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
                     "Qwen3OmniMoeThinkerTextRotaryEmbedding", "interleaved",
                     attention="Qwen3OmniMoeThinkerTextAttention", norm="Qwen3OmniMoeThinkerTextRMSNorm",
@@ -722,10 +723,11 @@ def apply_to_qwen2_5_omni(model=None, *, rope: bool = True, rope_index: bool = T
     (``ropekit.rope_index`` convention ``"qwen2_5_omni"``: transformers' token-id scan, audio spans with 1-D
     positions, time scaled by ``position_id_per_seconds``, with ``use_audio_in_video`` the clip's video and audio
     interleaved chunk by chunk). No q/k norms. ``vision_rope``: the vision tower's ``apply_rotary_pos_emb_vision`` as
-    ``ropekit.apply_rope_vision`` (bit for bit; transformers 5.x: 4.57's ``(tensor, freqs)`` form is declined with a
-    warning); its positions: 5.x, precomputed by ``ropekit.data.MRopeCollator(vision=model)`` or the tower's own
-    helpers; 4.57, the tower's own. The audio encoder adds sinusoidal positions to its inputs: nothing rotary to
-    patch. ``model``: as for ``apply_to_qwen3``."""
+    ``ropekit.apply_rope_vision`` (bit for bit; from transformers 5.17: up to 5.16, 4.57 included, its ``(tensor,
+    freqs)`` form is left to transformers, a row in the support report and no warning); its positions: 5.x,
+    precomputed by ``ropekit.data.MRopeCollator(vision=model)`` or the tower's own helpers; 4.57, the tower's own.
+    The audio encoder adds sinusoidal positions to its inputs: nothing rotary to patch. ``model``: as for
+    ``apply_to_qwen3``."""
     _apply("Qwen2.5-Omni", model, rope=rope, rope_index=rope_index, qk_norm_rope=False, vision_rope=vision_rope)
 
 

@@ -281,7 +281,7 @@ def make_get_rope_index(original, rules: MRopeRules):
         mm_token_type_ids = named.get("mm_token_type_ids")
         seconds = named.get("second_per_grid_ts")
         if (
-            (convention in ("token_types", "xdrope", "frame_blocks") and mm_token_type_ids is None)
+            (convention in ops.TOKEN_TYPE_CONVENTIONS and mm_token_type_ids is None)
             or not _in_op_domain(input_ids, image_grid_thw, video_grid_thw, attention_mask, mm_token_type_ids)
             or not (seconds is None or (isinstance(seconds, torch.Tensor) and seconds.dim() == 1
                                         and not seconds.is_complex()))

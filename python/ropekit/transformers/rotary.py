@@ -82,7 +82,8 @@ def _integer_valued(position_ids: torch.Tensor) -> torch.Tensor:
     if position_ids.device.type != "cpu" or torch.compiler.is_compiling() or position_ids.requires_grad:
         return position_ids
     as_int = position_ids.to(torch.int64)
-    if not torch.equal(as_int.to(torch.float32), position_ids):  # fractional, NaN, inf, or outside int64
+    # compared bit for bit: fractional, NaN, inf, outside int64, and -0.0 (whose sin is -0.0, a row's +0.0) stay
+    if not torch.equal(as_int.to(torch.float32).view(torch.int32), position_ids.view(torch.int32)):
         return position_ids
     return as_int
 
