@@ -1,6 +1,7 @@
 """``python -m ropekit``: the support report. Prints torch (and whether this build of ropekit has CUDA kernels), the
 transformers release and the ``kernels`` version, then, per family, module and switch, whether ropekit patches it
-or declines it and why. Exits 0 when everything applies, 1 when anything is declined, 2 without transformers.
+leaves it (known code in a form ropekit leaves to transformers) or declines it and why. Exits 0 when nothing is
+declined, 1 when anything is, 2 without transformers.
 
 ``python -m ropekit record-known --verified V,... WHEEL...`` (maintainers): record the fingerprints of the
 transformers code ropekit checks at patch time, from release wheels, into ``transformers/known_code.json``.
@@ -58,8 +59,9 @@ def main(argv: list[str]) -> int:
     print()
     for row in rows:
         print(row.line())
-    declined = [row for row in rows if not row.patched]
-    print(f"\n{len(rows) - len(declined)} patched, {len(declined)} declined")
+    declined = [row for row in rows if not row.patched and not row.left]
+    left = len(rows) - len(declined) - sum(row.patched for row in rows)
+    print(f"\n{len(rows) - len(declined) - left} patched, {left} left to transformers, {len(declined)} declined")
     from ropekit.transformers.coverage import NOT_SUPPORTED, mrope_model_types
 
     others = [t for t in mrope_model_types() if t in NOT_SUPPORTED]

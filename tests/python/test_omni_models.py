@@ -357,7 +357,7 @@ def test_vision_tower_rotation_bit_identical(family, dtype, monkeypatch):
     else:
         rows = [row for row in ropekit.transformers.support_report()
                 if row.switch == "vision_rope" and row.module == family.module]
-        assert not calls and rows and not rows[0].patched and "(tensor, freqs) form" in rows[0].reason
+        assert not calls and rows and rows[0].left and not rows[0].patched and "(tensor, freqs) form" in rows[0].reason
 
 
 @pytest.mark.parametrize("family", AVAILABLE, ids=lambda f: f.name)

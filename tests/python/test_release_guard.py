@@ -390,7 +390,7 @@ def test_support_report_patches_everything_on_this_release():
     silently everywhere would fail here, and in the fused-call counts of the model-level suites)."""
     rows = support_report()
     assert rows
-    declined = [r.line() for r in rows if not r.patched]
+    declined = [r.line() for r in rows if not r.patched and not r.left]  # left: known forms left on purpose
     assert not declined, declined
     switches = {r.switch for r in rows}
     # vision_positions: the position helpers of transformers 4.57's towers (5.x towers have none to replace)

@@ -283,9 +283,12 @@ class PatchStatus:
     target: str  # the transformers object (Qwen3Attention.forward, apply_rotary_pos_emb, ...)
     patched: bool
     reason: str = ""  # why it was declined; the releases whose code it matched when patched
+    # not patched on purpose: code ropekit knows, in a form it leaves to transformers (not a decline: no warning,
+    # and ``python -m ropekit`` does not count it)
+    left: bool = False
 
     def line(self) -> str:
-        state = "patched " if self.patched else "DECLINED"
+        state = "patched " if self.patched else "left    " if self.left else "DECLINED"
         return f"{state}  {self.family:<10} {self.switch:<12} {self.module}.{self.target}: {self.reason}"
 
 
@@ -320,15 +323,18 @@ class _Plan:
         self.patches: list[tuple[object, str, object]] = []
         self.rows: list[PatchStatus] = []
 
+    def leave(self, module, switch: str, target: str, reason: str) -> None:
+        """A row for code ropekit knows and deliberately leaves to transformers (a form its op does not replace): no
+        warning, not a decline."""
+        self.rows.append(PatchStatus(self.family, _tail(module), switch, target, False, reason, left=True))
+
     def accept(self, module, switch: str, target: str, why: str, owner, name: str, replacement) -> None:
         self.rows.append(PatchStatus(self.family, _tail(module), switch, target, True, why))
         self.patches.append((owner, name, replacement))
 
-    def decline(self, module, switch: str, target: str, reason: str, warn: bool = True) -> None:
-        """A row saying why ``target`` stays as it is; a warning (once per process) unless ``warn`` is False: code
-        ropekit knows and deliberately leaves alone, as it leaves a 5.x tower's absent position helpers."""
+    def decline(self, module, switch: str, target: str, reason: str) -> None:
         self.rows.append(PatchStatus(self.family, _tail(module), switch, target, False, reason))
-        if self.warn and warn:
+        if self.warn:
             _guard.decline(f"{module.__name__}.{target} ({self.family}, {switch}=True)", reason)
 
 
@@ -432,8 +438,8 @@ def _plan_vision_rope(plan: _Plan, module, spec: _ModelingModule) -> None:
     if ok and list(inspect.signature(function).parameters) != ["q", "k", "cos", "sin"]:
         # Qwen2.5-Omni up to 5.16 rotates one tensor by its freqs, (tensor, freqs): known code, in a form the op does
         # not replace; left as it is, with a row in the report and no warning
-        plan.decline(module, "vision_rope", name, f"{why}, whose (tensor, freqs) form ropekit leaves to transformers "
-                     f"(it replaces the (q, k, cos, sin) form)", warn=False)
+        plan.leave(module, "vision_rope", name, f"{why}, whose (tensor, freqs) form ropekit leaves to transformers "
+                   f"(it replaces the (q, k, cos, sin) form)")
         return
     if not ok:
         plan.decline(module, "vision_rope", name, why)
