@@ -59,9 +59,9 @@ def main(argv: list[str]) -> int:
     print()
     for row in rows:
         print(row.line())
-    declined = [row for row in rows if not row.patched and not row.left]
-    left = len(rows) - len(declined) - sum(row.patched for row in rows)
-    print(f"\n{len(rows) - len(declined) - left} patched, {left} left to transformers, {len(declined)} declined")
+    patched, left = sum(row.patched for row in rows), sum(row.left for row in rows)
+    declined = len(rows) - patched - left
+    print(f"\n{patched} patched, {left} left to transformers, {declined} declined")
     from ropekit.transformers.coverage import NOT_SUPPORTED, mrope_model_types
 
     others = [t for t in mrope_model_types() if t in NOT_SUPPORTED]

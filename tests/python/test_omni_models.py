@@ -16,6 +16,7 @@ from ropekit.transformers._patching import original
 
 from omni_cases import (AUDIO_END, FAMILIES, VISION_END, VISION_START, make_case, same, stand_in,
                         transformers_outcome)
+from test_vision import _outputs, _pixels  # the tower helpers of the vision suite
 
 pytestmark = pytest.mark.transformers
 
@@ -303,14 +304,14 @@ def test_text_rotary_bit_identical(family, dtype):
         assert (_TABLE_ATTR in rotary.__dict__) == (key != "float"), key  # the table served integer values only
 
 
-def _tree_tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict) or hasattr(out, "to_tuple"):
-        out = out.to_tuple() if hasattr(out, "to_tuple") else tuple(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for item in out for t in _tree_tensors(item)]
-    return []
+def _vision_tower(family, model):
+    """The thinker's vision encoder module."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
+    tower_cls = getattr(module, "Qwen2_5OmniVisionEncoder" if family.name == "qwen2_5_omni"
+                        else "Qwen3OmniMoeVisionEncoder")
+    return next(m for m in model.modules() if isinstance(m, tower_cls))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -324,19 +325,14 @@ def test_vision_tower_rotation_bit_identical(family, dtype, monkeypatch):
     import importlib
     import inspect
 
-    model, config = _tiny_thinker(family)
-    tower_cls = getattr(importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}"),
-                        "Qwen2_5OmniVisionEncoder" if family.name == "qwen2_5_omni" else "Qwen3OmniMoeVisionEncoder")
-    tower = next(m for m in model.modules() if isinstance(m, tower_cls)).to(dtype)
-    vision = config.vision_config
-    channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans")
+    model, _ = _tiny_thinker(family)
+    tower = _vision_tower(family, model).to(dtype)
     grid = torch.tensor([[1, 4, 4], [2, 4, 6]])
-    width = channels * vision.temporal_patch_size * vision.patch_size**2
-    pixels = torch.randn(int(grid.prod(-1).sum()), width, generator=torch.Generator().manual_seed(5)).to(dtype)
+    pixels = _pixels(tower, grid, dtype, seed=5)
 
     def run():
         x = pixels.clone().requires_grad_()
-        out = _tree_tensors(tower(x, grid_thw=grid))
+        out = _outputs(tower(x, grid_thw=grid))
         sum(o.float().sum() * (i + 1) for i, o in enumerate(out) if o.is_floating_point()).backward()
         return out, x.grad
 
@@ -370,19 +366,16 @@ def test_vision_inputs_feed_the_tower(family, monkeypatch):
 
     from ropekit.transformers.vision import VisionInputs, VisionInputsUnavailable
 
-    model, config = _tiny_thinker(family)
+    model, _ = _tiny_thinker(family)
     module = importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
-    tower = next(m for m in model.modules() if type(m).__name__.endswith("VisionEncoder"))
+    tower = _vision_tower(family, model)
     try:
         inputs = VisionInputs(model)
     except VisionInputsUnavailable:
         assert hasattr(type(tower), "rot_pos_emb"), "a tower that computes its positions by helpers was refused"
         pytest.skip("transformers 4.57's Omni towers take no precomputed inputs (their rot_pos_emb computes them)")
-    vision = config.vision_config
-    channels = getattr(vision, "in_channels", None) or getattr(vision, "in_chans")
     grid = torch.tensor([[1, 4, 4], [2, 4, 6]])
-    pixels = torch.randn(int(grid.prod(-1).sum()), channels * vision.temporal_patch_size * vision.patch_size**2,
-                         generator=torch.Generator().manual_seed(6))
+    pixels = _pixels(tower, grid, torch.float32, seed=6)
     given = {k[len("image_"):]: v for k, v in inputs(image_grid_thw=inputs.grids["image"](grid)).items()}
     assert "position_ids" in given and "cu_seqlens" in given
     handed = []
@@ -398,8 +391,8 @@ def test_vision_inputs_feed_the_tower(family, monkeypatch):
 
         monkeypatch.setattr(module, step.name, spy)
     with torch.no_grad():
-        alone = _tree_tensors(tower(pixels, grid_thw=grid))
+        alone = _outputs(tower(pixels, grid_thw=grid))
         assert not handed
-        fed = _tree_tensors(tower(pixels, grid_thw=grid, **given))
+        fed = _outputs(tower(pixels, grid_thw=grid, **given))
     assert handed and all(handed), "the tower recomputed an input it was given"
     assert len(alone) == len(fed) and all(torch.equal(a, b) for a, b in zip(alone, fed))
